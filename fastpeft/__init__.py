@@ -1,0 +1,27 @@
+"""fastpeft: fused Triton and CUDA kernels for parameter-efficient fine-tuning."""
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _alias_kernels() -> None:
+    # Installed packages map kernels/ to fastpeft.kernels (setup.py package_dir). A source tree on
+    # PYTHONPATH has no such mapping, so load the top-level kernels/ folder under that name.
+    if _ilu.find_spec("fastpeft.kernels") is not None:
+        return
+    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(root, "__init__.py")
+    if not _os.path.exists(init):
+        return
+    spec = _ilu.spec_from_file_location("fastpeft.kernels", init, submodule_search_locations=[root])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["fastpeft.kernels"] = mod
+    spec.loader.exec_module(mod)
+
+
+_alias_kernels()
+
+from ._backend import BackendUnavailableError  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["BackendUnavailableError"]
