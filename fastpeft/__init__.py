@@ -22,6 +22,12 @@ def _alias_kernels() -> None:
 _alias_kernels()
 
 from ._backend import BackendUnavailableError  # noqa: E402
+from .inject import count_parameters, inject_lora  # noqa: E402
+from .modules.lora import LoRALinear  # noqa: E402
+from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError"]
+__all__ = [
+    "BackendUnavailableError",
+    "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
+]

@@ -8,7 +8,7 @@ thr = round(p * 2**31). One Philox call serves four adjacent columns.
 import triton
 import triton.language as tl
 
-PHILOX_ROUNDS = 10
+PHILOX_ROUNDS = tl.constexpr(10)
 
 
 @triton.jit

@@ -1,0 +1,1 @@
+"""nn.Module layers built on the fused ops."""

@@ -1,0 +1,1 @@
+"""Functional ops and their autograd Functions."""

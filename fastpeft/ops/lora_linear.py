@@ -1,0 +1,137 @@
+"""fastpeft.lora_linear: y = x·W0ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with fused kernels, in PEFT's layout.
+
+Backends: "triton" (kernels/lora_linear.py) and "torch" (lora_linear_torch.py), the same decomposition;
+see fastpeft._backend for how one is chosen. Dropout is drawn from a seed (fastpeft.dropout), so backward
+regenerates the mask instead of storing it: saved for backward are x itself, S = dropout(x)·Aᵀ and the seed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import (
+    FLOAT_DTYPES, check_finite_number, check_float_dtype, check_probability, check_same_device, check_tensor,
+)
+from ..dropout import SEED_BOUND, keep_threshold, new_seed
+from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch
+
+MAX_TRITON_RANK = 256
+
+
+def _triton_impl():
+    from ..kernels import lora_linear as k
+
+    return k.lora_linear_fwd, k.lora_linear_bwd
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        return _triton_impl()
+    return lora_linear_fwd_torch, lora_linear_bwd_torch
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # a view whenever the leading dims can be merged (any 2-D strides are fine for the kernels);
+    # only leading dims that cannot be merged cost a copy
+    return t.reshape(-1, t.shape[-1])
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd Function of the fused LoRA linear. Use fastpeft.lora_linear, which validates inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+        fwd, _ = _impl(backend)
+        thr = keep_threshold(dropout_p)
+        x2 = _rows(x)
+        if x2.shape[0] == 0:
+            y2 = x2.new_empty((0, weight.shape[0]))
+            s = x2.new_empty((0, lora_a.shape[0]))
+        else:
+            y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
+        ctx.has_bias = bias is not None
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
+        need_dbias = need_dbias and ctx.has_bias
+        x2, dy2 = _rows(x), _rows(dy)
+        dx = dw = da = db = dbias = None
+        if x2.shape[0] == 0:
+            dx = torch.zeros_like(x) if need_dx else None
+            da = torch.zeros_like(lora_a) if need_da else None
+            db = torch.zeros_like(lora_b) if need_db else None
+            dbias = weight.new_zeros(weight.shape[0]) if need_dbias else None
+        elif need_dx or need_da or need_db or need_dbias:
+            _, bwd = _impl(ctx.backend)
+            dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr,
+                                    (need_dx, need_da, need_db, need_dbias))
+            if dx is not None:
+                dx = dx.view(x.shape)
+        if need_dw:  # W0 is frozen in LoRA; a caller who trains it anyway gets its exact gradient
+            dw = (dy2.t() @ x2).to(weight.dtype) if x2.shape[0] else torch.zeros_like(weight)
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tuple[float, float]:
+    """Validate the arguments of lora_linear; returns (scaling, dropout_p) as floats."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, 2)
+    check_tensor("lora_a", lora_a, 2)
+    check_tensor("lora_b", lora_b, 2)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor of shape [..., in_features], got a 0-D tensor")
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a: expected shape [r, {in_f}] with r >= 1, got {tuple(lora_a.shape)}")
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), got shape {tuple(x.shape)}")
+    if lora_a.shape[1] != in_f:
+        raise ValueError(f"lora_a: expected shape [r, {in_f}] (in_features of weight), got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(f"lora_b: expected shape [{out_f}, {r}] ([out_features, r]), got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != out_f:
+        raise ValueError(f"bias: expected shape [{out_f}], got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_float_dtype("x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
+    if lora_a.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {lora_a.dtype}")
+    return check_finite_number("scaling", scaling), check_probability("dropout_p", dropout_p)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *, seed=None, backend=None):
+    """LoRA linear in HF PEFT's layout: y = x·Wᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ.
+
+    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] in x's dtype;
+    lora_a [r, in] and lora_b [out, r] in x's dtype or fp32. Dropout applies only when `training`;
+    its mask comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    """
+    scaling, dropout_p = check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    r = lora_a.shape[0]
+    rank_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
+    name = resolve_backend(backend, x.device, triton_ok=rank_reason)
+    p = dropout_p if training else 0.0
+    if p > 0:
+        if seed is None:
+            seed = new_seed()
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
+            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}] or None, got {seed!r}")
+    else:
+        seed = 0
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+
+
+__all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "FLOAT_DTYPES"]

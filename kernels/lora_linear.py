@@ -1,0 +1,523 @@
+"""Fused LoRA linear: y = x·W0ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, forward and backward, never forming B·A.
+
+Kernels (x [M, K], W0 [N, K], A [R, K], B [N, R]):
+  _lora_shrink_kernel   S = dropout(x)·Aᵀ                      one read of x, mask from the seed
+  _lora_gemm_kernel     out = P·Q + c·keep⊙(L·Rm) + bias         forward:  P=x,  Q=W0ᵀ, L=S,  Rm=Bᵀ, c=s
+                                                                 backward: P=dY, Q=W0,  L=dS, Rm=A,  c=1/(1-p)
+  _lora_bwd_dy_kernel   dS = s·dY·B, dB = s·dYᵀ·S, dbias = Σ dY   one read of dY
+  _lora_bwd_da_kernel   dA = dSᵀ·dropout(x)                      one read of x, mask regenerated
+
+Reductions across programs (dB over rows, dS over column splits, dA over row splits) go to fp32 partial
+buffers summed afterwards, so results are deterministic. Saved for backward: x, S and the seed only.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import dropout_keep
+
+MAX_RANK = 256  # larger ranks would need R-chunked shrink/dY accumulators; the PyTorch backend takes them
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_shrink_kernel(
+    X, A, S, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, thr, drop_scale,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    # wrapped rows/ranks keep the loads in bounds without masks; the store drops them
+    rows = (offs_m % M).to(tl.int64)
+    ranks = offs_r % R
+    a_ptrs = A + ranks[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    if USE_TMA:  # x through the tensor-memory accelerator: no address registers, zero fill past the edges
+        x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+        if USE_TMA:
+            x = x_desc.load([pid * BLOCK_M, k0])
+        elif EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, offs_m, k0, thr, BLOCK_M, BLOCK_K), x, 0.0)
+        acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        if not USE_TMA:
+            x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    if HAS_DROPOUT:
+        acc = acc * drop_scale
+    s_ptrs = S + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
+    tl.store(s_ptrs, acc.to(S.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_gemm_kernel(
+    P, Q, L, RM, BIAS, OUT, M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    lora_scale, seed, thr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped order: GROUP_M row-tiles share each column tile of Q while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+
+    # the low-rank term first, while the accumulator is free: c·keep⊙(L·Rm), L·Rm in R-chunks
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = offs_r < R - r0
+        lo = tl.load(L + rows[:, None] * stride_lm + (r0 + offs_r[None, :]) * stride_lr, mask=r_mask[None, :], other=0.0)
+        rm = tl.load(RM + (r0 + offs_r[:, None]) * stride_rr + cols[None, :] * stride_rn, mask=r_mask[:, None], other=0.0)
+        acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+    acc = acc * lora_scale
+    if HAS_DROPOUT:
+        acc = tl.where(dropout_keep(seed, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
+
+    if USE_TMA:
+        # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
+        p_desc = tl.make_tensor_descriptor(P, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if Q_KN:
+            q_desc = tl.make_tensor_descriptor(Q, shape=[K, N], strides=[stride_qk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            q_desc = tl.make_tensor_descriptor(Q, shape=[N, K], strides=[stride_qn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        for k0 in range(0, K, BLOCK_K):
+            p = p_desc.load([pid_m * BLOCK_M, k0])
+            if Q_KN:
+                q = q_desc.load([k0, pid_n * BLOCK_N])
+            else:
+                q = q_desc.load([pid_n * BLOCK_N, k0]).T
+            acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+    else:
+        p_ptrs = P + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
+        q_ptrs = Q + offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                p = tl.load(p_ptrs)
+                q = tl.load(q_ptrs)
+            else:
+                k_mask = offs_k < K - k0
+                p = tl.load(p_ptrs, mask=k_mask[None, :], other=0.0)
+                q = tl.load(q_ptrs, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+            p_ptrs += BLOCK_K * stride_pk
+            q_ptrs += BLOCK_K * stride_qk
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+    if USE_TMA:
+        out_desc = tl.make_tensor_descriptor(OUT, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_N])
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(OUT.dtype.element_ty))
+    else:
+        out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _lora_bwd_dy_kernel(
+    DY, B, S, DS_PART, DB_PART, DBIAS_PART, M, N, R, n_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    scaling,
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    rows = offs_m.to(tl.int64)
+    n_lo = pid_s * n_per_split
+    n_hi = min(N, n_lo + n_per_split)
+    if COMPUTE_DB:
+        s_tile = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DY.dtype.element_ty)
+    if USE_TMA:  # splits are whole tiles, so only the matrix edge needs the zero fill
+        dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_N])
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        if USE_TMA:
+            dy = dy_desc.load([pid_m * BLOCK_M, n0])
+        else:
+            dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_DS:
+            b = tl.load(B + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            ds = tl.dot(dy, b.to(dy.dtype), ds, input_precision=DOT_PRECISION)
+        if COMPUTE_DB:
+            db = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PRECISION) * scaling
+            db_ptrs = DB_PART + pid_m.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :]
+            tl.store(db_ptrs, db, mask=n_mask[:, None] & r_mask[None, :])
+        if COMPUTE_DBIAS:
+            tl.store(DBIAS_PART + pid_m.to(tl.int64) * N + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=n_mask)
+    if COMPUTE_DS:
+        ds_ptrs = DS_PART + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
+        tl.store(ds_ptrs, ds * scaling, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_bwd_da_kernel(
+    X, DS, DA_PART, M, K, R, m_per_split,
+    stride_xm, stride_xk, stride_dsm, stride_dsr,
+    seed, thr, drop_scale,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_mask = offs_k < K
+    r_mask = offs_r < R
+    m_lo = pid_s * m_per_split
+    m_hi = min(M, m_lo + m_per_split)
+    if USE_TMA:  # splits are whole tiles, so only the matrix edge needs the zero fill
+        x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_hi
+        rows = offs_m.to(tl.int64)
+        if USE_TMA:
+            x = x_desc.load([m0, pid_k * BLOCK_K])
+        else:
+            x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_M, BLOCK_K), x, 0.0)
+        ds = tl.load(DS + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * drop_scale
+    da_ptrs = DA_PART + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
+    tl.store(da_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- configs
+# Every configuration a launcher can pick is listed here; tests/test_lora_kernels_static.py compiles each
+# one (sm_90 for the "tma" path, sm_80 and sm_90 for "ptr") and requires no spills and tensor cores.
+# "tma": Hopper and newer with 16-byte aligned rows: x, dY, W0 and y move through tensor descriptors.
+# "ptr": everything else (Ampere, odd strides): pointer tensors, which cost registers, so smaller tiles.
+
+RANK_BLOCKS = (16, 32, 64, 128, 256)
+
+# GEMM tiles by token count. The low-rank term runs in BLOCK_R = min(r, 64) chunks before the main loop.
+GEMM_CONFIGS = {
+    "tma": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    },
+    "ptr": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    },
+}
+# Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block.
+SKINNY_CONFIGS = {
+    "shrink": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                32: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
+    },
+    "dy": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)},
+    },
+    "da": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
+    },
+}
+# Under the interpreter: one small config per kernel, so odd test shapes span several partial tiles.
+INTERPRETER_CONFIGS = {
+    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1),
+    "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dy": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+    "da": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def gemm_config_name(M: int) -> str:
+    return "decode" if M <= 16 else "mid" if M <= 256 else "large"
+
+
+def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
+    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers."""
+    cfg = dict(cfg)
+    if dtype == torch.float32:
+        for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
+            if key in cfg and cfg[key] > 32:
+                cfg[key] //= 2
+    return cfg
+
+
+def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
+    if _interpreting():
+        return dict(INTERPRETER_CONFIGS["gemm"])
+    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
+
+
+def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
+    if _interpreting():
+        return dict(INTERPRETER_CONFIGS[kind])
+    return halve_for_fp32(SKINNY_CONFIGS[kind][path][rank_block(r)], dtype)
+
+
+def gemm_rank_block(r: int) -> int:
+    return min(rank_block(r), 64)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision setting: 'highest' means no TF32, as in torch.mm."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """A 2-D tensor a tensor descriptor can address: unit column stride, 16-byte aligned base and rows."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _allocate_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=_scratch_device)
+
+
+_scratch_device = "cpu"
+_allocator_set = False
+
+
+def path_for(device: torch.device, *row_major: torch.Tensor) -> str:
+    """'tma' on Hopper or newer (and under the interpreter) when every tensor is descriptor-addressable."""
+    global _allocator_set, _scratch_device
+    if device.type == "cuda":
+        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] < 9:
+            return "ptr"
+    elif not _interpreting():
+        return "ptr"
+    if not all(_tma_rows(t) for t in row_major):
+        return "ptr"
+    if not _allocator_set:  # device-side descriptors need a little global scratch memory per launch
+        _scratch_device = "cuda" if device.type == "cuda" else "cpu"
+        triton.set_allocator(_allocate_scratch)
+        _allocator_set = True
+    return "tma"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    # enough programs to fill every SM twice; under the interpreter a few, so splits get exercised
+    return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
+
+
+def _split(total_blocks: int, other_blocks: int, target: int) -> tuple[int, int]:
+    """Split `total_blocks` into chunks so that other_blocks·chunks >= target. Returns (blocks_per_chunk, chunks)."""
+    chunks = max(1, min(total_blocks, -(-target // max(other_blocks, 1))))
+    per = -(-total_blocks // chunks)
+    return per, -(-total_blocks // per)
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _tile(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "GROUP_"))}
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] with any strides, A [R, K]."""
+    M, K = x.shape
+    R = a.shape[0]
+    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    path = path_for(x.device, x)
+    cfg = skinny_config("shrink", R, x.dtype, path)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    _lora_shrink_kernel[grid](
+        x, a, s, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+        seed, thr, 1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype),
+        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+    )
+    return s
+
+
+def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[int, int] | None) -> torch.Tensor:
+    """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
+
+    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None.
+    """
+    M, K = p_mat.shape
+    N = q_t.shape[0]
+    R = l_mat.shape[1]
+    out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
+    q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
+    path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)
+    cfg = gemm_config(M, p_mat.dtype, path)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    seed, thr = dropout if dropout is not None else (0, 0)
+    _lora_gemm_kernel[grid](
+        p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
+        p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
+        rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
+        lora_scale, seed, thr,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,
+        BLOCK_R=gemm_rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+    )
+    return out
+
+
+def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbias: bool):
+    """One read of dY [M, N]: dS = s·dY·B (fp32 [M, R]), dB = s·dYᵀ·S (fp32 [N, R]), dbias = Σ_rows dY (fp32)."""
+    M, N = dy.shape
+    R = b.shape[1]
+    path = path_for(dy.device, dy)
+    cfg = skinny_config("dy", R, dy.dtype, path)
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    n_per, n_splits = _split(triton.cdiv(N, cfg["BLOCK_N"]), m_blocks, _target_programs(dy.device))
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    ds_part = torch.empty((n_splits, M, R), **f32) if need_ds else None
+    db_part = torch.empty((m_blocks, N, R), **f32) if need_db else None
+    dbias_part = torch.empty((m_blocks, N), **f32) if need_dbias else None
+    dummy = dy
+    _lora_bwd_dy_kernel[(m_blocks, n_splits)](
+        dy, b, s, ds_part if need_ds else dummy, db_part if need_db else dummy, dbias_part if need_dbias else dummy,
+        M, N, R, n_per * cfg["BLOCK_N"],
+        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), s.stride(0), s.stride(1), scaling,
+        COMPUTE_DS=need_ds, COMPUTE_DB=need_db, COMPUTE_DBIAS=need_dbias, DOT_PRECISION=dot_precision(dy.dtype),
+        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+    )
+    ds = (ds_part[0] if n_splits == 1 else ds_part.sum(0)) if need_ds else None
+    db = db_part.sum(0) if need_db else None
+    dbias = dbias_part.sum(0) if need_dbias else None
+    return ds, db, dbias
+
+
+def lora_bwd_da(x, ds, p: float, seed: int, thr: int) -> torch.Tensor:
+    """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated."""
+    M, K = x.shape
+    R = ds.shape[1]
+    path = path_for(x.device, x)
+    cfg = skinny_config("da", R, x.dtype, path)
+    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    m_per, m_splits = _split(triton.cdiv(M, cfg["BLOCK_M"]), k_blocks, _target_programs(x.device))
+    da_part = torch.empty((m_splits, R, K), device=x.device, dtype=torch.float32)
+    _lora_bwd_da_kernel[(k_blocks, m_splits)](
+        x, ds, da_part, M, K, R, m_per * cfg["BLOCK_M"],
+        x.stride(0), x.stride(1), ds.stride(0), ds.stride(1), seed, thr, 1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma", BLOCK_R=rank_block(R),
+        **_tile(cfg), **_launch_opts(cfg),
+    )
+    return da_part[0] if m_splits == 1 else da_part.sum(0)
+
+
+def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int):
+    """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] saved for backward)."""
+    s = lora_shrink(x, lora_a, p, seed, thr)
+    y = lora_gemm(x, weight, s, lora_b, bias, scaling, None)
+    return y, s
+
+
+def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs):
+    """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed)."""
+    need_dx, need_da, need_db, need_dbias = needs
+    ds, db, dbias = lora_bwd_dy(dy, lora_b, s, scaling, need_dx or need_da, need_db, need_dbias)
+    dx = da = None
+    if need_dx:
+        # dX = dY·W0 + keep⊙(dS·A)/(1-p): Q = W0 given as its transpose view, Rm = A likewise
+        dx = lora_gemm(dy, weight.t(), ds, lora_a.t(), None, 1.0 / (1.0 - p), (seed, thr) if p > 0 else None)
+    if need_da:
+        da = lora_bwd_da(x, ds, p, seed, thr).to(lora_a.dtype)
+    if db is not None:
+        db = db.to(lora_b.dtype)
+    if dbias is not None:
+        dbias = dbias.to(dy.dtype)
+    return dx, da, db, dbias

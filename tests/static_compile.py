@@ -1,0 +1,53 @@
+"""Compile a Triton kernel ahead of time for an NVIDIA architecture on a machine without a GPU and report
+what the compiler made: registers, stack bytes (spills), shared memory, tensor-core instructions in the SASS.
+
+Used by the tests of every kernel: each shipped configuration must compile, spill nothing and use tensor
+cores wherever it has a tl.dot. Hopper's warpgroup MMA shows as HGMMA, Ampere's as HMMA.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def compile_report(fn, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3) -> dict:
+    """signature: Triton type per runtime argument ('*bf16', 'i32', 'fp32', ...); constexprs: value per constexpr."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+        cubin = f.name
+    try:
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), cubin], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(cubin)
+
+    def grab(key):
+        m = re.search(rf"{key}:(\d+)", usage)
+        return int(m.group(1)) if m else None
+
+    mma = {kind: len(re.findall(rf"\b{kind}\b", sass)) for kind in ("HGMMA", "HMMA")}
+    return {"regs": grab("REG"), "stack": grab("STACK"), "shared": kernel.metadata.shared,
+            "hgmma": mma["HGMMA"], "hmma": mma["HMMA"], "tensor_core": mma["HGMMA"] + mma["HMMA"] > 0}
+
+
+def triton_type(dtype) -> str:
+    import torch
+
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]

@@ -1,0 +1,184 @@
+"""fastpeft.lora_linear against a float64 reference: forward and every gradient, both backends.
+
+On CPU the Triton kernels run under the interpreter (tests/conftest.py); bf16 Triton runs on CUDA only,
+because the interpreter computes bf16 dots wrongly. Shapes are small and odd so that every kernel meets
+partial tiles; (40, 64, 96, 16)-like shapes are 16-byte aligned and take the tensor-descriptor path.
+"""
+import math
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import lora_linear
+from reference_lora import reference_with_grads
+from tolerances import assert_close
+
+from conftest import DEVICE
+
+BACKENDS = ["torch", "triton"]
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (leading shape of x, in, out, r): odd sizes, M=1, an aligned case, 3-D input, r past one 16-wide block
+SHAPES = [((37,), 45, 53, 5), ((1,), 33, 17, 3), ((40,), 64, 96, 16), ((2, 7), 24, 40, 8), ((19,), 72, 36, 20)]
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter computes bf16 dots wrongly; bf16 Triton is tested on CUDA")
+
+
+def _inputs(lead, k, n, r, dtype, bias=True, adapter_dtype=None, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    x = rnd(*lead, k)
+    w = rnd(n, k, scale=1 / math.sqrt(k))
+    a = rnd(r, k, scale=1 / math.sqrt(k), dt=adapter_dtype)
+    b = rnd(n, r, scale=1 / math.sqrt(r), dt=adapter_dtype)  # B non-zero so the low-rank path is tested
+    bs = rnd(n) if bias else None
+    return x, w, a, b, bs
+
+
+def _run(backend, x, w, a, b, bs, scaling, p, seed, dy, requires=(True, False, True, True, True)):
+    leaves = []
+    for t, req in zip((x, w, a, b, bs), requires):
+        leaves.append(None if t is None else t.detach().clone().requires_grad_(req))
+    y = lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], scaling, bias=leaves[4], dropout_p=p, seed=seed, backend=backend)
+    y.backward(dy)
+    return y, [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_matches_float64_reference(backend, dtype, shape, p):
+    _skip_unsupported(backend, dtype)
+    lead, k, n, r = shape
+    x, w, a, b, bs = _inputs(lead, k, n, r, dtype, bias=(k % 2 == 1))
+    dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    y, grads = _run(backend, x, w, a, b, bs, 1.75, p, 1234, dy)
+    y_ref, grads_ref = reference_with_grads(x, w, a, b, bs, 1.75, dy, p, 1234)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert_close(y, y_ref, dtype, "y")
+    for name, got, ref in zip(("dx", "dW", "dA", "dB", "dbias"), grads, grads_ref):
+        if name == "dW":
+            assert got is None  # frozen: no gradient computed
+        elif ref is not None and got is not None:
+            assert_close(got, ref, dtype, name)
+        else:
+            assert got is None and (name == "dbias" and bs is None), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dtype = torch.float32
+    x_full, w, a, b, bs = _inputs((23,), 2 * 33, 29, 6, dtype)
+    cases = {
+        "column-strided": x_full[:, ::2],  # stride along in_features is 2
+        "transposed": x_full[:, :33].t().contiguous().t(),  # column-major [M, K]
+        "permuted-3d": torch.randn(33, 4, 5).to(DEVICE, dtype).permute(1, 2, 0),  # leading dims not mergeable
+    }
+    w = w[:, :33].contiguous()
+    a = a[:, :33].t().contiguous().t()  # column-major A
+    for name, x in cases.items():
+        dy = torch.randn(*x.shape[:-1], 29).to(DEVICE, dtype)
+        y, grads = _run(backend, x, w, a, b, bs, 0.5, 0.2, 77, dy)
+        y_ref, grads_ref = reference_with_grads(x, w, a, b, bs, 0.5, dy, 0.2, 77)
+        assert_close(y, y_ref, dtype, f"{name}: y")
+        for gname, i in (("dx", 0), ("dA", 2), ("dB", 3), ("dbias", 4)):
+            assert_close(grads[i], grads_ref[i], dtype, f"{name}: {gname}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_grad_output(backend):
+    dtype = torch.float32
+    x, w, a, b, bs = _inputs((21,), 35, 26, 4, dtype)
+    dy = torch.randn(26, 21).to(DEVICE, dtype).t()  # a column-major upstream gradient
+    y, grads = _run(backend, x, w, a, b, bs, 2.0, 0.0, 0, dy)
+    _, grads_ref = reference_with_grads(x, w, a, b, bs, 2.0, dy, 0.0, 0)
+    for gname, i in (("dx", 0), ("dA", 2), ("dB", 3), ("dbias", 4)):
+        assert_close(grads[i], grads_ref[i], dtype, gname)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_adapters_over_half_precision_base(backend):
+    dtype = torch.float16
+    x, w, a, b, bs = _inputs((30,), 40, 24, 8, dtype, adapter_dtype=torch.float32)
+    dy = torch.randn(30, 24).to(DEVICE, dtype)
+    y, grads = _run(backend, x, w, a, b, bs, 2.0, 0.1, 5, dy)
+    y_ref, grads_ref = reference_with_grads(x, w, a, b, bs, 2.0, dy, 0.1, 5)
+    assert y.dtype == dtype and grads[2].dtype == torch.float32 and grads[3].dtype == torch.float32
+    assert_close(y, y_ref, dtype, "y")
+    for gname, i in (("dx", 0), ("dA", 2), ("dB", 3)):
+        assert_close(grads[i], grads_ref[i], dtype, gname)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [(False, False, True, True, True), (True, False, False, False, False),
+                                      (True, True, True, False, False), (False, False, False, True, False)],
+                         ids=["adapters-only", "input-only", "weight-trained", "B-only"])
+def test_only_needed_gradients(backend, requires):
+    dtype = torch.float32
+    x, w, a, b, bs = _inputs((17,), 27, 22, 5, dtype)
+    dy = torch.randn(17, 22).to(DEVICE, dtype)
+    _, grads = _run(backend, x, w, a, b, bs, 1.5, 0.3, 9, dy, requires=requires)
+    _, grads_ref = reference_with_grads(x, w, a, b, bs, 1.5, dy, 0.3, 9)
+    for name, req, got, ref in zip(("dx", "dW", "dA", "dB", "dbias"), requires, grads, grads_ref):
+        if req:
+            assert_close(got, ref, dtype, name)
+        else:
+            assert got is None, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_output_element_is_written(backend, monkeypatch):
+    """Output and partial buffers come from torch.empty: fill them with NaN and expect none to survive."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    dtype = torch.float32
+    x, w, a, b, bs = _inputs((41,), 64, 80, 16, dtype)  # aligned: tensor-descriptor stores
+    dy = torch.randn(41, 80).to(DEVICE, dtype)
+    y, grads = _run(backend, x, w, a, b, bs, 1.0, 0.5, 3, dy)
+    y_ref, grads_ref = reference_with_grads(x, w, a, b, bs, 1.0, dy, 0.5, 3)
+    assert_close(y, y_ref, dtype, "y")
+    for gname, i in (("dx", 0), ("dA", 2), ("dB", 3), ("dbias", 4)):
+        assert_close(grads[i], grads_ref[i], dtype, gname)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x, w, a, b, bs = _inputs((0,), 12, 10, 4, torch.float32)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    y = lora_linear(x, w, a, b, 1.0, bias=bs, backend=backend)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+def test_backends_agree_bit_for_bit_on_the_dropout_mask():
+    """The torch and Triton backends drop the same elements for the same seed (interchangeable mid-run)."""
+    dtype = torch.float32
+    x, w, a, b, bs = _inputs((29,), 36, 20, 4, dtype)
+    dy = torch.randn(29, 20).to(DEVICE, dtype)
+    outs = {be: _run(be, x, w, a, b, bs, 1.0, 0.4, 4242, dy) for be in BACKENDS}
+    ga, gb = outs["torch"][1][2], outs["triton"][1][2]
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_rank_beyond_triton_limit_is_explicit():
+    x, w, a, b, _ = _inputs((3,), 8, 8, 257, torch.float32)
+    with pytest.raises(fastpeft.BackendUnavailableError, match="r=257"):
+        lora_linear(x, w, a, b, 1.0, backend="triton")
+    y = lora_linear(x, w, a, b, 1.0, backend="auto")  # auto may choose the torch backend for it
+    assert_close(y, reference_with_grads(x, w, a, b, None, 1.0, torch.ones(3, 8).to(DEVICE))[0], torch.float32, "y")
