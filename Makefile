@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-gpu bench bench-cpu demo clean
+.PHONY: setup test bench bench-cpu bench-gpu demo clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ $(VENV)/.installed: setup.py Makefile
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m fastpeft.bench $(BENCH_ARGS)
+
+bench-cpu: setup
+	$(PY) -m fastpeft.bench --preset cpu --device cpu
+
+# on a GPU machine with the project's dependencies present: CUDA tests + full grid + pytest-benchmark, < 10 min
+bench-gpu:
+	bash benchmarks/gpu_session.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

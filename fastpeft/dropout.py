@@ -16,13 +16,9 @@ SEED_BOUND = 2**31 - 1
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # 32x32 -> 64-bit product in int64 without overflow: split b into 16-bit halves.
-    lo_part = b & 0xFFFF
-    hi_part = b >> 16
-    t1 = lo_part * a
-    t2 = hi_part * a
-    u = t1 + ((t2 & 0xFFFF) << 16)
-    return (t2 >> 16) + (u >> 32), u & _M32
+    # the int64 product wraps modulo 2**64 and so holds the exact 64-bit unsigned product's bits
+    prod = b * a
+    return (prod >> 32) & _M32, prod & _M32
 
 
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):

@@ -243,17 +243,20 @@ def _lora_bwd_da_kernel(
 
 RANK_BLOCKS = (16, 32, 64, 128, 256)
 
-# GEMM tiles by token count. The low-rank term runs in BLOCK_R = min(r, 64) chunks before the main loop.
+# GEMM tiles by token count. The low-rank term runs in rank chunks (gemm_rank_block) before the main loop.
 GEMM_CONFIGS = {
     "tma": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, RANK_CHUNK=64, num_warps=4, num_stages=4),
+        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=64, num_warps=4, num_stages=4),
+        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        # backward with dropout: the Philox words of a 128x256 tile beside its accumulator spill
+        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
     },
     "ptr": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
-        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, RANK_CHUNK=32, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=4, num_stages=3),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
     },
 }
 # Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block.
@@ -275,7 +278,7 @@ SKINNY_CONFIGS = {
                 32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
                 64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)},
+                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)},
         "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
                 32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
                 64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -297,7 +300,7 @@ SKINNY_CONFIGS = {
 }
 # Under the interpreter: one small config per kernel, so odd test shapes span several partial tiles.
 INTERPRETER_CONFIGS = {
-    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1),
+    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
     "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
     "dy": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
     "da": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
@@ -312,8 +315,12 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def gemm_config_name(M: int) -> str:
-    return "decode" if M <= 16 else "mid" if M <= 256 else "large"
+def gemm_config_name(M: int, dropout: bool) -> str:
+    if M <= 16:
+        return "decode"
+    if M <= 256:
+        return "mid"
+    return "large_dropout" if dropout else "large"
 
 
 def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
@@ -326,10 +333,10 @@ def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
+def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
     if _interpreting():
         return dict(INTERPRETER_CONFIGS["gemm"])
-    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
+    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, dropout)], dtype)
 
 
 def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
@@ -338,8 +345,10 @@ def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
     return halve_for_fp32(SKINNY_CONFIGS[kind][path][rank_block(r)], dtype)
 
 
-def gemm_rank_block(r: int) -> int:
-    return min(rank_block(r), 64)
+def gemm_rank_block(r: int, cfg: dict) -> int:
+    """Rank chunk of the GEMM's low-rank term: the config's RANK_CHUNK bounds the [BLOCK_M, chunk] and
+    [chunk, BLOCK_N] operand tiles that sit in registers beside the accumulator."""
+    return min(rank_block(r), cfg["RANK_CHUNK"])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -440,7 +449,7 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[i
     out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)
-    cfg = gemm_config(M, p_mat.dtype, path)
+    cfg = gemm_config(M, p_mat.dtype, path, dropout is not None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     seed, thr = dropout if dropout is not None else (0, 0)
     _lora_gemm_kernel[grid](
@@ -450,7 +459,7 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[i
         lora_scale, seed, thr,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,
-        BLOCK_R=gemm_rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+        BLOCK_R=gemm_rank_block(R, cfg), **_tile(cfg), **_launch_opts(cfg),
     )
     return out
 
@@ -510,6 +519,8 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, 
     """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed)."""
     need_dx, need_da, need_db, need_dbias = needs
     ds, db, dbias = lora_bwd_dy(dy, lora_b, s, scaling, need_dx or need_da, need_db, need_dbias)
+    if ds is not None:  # both consumers multiply dS in dY's dtype; casting once halves their operand tiles
+        ds = ds.to(dy.dtype)
     dx = da = None
     if need_dx:
         # dX = dY·W0 + keep⊙(dS·A)/(1-p): Q = W0 given as its transpose view, Rm = A likewise

@@ -2,8 +2,9 @@
 spills and with tensor-core instructions (Triton's ahead-of-time compile; no GPU needed).
 
 The "tma" path is launched only on sm_90+, the "ptr" path on sm_80 and on sm_90 for unaligned tensors.
-Each case compiles the heaviest variant of its kernel (every optional feature on). bf16 and fp16 share
-register and shared-memory layouts, so bf16 stands for both; fp32 (TF32 dots) has its own halved tiles.
+The skinny kernels compile with every optional feature on (their heaviest variant); the GEMM compiles each
+variant that can select a config. bf16 and fp16 share register and shared-memory layouts, so bf16 stands
+for both; fp32 (TF32 dots) has its own halved tiles.
 Run `python tests/test_lora_kernels_static.py` for the full report.
 """
 from __future__ import annotations
@@ -30,57 +31,79 @@ def _strides(*names):
     return {n: "i32" for n in names}
 
 
+# Which GEMM variants can select each size: (name, has bias, has dropout, Q stored [K, N]).
+FWD, BWD, BWD_DROPOUT = ("fwd", True, False, False), ("bwd", False, False, True), ("bwd-dropout", False, True, True)
+GEMM_VARIANTS = {"decode": (FWD, BWD, BWD_DROPOUT), "mid": (FWD, BWD, BWD_DROPOUT), "large": (FWD, BWD),
+                 "large_dropout": (BWD_DROPOUT,)}
+
+
+def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS):
+    cases = []
+    for path, table in k.GEMM_CONFIGS.items():
+        for size in sizes:
+            cfg = k.halve_for_fp32(table[size], dtype)
+            chunks = sorted({k.gemm_rank_block(r, cfg) for r in k.RANK_BLOCKS})
+            rank_blocks = (chunks[0], chunks[-1]) if extremes else (chunks[-1],)
+            tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
+            for br in rank_blocks:
+                for direction, has_bias, has_dropout, q_kn in variants_of[size]:
+                    sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}",
+                           "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
+                           **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
+                                      "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on"),
+                           "lora_scale": "fp32", "seed": "i32", "thr": "i32"}
+                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, EVEN_K=False, DOT_PRECISION="tf32",
+                              USE_TMA=path == "tma", Q_KN=q_kn, BLOCK_R=br, **tile)
+                    for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
+                        cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{dt}-sm{arch}", "_lora_gemm_kernel",
+                                      sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
+def _skinny_cases(k, dt, dtype, rank_blocks):
+    cases = []
+    for kind, table in k.SKINNY_CONFIGS.items():
+        for path, by_rank in table.items():
+            for br in rank_blocks:
+                cfg = k.halve_for_fp32(by_rank[br], dtype)
+                tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
+                if kind == "shrink":
+                    fn = "_lora_shrink_kernel"
+                    sig = {"X": f"*{dt}", "A": f"*{dt}", "S": f"*{dt}",
+                           **_strides("M", "K", "R", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr"),
+                           "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
+                    ce = dict(HAS_DROPOUT=True, EVEN_K=False)
+                elif kind == "dy":
+                    fn = "_lora_bwd_dy_kernel"
+                    sig = {"DY": f"*{dt}", "B": f"*{dt}", "S": f"*{dt}", "DS_PART": "*fp32", "DB_PART": "*fp32",
+                           "DBIAS_PART": "*fp32", **_strides("M", "N", "R", "n_per_split", "stride_dym", "stride_dyn",
+                                                             "stride_bn", "stride_br", "stride_sm", "stride_sr"),
+                           "scaling": "fp32"}
+                    ce = dict(COMPUTE_DS=True, COMPUTE_DB=True, COMPUTE_DBIAS=True)
+                else:
+                    fn = "_lora_bwd_da_kernel"
+                    sig = {"X": f"*{dt}", "DS": "*fp32", "DA_PART": "*fp32",
+                           **_strides("M", "K", "R", "m_per_split", "stride_xm", "stride_xk", "stride_dsm", "stride_dsr"),
+                           "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
+                    ce = dict(HAS_DROPOUT=True)
+                ce.update(DOT_PRECISION="tf32", USE_TMA=path == "tma", BLOCK_R=br, **tile)
+                for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
+                    cases.append((f"{kind}-{path}-r{br}-{dt}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
 def _cases():
-    """(name, kernel attribute, signature, constexprs, arch, num_warps, num_stages) for every shipped config."""
+    """(name, kernel attribute, signature, constexprs, arch, num_warps, num_stages) for every shipped config.
+
+    bf16: every GEMM size with the smallest and largest epilogue rank chunk (register use grows with it),
+    every skinny rank block. fp32 (halved tiles, 4-byte loads): the largest tiles and both rank extremes.
+    """
     from fastpeft.kernels import lora_linear as k
 
-    cases = []
-    for dt, dtype in DTYPES.items():
-        for path, table in k.GEMM_CONFIGS.items():
-            for size in table:
-                cfg = k.halve_for_fp32(table[size], dtype)
-                tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
-                for br in sorted({k.gemm_rank_block(r) for r in k.RANK_BLOCKS}):
-                    for direction in ("fwd", "bwd"):
-                        # forward: bias, Q = W0ᵀ; backward: dropout mask on the low-rank term, Q = W0
-                        sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": "*fp32" if direction == "bwd" else f"*{dt}",
-                               "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
-                               **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
-                                          "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on"),
-                               "lora_scale": "fp32", "seed": "i32", "thr": "i32"}
-                        ce = dict(HAS_BIAS=direction == "fwd", HAS_DROPOUT=direction == "bwd", EVEN_K=False,
-                                  DOT_PRECISION="tf32", USE_TMA=path == "tma", Q_KN=direction == "bwd", BLOCK_R=br, **tile)
-                        for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                            cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{dt}-sm{arch}", "_lora_gemm_kernel",
-                                          sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
-        for kind, table in k.SKINNY_CONFIGS.items():
-            for path, by_rank in table.items():
-                for br, base in by_rank.items():
-                    cfg = k.halve_for_fp32(base, dtype)
-                    tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
-                    if kind == "shrink":
-                        fn = "_lora_shrink_kernel"
-                        sig = {"X": f"*{dt}", "A": f"*{dt}", "S": f"*{dt}",
-                               **_strides("M", "K", "R", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr"),
-                               "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
-                        ce = dict(HAS_DROPOUT=True, EVEN_K=False)
-                    elif kind == "dy":
-                        fn = "_lora_bwd_dy_kernel"
-                        sig = {"DY": f"*{dt}", "B": f"*{dt}", "S": f"*{dt}", "DS_PART": "*fp32", "DB_PART": "*fp32",
-                               "DBIAS_PART": "*fp32", **_strides("M", "N", "R", "n_per_split", "stride_dym", "stride_dyn",
-                                                                 "stride_bn", "stride_br", "stride_sm", "stride_sr"),
-                               "scaling": "fp32"}
-                        ce = dict(COMPUTE_DS=True, COMPUTE_DB=True, COMPUTE_DBIAS=True)
-                    else:
-                        fn = "_lora_bwd_da_kernel"
-                        sig = {"X": f"*{dt}", "DS": "*fp32", "DA_PART": "*fp32",
-                               **_strides("M", "K", "R", "m_per_split", "stride_xm", "stride_xk", "stride_dsm", "stride_dsr"),
-                               "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
-                        ce = dict(HAS_DROPOUT=True)
-                    ce.update(DOT_PRECISION="tf32", USE_TMA=path == "tma", BLOCK_R=br, **tile)
-                    for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                        cases.append((f"{kind}-{path}-r{br}-{dt}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
-    return cases
+    return (_gemm_cases(k, "bf16", torch.bfloat16, list(GEMM_VARIANTS), extremes=True)
+            + _skinny_cases(k, "bf16", torch.bfloat16, k.RANK_BLOCKS)
+            + _gemm_cases(k, "fp32", torch.float32, ["large", "large_dropout"], extremes=False)
+            + _skinny_cases(k, "fp32", torch.float32, (min(k.RANK_BLOCKS), max(k.RANK_BLOCKS))))
 
 
 def _compile(case):
@@ -104,8 +127,10 @@ def test_every_config_is_enumerated():
     names = [c[0] for c in _cases()]
     assert len(names) == len(set(names))
     # both paths, all three GEMM sizes, every rank block of the skinny kernels, both directions
-    for must in ("gemm-tma-large-r64-bwd-bf16-sm90", "gemm-ptr-decode-r16-fwd-fp32-sm80", "shrink-ptr-r256-bf16-sm80",
-                 "dy-tma-r256-fp32-sm90", "da-ptr-r16-bf16-sm90"):
+    for must in ("gemm-tma-large_dropout-r32-bwd-dropout-bf16-sm90", "gemm-ptr-large-r32-bwd-bf16-sm80",
+                 "gemm-ptr-decode-r16-fwd-bf16-sm80",
+                 "gemm-tma-large-r32-bwd-fp32-sm90", "shrink-ptr-r256-bf16-sm80", "dy-tma-r256-fp32-sm90",
+                 "da-ptr-r16-bf16-sm90"):
         assert must in names
 
 
@@ -123,7 +148,7 @@ def test_compiles_without_spills_and_with_tensor_cores(reports):
 
 def test_hopper_tma_gemm_uses_warpgroup_mma(reports):
     by_name = {name: rep for name, rep, _ in reports}
-    rep = by_name["gemm-tma-large-r64-fwd-bf16-sm90"]
+    rep = by_name["gemm-tma-large-r32-fwd-bf16-sm90"]
     assert rep is not None and rep["hgmma"] > 0, rep
 
 

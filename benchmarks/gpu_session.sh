@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine without network: the test suite on the GPU (real compiled kernels, fp16 and
+# bf16), the full benchmark grid, and the pytest-benchmark suite, all within SESSION_BUDGET seconds
+# (default 570, under the 10 minutes of one device call). Installs nothing: the source tree goes on
+# PYTHONPATH. Writes benchmarks/results/<date>_<device>.json and .png, the pytest-benchmark JSON, and the
+# logs under benchmarks/results/logs/; when $OUT is set, copies those 7 files flat into $OUT.
+#
+#   bash benchmarks/gpu_session.sh
+#   SESSION_BUDGET=900 PYTHON=python bash benchmarks/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+BUDGET=${SESSION_BUDGET:-570}
+RES=benchmarks/results
+LOGS=$RES/logs
+mkdir -p "$LOGS"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+MARK=$(mktemp)  # files newer than this one were written by this session
+STAMP=$(date -u +%Y-%m-%d)
+declare -A RC DUR
+
+left() { echo $((BUDGET - SECONDS)); }
+# stage NAME CAP RESERVE CMD...: run CMD under a timeout of min(CAP, time left - RESERVE for later stages)
+stage() {
+  local name=$1 cap=$2 reserve=$3; shift 3
+  local t; t=$(( $(left) - reserve )); (( t > cap )) && t=$cap
+  if (( t < 20 )); then echo "== $name: skipped, ${t}s left"; RC[$name]=skipped; DUR[$name]=0; return; fi
+  echo "== $name (limit ${t}s): $*"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$t" "$@" 2>&1 | tee "$LOGS/${STAMP}_$name.log"
+  RC[$name]=${PIPESTATUS[0]}
+  DUR[$name]=$((SECONDS - t0))
+  echo "== $name: exit ${RC[$name]} after ${DUR[$name]}s"
+}
+
+{
+  date -u; nvidia-smi 2>&1 || true
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for m in ("triton", "peft", "transformers", "matplotlib", "pytest_benchmark", "hypothesis"):
+    try:
+        print(m, __import__(m).__version__)
+    except Exception as exc:
+        print(m, "unavailable:", type(exc).__name__, exc)
+EOF
+} > "$LOGS/${STAMP}_env.txt" 2>&1
+cat "$LOGS/${STAMP}_env.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: this script is for a GPU machine (use python -m fastpeft.bench --preset cpu here)"; exit 2
+fi
+
+# 1. the test suite with real kernels (bf16 and fp16 Triton tests run on CUDA instead of being skipped);
+#    the static-compile tests are CPU work that CI does, so they are left out here
+stage tests 210 300 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15 -k "not static"
+# 2. the full grid; --time-budget stops starting new cases early enough to write the JSON and the plot
+BENCH_T=$(( $(left) - 90 )); (( BENCH_T > 270 )) && BENCH_T=270
+stage bench 270 90 "$PY" -m fastpeft.bench --preset full --out "$RES" --time-budget $((BENCH_T > 80 ? BENCH_T - 60 : 20))
+# 3. the LoRA pytest-benchmark suite (headline and decode cases), saved for --benchmark-compare; the other
+#    bench_*.py files of benchmarks/ (other ops) are left out to keep this call's budget predictable
+stage pytest-benchmark 80 5 "$PY" -m pytest benchmarks/bench_lora_linear.py --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$RES/${STAMP}_pytest-benchmark.json"
+
+echo "== summary (${SECONDS}s of ${BUDGET}s)"
+status=0
+for s in tests bench pytest-benchmark; do
+  echo "  $s: exit ${RC[$s]:-?} in ${DUR[$s]:-0}s"
+  [[ ${RC[$s]:-1} == 0 ]] || status=1
+done
+NEW=$(find "$RES" "$LOGS" -maxdepth 1 -type f -newer "$MARK" \( -name '*.json' -o -name '*.png' -o -name '*.log' -o -name '*.txt' \) | sort)
+echo "written:"; echo "$NEW" | sed 's/^/  /'
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  echo "$NEW" | head -8 | while read -r f; do [[ -n $f ]] && cp "$f" "$OUT/"; done
+  echo "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+rm -f "$MARK"
+exit $status
