@@ -25,9 +25,16 @@ from ._backend import BackendUnavailableError  # noqa: E402
 from .inject import count_parameters, inject_lora  # noqa: E402
 from .modules.lora import LoRALinear  # noqa: E402
 from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
+from .ops.adapter import BottleneckAdapterFunction, bottleneck_adapter  # noqa: E402
+from .ops.ia3 import IA3LinearFunction, ia3_linear  # noqa: E402
+from .modules.adapter import BottleneckAdapter  # noqa: E402
+from .modules.ia3 import IA3Linear  # noqa: E402
+from .inject_adapters import ParallelAdapterLayer, SeriesAdapterLayer, inject_adapters  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
+    "bottleneck_adapter", "BottleneckAdapterFunction", "BottleneckAdapter", "inject_adapters",
+    "SeriesAdapterLayer", "ParallelAdapterLayer", "ia3_linear", "IA3LinearFunction", "IA3Linear",
 ]

@@ -9,6 +9,7 @@ Run `python tests/test_lora_kernels_static.py` for the full report.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -116,11 +117,24 @@ def _compile(case):
         return name, None, f"{type(exc).__name__}: {str(exc)[:400]}"
 
 
+def compile_all(cases):
+    """Compile in fresh processes: under the test session's TRITON_INTERPRET=1, @triton.jit yields interpreter
+    functions that cannot be compiled ahead of time, so the workers start with the interpreter off."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_compile, cases))
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 @pytest.fixture(scope="module")
 def reports():
-    cases = _cases()
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_compile, cases))
+    return compile_all(_cases())
 
 
 def test_every_config_is_enumerated():
@@ -153,7 +167,5 @@ def test_hopper_tma_gemm_uses_warpgroup_mma(reports):
 
 
 if __name__ == "__main__":
-    cases = _cases()
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for name, rep, err in pool.map(_compile, cases):
-            print(f"{name:45s} {err or rep}", flush=True)
+    for name, rep, err in compile_all(_cases()):
+        print(f"{name:45s} {err or rep}", flush=True)
