@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench bench-cpu bench-gpu demo clean
+.PHONY: setup test bench bench-cpu bench-gpu bench-adapters bench-galore bench-cuda build-cuda info demo clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,23 @@ bench-cpu: setup
 # on a GPU machine with the project's dependencies present: CUDA tests + full grid + pytest-benchmark, < 10 min
 bench-gpu:
 	bash benchmarks/gpu_session.sh
+
+bench-adapters: setup
+	$(PY) benchmarks/bench_adapter.py --out benchmarks/results/adapter.json
+	$(PY) benchmarks/bench_ia3.py --out benchmarks/results/ia3.json
+
+bench-galore: setup
+	$(PY) benchmarks/bench_galore.py --out benchmarks/results/galore.json
+
+bench-cuda: setup
+	$(PY) -m pytest benchmarks/bench_cuda_ops.py --benchmark-only --benchmark-json=benchmarks/results/$$(date +%F)_cuda_ops.json
+
+# build the optional CUDA extension (needs a CUDA build of torch and nvcc); `make info` shows what runs here
+build-cuda: setup
+	FASTPEFT_BUILD_CUDA=1 $(PY) -m pip install -q --no-build-isolation -e .
+
+info: setup
+	$(PY) -m fastpeft.info
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -74,7 +74,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.kernels", "fastpeft.bench"],
+    packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.kernels", "fastpeft.bench", "fastpeft.optim"],
     package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
     # torch is deliberately unpinned from above so that an installed CPU or CUDA build satisfies it.
     install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system=='Linux'"],

@@ -21,7 +21,7 @@ def _alias_kernels() -> None:
 
 _alias_kernels()
 
-from ._backend import BackendUnavailableError  # noqa: E402
+from ._backend import BackendUnavailableError, backend_report  # noqa: E402
 from .inject import count_parameters, inject_lora  # noqa: E402
 from .modules.lora import LoRALinear  # noqa: E402
 from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
@@ -30,11 +30,13 @@ from .ops.ia3 import IA3LinearFunction, ia3_linear  # noqa: E402
 from .modules.adapter import BottleneckAdapter  # noqa: E402
 from .modules.ia3 import IA3Linear  # noqa: E402
 from .inject_adapters import ParallelAdapterLayer, SeriesAdapterLayer, inject_adapters  # noqa: E402
+from . import galore, optim  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "BackendUnavailableError",
+    "BackendUnavailableError", "backend_report",
     "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
     "bottleneck_adapter", "BottleneckAdapterFunction", "BottleneckAdapter", "inject_adapters",
     "SeriesAdapterLayer", "ParallelAdapterLayer", "ia3_linear", "IA3LinearFunction", "IA3Linear",
+    "galore", "optim",
 ]

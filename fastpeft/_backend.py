@@ -2,7 +2,9 @@
 
 "torch": pure PyTorch, runs anywhere, the reference twin of the kernels.
 "triton": the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
-"auto": triton for CUDA tensors when Triton imports, torch otherwise.
+"cuda": the CUDA C++ kernels of csrc/ (fastpeft._C) where an op has them; CUDA tensors only.
+"auto": per op, the backend in AUTO_CHOICE (what the benchmarks showed fastest on the device class), else
+triton for CUDA tensors when Triton imports, torch otherwise. fastpeft.backend_report() shows the choice.
 
 The environment variable FASTPEFT_BACKEND sets the default for calls that pass backend=None.
 A backend the caller named explicitly is never replaced by another: if it cannot run, the call raises.
@@ -14,7 +16,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FASTPEFT_BACKEND"
 
 
@@ -50,6 +52,27 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    """Why the CUDA C++ backend cannot run on `device`, or None if it can (never builds anything)."""
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA tensors, and these are on {device.type!r}"
+    from . import _ext
+
+    return _ext.unavailable_reason()
+
+
+# (op, device class) -> backend that measurements showed fastest. Empty until a GPU run of the benchmarks
+# fills it: no backend is preferred over Triton on a guess.
+AUTO_CHOICE: dict[tuple[str, str], str] = {}
+
+
+def device_class(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
 def requested_backend(backend: str | None) -> str:
     """The backend name the caller asked for: the argument, else $FASTPEFT_BACKEND, else 'auto'."""
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
@@ -59,15 +82,25 @@ def requested_backend(backend: str | None) -> str:
     return name.lower()
 
 
-def resolve_backend(backend: str | None, device: torch.device, *, triton_ok: str | None = None) -> str:
-    """Return 'torch' or 'triton' for an op on `device`.
+def resolve_backend(backend: str | None, device: torch.device, *, triton_ok: str | None = None,
+                    cuda_ok: str | None = "this op has no CUDA C++ kernels", op: str = "") -> str:
+    """Return 'torch', 'triton' or 'cuda' for an op on `device`.
 
-    triton_ok: for ops whose Triton kernels cover only some inputs, the reason these inputs are not
-    covered (None when they are). 'auto' then picks torch; an explicit 'triton' raises with that reason.
+    triton_ok / cuda_ok: for ops whose kernels cover only some inputs, the reason these inputs are not
+    covered (None when they are). 'auto' then passes over that backend; an explicit request raises with it.
     """
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
+    if name == "cuda":
+        reason = cuda_unavailable_reason(device) or cuda_ok
+        if reason is not None:
+            raise BackendUnavailableError(f"backend='cuda' cannot run: {reason}")
+        return "cuda"
+    if name == "auto" and device.type == "cuda":
+        measured = AUTO_CHOICE.get((op, device_class(device)))
+        if measured == "cuda" and cuda_unavailable_reason(device) is None and cuda_ok is None:
+            return "cuda"
     reason = triton_unavailable_reason(device) or triton_ok
     if name == "triton":
         if reason is not None:
@@ -77,3 +110,21 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_ok: str
     if device.type == "cuda" and reason is None:
         return "triton"
     return "torch"
+
+
+def backend_report(device: torch.device | str | None = None) -> dict:
+    """What can run on `device` (default: the current CUDA device, else the CPU) and why not, and what
+    backend='auto' picks for the LoRA linear there."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    reasons = {"torch": None, "triton": triton_unavailable_reason(device), "cuda": cuda_unavailable_reason(device)}
+    return {
+        "device": str(device),
+        "device_class": device_class(device),
+        "available": {k: v is None for k, v in reasons.items()},
+        "why_not": {k: v for k, v in reasons.items() if v is not None},
+        "auto": {"lora_linear": resolve_backend("auto", device, cuda_ok=None, op="lora_linear")},
+        "auto_measured": {f"{op}@{cls}": be for (op, cls), be in AUTO_CHOICE.items()},
+        "default_from_env": os.environ.get(ENV_VAR),
+    }

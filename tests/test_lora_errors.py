@@ -67,3 +67,16 @@ def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):
         lora_linear(x, w, a, b, 1.0, backend="triton")
     # auto never picks the interpreter: the torch backend runs
     torch.testing.assert_close(lora_linear(x, w, a, b, 1.0), x @ w.t() + (x @ a.t()) @ b.t())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU message")
+def test_cuda_backend_on_cpu_says_why():
+    x, w, a, b, bs = _ok()
+    with pytest.raises(fastpeft.BackendUnavailableError, match="backend='cuda' cannot run: the CUDA kernels run on CUDA tensors"):
+        lora_linear(x, w, a, b, 1.0, backend="cuda")
+
+
+def test_backend_report_explains_the_choice():
+    rep = fastpeft.backend_report("cpu")
+    assert rep["available"]["torch"] and not rep["available"]["cuda"]
+    assert rep["auto"]["lora_linear"] == "torch" and "cuda" in rep["why_not"]

@@ -27,6 +27,10 @@ def _triton_impl():
 def _impl(backend: str):
     if backend == "triton":
         return _triton_impl()
+    if backend == "cuda":
+        from .lora_linear_cuda import lora_linear_bwd_cuda, lora_linear_fwd_cuda
+
+        return lora_linear_fwd_cuda, lora_linear_bwd_cuda
     return lora_linear_fwd_torch, lora_linear_bwd_torch
 
 
@@ -117,12 +121,15 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] in x's dtype;
     lora_a [r, in] and lora_b [out, r] in x's dtype or fp32. Dropout applies only when `training`;
     its mask comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
-    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda" or "torch" (see fastpeft._backend).
     """
+    if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break (see lora_linear_op.py)
+        from .lora_linear_op import lora_linear_traced
+        return lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed=seed, backend=backend)
     scaling, dropout_p = check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p)
     r = lora_a.shape[0]
-    rank_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
-    name = resolve_backend(backend, x.device, triton_ok=rank_reason)
+    rank_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the kernels' maximum rank {MAX_TRITON_RANK}"
+    name = resolve_backend(backend, x.device, triton_ok=rank_reason, cuda_ok=rank_reason, op="lora_linear")
     p = dropout_p if training else 0.0
     if p > 0:
         if seed is None:

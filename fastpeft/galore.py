@@ -1,0 +1,169 @@
+"""Gradient-free GaLore for nn.Linear layers: the [out, in] weight gradient never exists.
+
+    model = fastpeft.galore.enable(model, target_modules=["q_proj", "v_proj"], rank=128, update_proj_gap=200, scale=0.25)
+    opt = fastpeft.optim.GaLoreAdamW(model.parameters(), lr=1e-3)
+
+The targeted layers' backward accumulates the projected gradient R (see fastpeft.ops.galore_linear) into an
+fp32 buffer attached to the weight (`weight._fastpeft_galore`); the weight's .grad stays None. GaLoreAdamW
+runs Adam on R and applies W <- W - lr·s·P·N in place with a rank-r update kernel. Micro-batches accumulate
+into R exactly as gradients do (R is linear in G).
+
+The step consumes R, so loops that clear gradients with model.zero_grad() stay correct; to discard an
+accumulated R without stepping call opt.zero_grad() (model.zero_grad() does not see R).
+
+Projector refresh (when the layer's step count is a multiple of update_proj_gap: steps 0, gap, 2·gap, ...):
+- projector="randomized" (default): the backward of the first micro-batch of a refresh step computes the
+  new basis from that micro-batch's X and dY with a randomized range finder (sketch G·Ω = dYᵀ·(X·Ω), power
+  iterations through X and dY, QR, Rayleigh-Ritz), never forming G, then projects with it; later
+  micro-batches of the step use the same basis. Without gradient accumulation the basis approximates the
+  exact SVD basis of the step's gradient; with accumulation it is the basis of the first micro-batch's
+  gradient (the summed gradient is not available until the last micro-batch). R and the update are exact
+  for that basis either way.
+- projector="svd": exact parity with GaLoreAdamW fed the full gradient (and with galore-torch). On a
+  refresh step the backward accumulates the layer's full gradient G (fp32 [out, in]) over the step's
+  micro-batches, and the optimizer takes the SVD of G, projects it and frees it. So G exists on refresh
+  steps (1 in update_proj_gap) and costs the full-gradient memory there.
+Moments on a projector change: "keep" (default; galore-torch's behaviour, so trajectories match it),
+"reset" (zero them), or "rotate" (carry them into the new basis, fastpeft.optim.projector.rotate_moments).
+
+Limitations: data-parallel training would need R (and the randomized refresh) reduced across ranks, which
+this mode does not do; use GaLoreAdamW on ordinary gradients there.
+"""
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+from torch import nn
+
+from .ops.galore_linear import full_grad_accumulate, galore_linear, kernel_backend, projected_grad_accumulate
+from .optim import projector as pj
+
+__all__ = ["enable", "disable", "GaLoreLinearState", "galore_state"]
+
+_ATTR = "_fastpeft_galore"
+
+
+class GaLoreLinearState:
+    """GaLore state of one gradient-free weight: settings, current basis, the accumulated R (or G)."""
+
+    def __init__(self, shape, rank, update_proj_gap, scale, proj_type, projector, moments, oversample, power_iters, backend):
+        self.shape = tuple(shape)
+        self.rank = pj.check_rank(rank, self.shape)
+        self.update_proj_gap = pj.check_positive_int("update_proj_gap", update_proj_gap)
+        self.scale = pj.check_scale(scale)
+        self.proj_type = pj.check_proj_type(proj_type)
+        self.projector = pj.check_choice("projector", projector, pj.PROJECTORS)
+        self.moments = pj.check_choice("moments", moments, pj.MOMENT_POLICIES)
+        self.oversample = pj.check_nonneg_int("oversample", oversample)
+        self.power_iters = pj.check_nonneg_int("power_iters", power_iters)
+        self.backend = backend
+        self.side = pj.projection_side(self.shape, proj_type)
+        self.P = self.Q = None
+        self.prev = (None, None)  # the basis the moments are expressed in, while a refresh is pending
+        self.refreshed = False
+        self.refresh_due = True
+        self.R = None
+        self.has_R = False
+        self.G = None
+
+    def set_basis(self, new) -> None:
+        if not self.refreshed:
+            self.prev = (self.P, self.Q)
+        self.P, self.Q = new
+        self.refreshed = True
+
+    def load_basis(self, p, q, step: int) -> None:
+        self.P, self.Q = p, q
+        self.prev, self.refreshed = (None, None), False
+        self.refresh_due = step % self.update_proj_gap == 0 or (p is None and q is None)
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the accumulated R / G (what zero_grad does to .grad)."""
+        self.has_R = False
+        self.G = None
+
+    def accumulate(self, x2: torch.Tensor, dy2: torch.Tensor) -> None:
+        """Called by the backward with this micro-batch's X [M, in] and dY [M, out]."""
+        backend = kernel_backend(self.backend, x2)
+        if self.refresh_due and self.projector == "svd":
+            if self.G is None:
+                self.G = torch.zeros(self.shape, device=x2.device, dtype=torch.float32)
+            full_grad_accumulate(x2, dy2, self.G, backend)
+            return
+        if self.refresh_due and x2.shape[0] > 0:
+            gen = torch.Generator(device=x2.device)
+            gen.manual_seed(int(torch.randint(0, 2**62, ())))
+            self.set_basis(pj.randomized_basis_factored(x2, dy2, self.rank, self.side, oversample=self.oversample,
+                                                        power_iters=self.power_iters, generator=gen))
+            self.refresh_due = False
+        if self.P is None and self.Q is None:
+            return  # an empty first micro-batch: no basis yet, and nothing to project
+        shape = pj.low_rank_shape(self.shape, self.rank, self.side)
+        if self.R is None or self.R.device != x2.device:
+            self.R = torch.zeros(shape, device=x2.device, dtype=torch.float32)
+        elif not self.has_R:
+            self.R.zero_()
+        self.has_R = True
+        projected_grad_accumulate(x2, dy2, self.P, self.Q, self.R, backend)
+
+
+def galore_state(param) -> GaLoreLinearState | None:
+    """The gradient-free GaLore state of a weight, or None."""
+    return getattr(param, _ATTR, None)
+
+
+def _forward(self, x):
+    return galore_linear(x, self.weight, self.bias, getattr(self.weight, _ATTR))
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def enable(model: nn.Module, target_modules, rank: int, update_proj_gap: int = 200, scale: float = 1.0,
+           proj_type: str = "std", projector: str = "randomized", moments: str = "keep",
+           oversample: int = pj.DEFAULT_OVERSAMPLE, power_iters: int = pj.DEFAULT_POWER_ITERS, backend=None) -> nn.Module:
+    """Put the nn.Linear layers named by target_modules into gradient-free GaLore mode (in place; returns model).
+
+    target_modules: module names or name suffixes (PEFT style), or a regex string matched in full.
+    rank, update_proj_gap, scale, proj_type: as in GaLoreAdamW's param groups. projector: "randomized"
+    (never forms G) or "svd" (exact; forms G on refresh steps). moments: "keep" | "reset" | "rotate".
+    """
+    if not isinstance(target_modules, str):
+        if isinstance(target_modules, (bytes, dict)) or not hasattr(target_modules, "__iter__"):
+            raise TypeError(f"target_modules: expected a list of names or a regex string, got {type(target_modules).__name__}")
+        target_modules = list(target_modules)
+    chosen = [(name, mod) for name, mod in model.named_modules() if name and _matches(name, target_modules)]
+    if not chosen:
+        raise ValueError(f"target_modules: {target_modules!r} matched no module of the model")
+    states = []
+    for name, mod in chosen:
+        if type(mod) is not nn.Linear:
+            raise TypeError(f"target_modules: {name!r} is a {type(mod).__name__}, expected an nn.Linear")
+        if galore_state(mod.weight) is not None:
+            raise ValueError(f"target_modules: {name!r} is already in gradient-free GaLore mode")
+        try:
+            st = GaLoreLinearState(mod.weight.shape, rank, update_proj_gap, scale, proj_type, projector, moments,
+                                   oversample, power_iters, backend)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        states.append((mod, st))
+    for mod, st in states:  # all validated: nothing is changed on an error path
+        setattr(mod.weight, _ATTR, st)
+        mod.forward = types.MethodType(_forward, mod)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Restore the ordinary forward of every gradient-free layer (their GaLore bases and R are dropped)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and galore_state(mod.weight) is not None:
+            delattr(mod.weight, _ATTR)
+            if "forward" in mod.__dict__:
+                del mod.forward
+    return model

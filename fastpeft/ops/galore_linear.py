@@ -1,0 +1,81 @@
+"""The gradient-free GaLore linear: y = x·Wᵀ + b whose backward yields the projected weight gradient only.
+
+For y = x·Wᵀ the weight gradient is G = dYᵀ·X. The backward computes dX = dY·W and the bias gradient as
+usual, and instead of G it accumulates R = (dY·P)ᵀ·X, dYᵀ·(X·Qᵀ) or (dY·P)ᵀ·(X·Qᵀ) into the fp32 buffer
+of the layer's GaLoreLinearState (fastpeft.galore), which GaLoreAdamW consumes. The weight's .grad is never
+written. Backends: "triton" (kernels/galore.py accumulates R in fp32 inside the skinny GEMM) and "torch"
+(galore_linear_torch.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import resolve_backend
+from .galore_linear_torch import full_grad_accumulate_torch, projected_grad_accumulate_torch
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def projected_grad_accumulate(x2, dy2, p, q, out, backend: str):
+    """out (fp32, contiguous) += projection of dy2ᵀ·x2 on (p, q) with the chosen backend ('torch'|'triton')."""
+    if backend == "torch":
+        return projected_grad_accumulate_torch(x2, dy2, p, q, out)
+    from ..kernels import galore as k
+
+    if p is not None and q is not None:
+        return k.galore_project((dy2 @ p.to(dy2.dtype)).t(), x2 @ q.t().to(x2.dtype), out, k.EPI_ACC)
+    if p is not None:
+        return k.galore_project((dy2 @ p.to(dy2.dtype)).t(), x2, out, k.EPI_ACC)
+    return k.galore_project(dy2.t(), x2 @ q.t().to(x2.dtype), out, k.EPI_ACC)
+
+
+def full_grad_accumulate(x2, dy2, out, backend: str):
+    if backend == "torch":
+        return full_grad_accumulate_torch(x2, dy2, out)
+    from ..kernels import galore as k
+
+    return k.galore_project(dy2.t(), x2, out, k.EPI_ACC)
+
+
+def kernel_backend(backend, tensor: torch.Tensor) -> str:
+    reason = None if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else f"dtype {tensor.dtype} is not supported by the kernels"
+    return resolve_backend(backend, tensor.device, triton_ok=reason)
+
+
+class GaLoreLinearFunction(torch.autograd.Function):
+    """Autograd Function of the gradient-free GaLore linear; `state` is the weight's GaLoreLinearState.
+    Returns no gradient for the weight: its projection goes to state (see fastpeft.galore)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state):
+        ctx.save_for_backward(x, weight)
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dy2 = _rows(dy)
+        dx = dbias = None
+        if need_dx:
+            dx = (dy2 @ weight.to(dy2.dtype)).to(x.dtype).view(x.shape)
+        if need_db and ctx.has_bias:
+            dbias = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
+        if need_dw:
+            x2 = _rows(x)
+            if x2.dtype != dy2.dtype:  # autocast: the product ran in dY's dtype
+                x2 = x2.to(dy2.dtype)
+            ctx.state.accumulate(x2, dy2)
+        return dx, None, dbias, None
+
+
+def galore_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state) -> torch.Tensor:
+    """y = x·Wᵀ + b; backward accumulates W's projected gradient into `state` instead of W.grad."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {tuple(weight.shape)}), got {tuple(x.shape)}")
+    return GaLoreLinearFunction.apply(x, weight, bias, state)

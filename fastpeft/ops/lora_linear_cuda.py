@@ -1,0 +1,43 @@
+"""The "cuda" backend of the LoRA linear: csrc/ kernels for the skinny passes, cuBLAS for the base GEMMs.
+
+Forward: S = dropout(x)·Aᵀ by the CUDA shrink (the kernels' seeded stream), y = x·W0ᵀ + bias by cuBLAS,
+then y += s·S·Bᵀ (an addmm: one extra pass over y that the Triton GEMM's epilogue avoids); M <= 16 without
+dropout takes the one-launch decode kernel instead. Backward: one CUDA pass over dY for dS and dB, cuBLAS for
+dY·W0 and the rank-r products; the dropout mask of dX's and dA's low-rank terms comes from the PyTorch twin
+of the stream. Same signatures as the other backends; adapters in fp32 are cast to x's dtype for the kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cuda_ops import MAX_DECODE_ROWS, lora_decode_cuda, lora_dy_reduce_cuda, lora_shrink_cuda
+from .lora_linear_torch import _dropped
+
+
+def lora_linear_fwd_cuda(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0):
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    s = lora_shrink_cuda(x, a, p, seed)
+    if p == 0 and x.shape[0] <= MAX_DECODE_ROWS:
+        return lora_decode_cuda(x, weight, bias, a, b, scaling), s
+    y = torch.nn.functional.linear(x, weight, bias)
+    y.addmm_(s, b.t(), alpha=scaling)
+    return y, s
+
+
+def lora_linear_bwd_cuda(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs):
+    need_dx, need_da, need_db, need_dbias = needs
+    dx = da = db = dbias = None
+    ds, db32 = lora_dy_reduce_cuda(dy, lora_b.to(dy.dtype), s, scaling)
+    ds = ds.to(dy.dtype)
+    if need_dx:
+        low = ds @ lora_a.to(dy.dtype)
+        if p > 0:
+            low = _dropped(low, p, seed)
+        dx = torch.addmm(low, dy, weight)
+    if need_da:
+        da = (ds.t() @ (_dropped(x, p, seed) if p > 0 else x)).to(lora_a.dtype)
+    if need_db:
+        db = db32.to(lora_b.dtype)
+    if need_dbias:
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, da, db, dbias

@@ -1,0 +1,315 @@
+"""The CUDA backend on a machine without a GPU: every source compiles (nvcc for sm_80 and sm_90, object
+files, no link; bindings.cpp against the installed torch's headers), the kernels spill nothing and use
+tensor cores, the dropout stream of csrc/common.cuh equals fastpeft.dropout bit for bit (run as a host
+program), and the package, its custom ops' fake implementations, the loader's errors, setup.py and
+`python -m fastpeft.info` all work without the extension.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+ARCHS = (80, 90)
+# What torch.utils.cpp_extension adds to every nvcc command line (no implicit half/bf16 conversions).
+TORCH_NVCC_FLAGS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr")
+
+_spec = importlib.util.spec_from_file_location("_fastpeft_build_config_test", CSRC / "build_config.py")
+cfg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cfg)
+
+NVCC = cfg.find_nvcc(os.environ.get("CUDA_HOME"))
+GXX = shutil.which("g++")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
+
+
+def _nvidia_tool(name: str) -> str | None:
+    """cuobjdump from the CUDA toolkit, else the copy that ships with Triton."""
+    if NVCC is not None:
+        cand = Path(NVCC).resolve().parent / name
+        if cand.exists():
+            return str(cand)
+    try:
+        import triton
+
+        cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if cand.exists():
+            return str(cand)
+    except Exception:
+        pass
+    return shutil.which(name)
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+_PHILOX_PROG = (
+    '#include "common.cuh"\n#include <cstdio>\n#include <cstdlib>\n'
+    "int main(int argc, char** argv) {\n"
+    "  const uint32_t seed = strtoul(argv[1], 0, 10), thr = strtoul(argv[4], 0, 10);\n"
+    "  const int rows = atoi(argv[2]), cols = atoi(argv[3]), row0 = atoi(argv[5]);\n"
+    "  for (int r = row0; r < row0 + rows; ++r) {\n"
+    "    for (int c = 0; c < cols; ++c) putchar('0' + fastpeft::dropout_keep(seed, r, c, thr));\n"
+    "    putchar('\\n');\n  }\n  return 0;\n}\n"
+)
+
+
+def _bindings_cmd() -> list[str]:
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
+    defines = ["-DTORCH_EXTENSION_NAME=_C", f"-DFASTPEFT_ARCHS={cfg.archs_token(None)}", "-DFASTPEFT_BUILD_KIND=test"]
+    return [GXX, "-std=c++20", "-fsyntax-only", "-Wall", *defines, *includes, str(CSRC / "bindings.cpp")]
+
+
+class _Job:
+    def __init__(self, cmd, product=None):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.product = product
+        self._result = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._result is None:
+            out, err = self.proc.communicate()
+            self._result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return self._result
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Start every compile of this file at once (they dominate its run time); tests wait on their own."""
+    out = tmp_path_factory.mktemp("cuda_build")
+    jobs = {}
+    if NVCC is not None:
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+        for src in cfg.CUDA_SOURCES:
+            obj = out / (src + ".o")
+            cmd = [NVCC, "-c", *cfg.NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, f"-I{CSRC}", str(CSRC / src), "-o", str(obj)]
+            jobs[src] = _Job(cmd, obj)
+        prog = out / "philox_check.cu"
+        prog.write_text(_PHILOX_PROG)
+        exe = out / "philox_check"
+        jobs["philox"] = _Job([NVCC, "-std=c++17", "-arch=sm_80", f"-I{CSRC}", str(prog), "-o", str(exe)], exe)
+    if GXX is not None:
+        jobs["bindings"] = _Job(_bindings_cmd())
+    yield jobs
+    for job in jobs.values():
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def objects(builds):
+    if NVCC is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
+    return {src: (builds[src].result(), builds[src].product) for src in cfg.CUDA_SOURCES}
+
+
+def test_source_list_is_complete():
+    on_disk = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
+    assert on_disk == sorted(cfg.SOURCES), "csrc/build_config.py SOURCES must list every .cu/.cpp in csrc/"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("src", cfg.CUDA_SOURCES)
+def test_cuda_source_compiles(objects, src):
+    proc, obj = objects[src]
+    assert proc.returncode == 0, f"nvcc failed on {src}:\n{proc.stderr[-4000:]}"
+    assert obj.stat().st_size > 0
+    assert "warning" not in proc.stderr.lower(), f"nvcc warnings on {src}:\n{proc.stderr[-4000:]}"
+
+
+def _functions(text: str, marker: str) -> list[tuple[str, str]]:
+    """Split cuobjdump output into (function name, body) pieces."""
+    parts = re.split(rf"{marker}\s*:?\s*(\S+)", text)
+    return [(parts[i].rstrip(":"), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("src", [s for s in cfg.CUDA_SOURCES if s != "runtime.cu"])
+def test_kernels_do_not_spill_and_use_tensor_cores(objects, src):
+    tool = _nvidia_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("cuobjdump not found (neither in the CUDA toolkit nor in Triton)")
+    proc, obj = objects[src]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    elfs = _run([tool, "--list-elf", str(obj)]).stdout
+    for arch in ARCHS:
+        assert f"sm_{arch}" in elfs, f"{src}: no sm_{arch} code in the object:\n{elfs}"
+
+    usage = _run([tool, "--dump-resource-usage", str(obj)], check=True).stdout
+    funcs = _functions(usage, "Function")
+    kernels = [(n, body) for n, body in funcs if "_kernel" in n]
+    assert len(kernels) >= 2 * 3, f"{src}: expected every dtype's kernels for both archs, found {len(kernels)}"
+    for name, body in funcs:
+        stack = re.search(r"STACK:(\d+)", body)
+        assert stack is not None and int(stack.group(1)) == 0, f"{src}: {name} uses stack (register spills): {body.strip()}"
+
+    sass = _run([tool, "-sass", str(obj)], check=True).stdout
+    for name, body in _functions(sass, "Function :"):
+        if "_kernel" in name:  # every main kernel does its products on the tensor cores
+            assert re.search(r"\bHMMA\b", body), f"{src}: {name} has no tensor-core (HMMA) instruction"
+
+
+@needs_nvcc
+def test_dropout_stream_matches_pytorch_bit_for_bit(builds):
+    """csrc/common.cuh's Philox keep-mask, compiled as host code, against fastpeft.dropout."""
+    from fastpeft.dropout import dropout_keep_mask, keep_threshold
+
+    proc, exe = builds["philox"].result(), builds["philox"].product
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = [(0, 3, 37, 0.1, 0), (12345, 5, 64, 0.5, 0), (2**31 - 1, 4, 19, 0.9, 0), (7, 6, 41, 0.25, 70000)]
+    for seed, rows, cols, p, row0 in cases:
+        thr = keep_threshold(p)
+        out = _run([str(exe), str(seed), str(rows), str(cols), str(thr), str(row0)], check=True).stdout.split()
+        got = torch.tensor([[ch == "1" for ch in line] for line in out])
+        want = dropout_keep_mask(seed, row0 + rows, cols, p)[row0:]
+        assert torch.equal(got, want), f"mask differs for seed={seed} p={p} rows {row0}..{row0 + rows}"
+        assert 0 < int(got.sum()) < got.numel(), "a mask that keeps all or nothing cannot tell streams apart"
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not found")
+def test_bindings_compile_against_installed_torch(builds):
+    proc = builds["bindings"].result()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = [line for line in proc.stderr.splitlines() if "bindings.cpp" in line and "warning" in line]
+    assert not ours, "\n".join(ours)
+
+
+def test_build_config_archs():
+    assert cfg.parse_archs(None) == [("80", False), ("90", True)]
+    assert cfg.parse_archs("8.0, sm_90") == [("80", False), ("90", True)]
+    assert cfg.parse_archs("80+PTX;90") == [("80", True), ("90", False)]
+    assert cfg.nvcc_arch_flags("90") == ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+    assert cfg.archs_token("80;90") == "sm_80__sm_90__compute_90"
+    with pytest.raises(ValueError, match="FASTPEFT_CUDA_ARCHS.*'ampere'"):
+        cfg.parse_archs("ampere")
+    with pytest.raises(ValueError, match="sm_80 or newer.*75"):
+        cfg.parse_archs("75;80")
+    assert cfg.build_mode({}) == "auto"
+    assert cfg.build_mode({"FASTPEFT_BUILD_CUDA": "0"}) == "never"
+    assert cfg.build_mode({"FASTPEFT_BUILD_CUDA": "1"}) == "force"
+    with pytest.raises(ValueError, match="FASTPEFT_BUILD_CUDA.*'maybe'"):
+        cfg.build_mode({"FASTPEFT_BUILD_CUDA": "maybe"})
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the skip path of a CPU build of torch")
+def test_setup_py_skips_the_extension_on_cpu_torch():
+    env = {**os.environ, "FASTPEFT_BUILD_CUDA": "1"}
+    proc = _run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "fastpeft"
+    assert "WARNING: not building the CUDA extension" in proc.stderr and "CPU build" in proc.stderr
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    """The fakes give torch.compile the right shapes and dtypes without the extension."""
+    from fastpeft.ops import cuda_ops  # noqa: F401  (registers the ops)
+
+    m = dict(device="meta", dtype=torch.bfloat16)
+    x, a, b, w = torch.empty(37, 41, **m), torch.empty(5, 41, **m), torch.empty(23, 5, **m), torch.empty(23, 41, **m)
+    s = torch.ops.fastpeft.cuda_lora_shrink(x, a, 0.1, 3)
+    assert (s.shape, s.dtype) == ((37, 5), torch.bfloat16)
+    ds, db = torch.ops.fastpeft.cuda_lora_dy_reduce(torch.empty(37, 23, **m), b, s, 2.0)
+    assert (ds.shape, db.shape, ds.dtype, db.dtype) == ((37, 5), (23, 5), torch.float32, torch.float32)
+    assert torch.ops.fastpeft.cuda_rank_update(w, b, a, 0.5) is None
+    y = torch.ops.fastpeft.cuda_lora_decode(x[:7], w, torch.empty(23, **m), a, b, 2.0)
+    assert (y.shape, y.dtype) == ((7, 23), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(2, 9, **m), 0.0, 0), ValueError, "a: expected size 8 in dim 1"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(257, 8, **m), 0.0, 0), ValueError, r"rank in \[1, 256\], got 257"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(2, 8, **m), 1.0, 0), ValueError, "p: expected"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(2, 8, **m), 0.1, -1), ValueError, "seed: expected"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(2, 8, device="meta"), 0.0, 0), TypeError, "a: expected dtype torch.float16"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_dy_reduce(torch.empty(4, 8, **m), torch.empty(8, 2, **m), torch.empty(5, 2, **m), 1.0), ValueError, "s_mat: expected size 4 in dim 0"),
+        (lambda m: torch.ops.fastpeft.cuda_rank_update(torch.empty(4, 8, **m), torch.empty(4, 2, **m), torch.empty(3, 8, **m), 1.0), ValueError, "a: expected size 2 in dim 0"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(17, 8, **m), torch.empty(4, 8, **m), None, torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0), ValueError, "at most 16 rows"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(3, 8, **m), torch.empty(4, 8, **m), torch.empty(5, **m), torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0), ValueError, r"bias: expected shape \[4\]"),
+    ],
+)
+def test_fake_implementations_reject_bad_shapes(call, err, match):
+    from fastpeft.ops import cuda_ops  # noqa: F401
+
+    with pytest.raises(err, match=match):
+        call(dict(device="meta", dtype=torch.float16))
+
+
+def test_cpu_tensors_get_a_clear_error_before_any_build():
+    from fastpeft.ops.cuda_ops import lora_decode_cuda, lora_dy_reduce_cuda, lora_shrink_cuda, rank_update_cuda_
+
+    x, a, b, w = torch.randn(3, 8), torch.randn(2, 8), torch.randn(4, 2), torch.randn(4, 8)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor, got device cpu"):
+        lora_shrink_cuda(x, a, 0.1, 1)
+    with pytest.raises(ValueError, match="dy: expected a CUDA tensor"):
+        lora_dy_reduce_cuda(torch.randn(3, 4), b, torch.randn(3, 2), 1.0)
+    with pytest.raises(ValueError, match="w: expected a CUDA tensor"):
+        rank_update_cuda_(w, b, a, 1.0)
+    assert torch.equal(w, w0), "nothing may be written on an error path"
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        lora_decode_cuda(x, w, None, a, b, 1.0)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error of a CPU build of torch")
+def test_loading_the_extension_on_cpu_torch_names_the_cause():
+    from fastpeft import BackendUnavailableError, _ext
+
+    with pytest.raises(BackendUnavailableError, match="CPU build"):
+        _ext.load_extension()
+    assert "CPU build" in _ext.unavailable_reason()
+
+
+def test_loader_reports_missing_toolkit_and_compile_errors(monkeypatch):
+    """The loader's error paths, with the platform faked as CUDA-capable."""
+    from fastpeft import _ext
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.setattr(_ext, "platform_reason", lambda: None)
+    monkeypatch.setattr(_ext, "prebuilt_status", lambda: (None, "fastpeft._C was not built by setup.py"))
+    monkeypatch.setattr(_ext, "jit_reason", lambda: "nvcc was not found (install the CUDA toolkit)")
+    with pytest.raises(_ext.CudaExtensionError, match="not built by setup.py, and it cannot be built just in time: nvcc was not found"):
+        _ext.load_extension()
+
+    monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.setattr(_ext, "jit_reason", lambda: None)
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("Error building extension 'fastpeft_C': shrink.cu(12): error: identifier undefined")
+
+    monkeypatch.setattr(_ext, "_jit_build", failing_build)
+    for _ in range(2):  # the failure is remembered, not rebuilt on every call
+        with pytest.raises(_ext.CudaExtensionError, match="just-in-time build of the CUDA extension failed.*identifier undefined"):
+            _ext.load_extension()
+    assert calls == [1]
+    assert "identifier undefined" in _ext.unavailable_reason()
+
+
+def test_info_runs_and_names_every_backend():
+    proc = _run([sys.executable, "-m", "fastpeft.info"], cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for key in ("fastpeft ", "torch ", "extension fastpeft._C:", "  torch:", "  triton:", "  cuda:"):
+        assert key in out, f"missing {key!r} in:\n{out}"
+    if torch.version.cuda is None:
+        assert "cuda:   cannot run: " in out and "CPU build" in out
