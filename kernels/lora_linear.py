@@ -256,7 +256,8 @@ GEMM_CONFIGS = {
         "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, RANK_CHUNK=32, num_warps=4, num_stages=3),
         "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=4, num_stages=3),
         "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
-        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3,
+                              fp32=dict(BLOCK_N=64, BLOCK_K=32)),
     },
 }
 # Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block.
@@ -267,8 +268,8 @@ SKINNY_CONFIGS = {
                 64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
                 128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
                 256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
-        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
+                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
                 64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
                 128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
                 256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
@@ -281,9 +282,9 @@ SKINNY_CONFIGS = {
                 256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)},
         "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
                 32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)},
+                64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=3, fp32=dict(BLOCK_N=16))},
     },
     "da": {
         "tma": {16: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
@@ -324,12 +325,17 @@ def gemm_config_name(M: int, dropout: bool) -> str:
 
 
 def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
-    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers."""
+    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers,
+    unless the config names its fp32 tile explicitly (the compiler's register use is not monotone in it)."""
     cfg = dict(cfg)
+    override = cfg.pop("fp32", None)
     if dtype == torch.float32:
-        for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
-            if key in cfg and cfg[key] > 32:
-                cfg[key] //= 2
+        if override is not None:
+            cfg.update(override)
+        else:
+            for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
+                if key in cfg and cfg[key] > 32:
+                    cfg[key] //= 2
     return cfg
 
 

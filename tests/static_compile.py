@@ -51,3 +51,26 @@ def triton_type(dtype) -> str:
     import torch
 
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def compile_in_subprocesses(worker, jobs, max_workers: int | None = None) -> list:
+    """map(worker, jobs) in fresh spawned processes with the interpreter off.
+
+    Under the test session's TRITON_INTERPRET=1, @triton.jit yields interpreter functions that cannot be
+    compiled ahead of time; spawned workers inherit the environment at start, so it is switched off around
+    the pool. `worker` must be a module-level function (it is pickled by reference).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        workers = max_workers or min(4, os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(worker, jobs))
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved

@@ -370,22 +370,12 @@ STATIC_JOBS = [(arch, case) for case in _static_cases() for arch in (90, 80) if 
 
 @pytest.fixture(scope="module")
 def static_reports():
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from static_compile import compile_in_subprocesses
 
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
     try:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1), mp_context=ctx) as pool:
-            return list(pool.map(_compile, STATIC_JOBS))
+        return compile_in_subprocesses(_compile, STATIC_JOBS)
     except FileNotFoundError as exc:
         pytest.skip(f"NVIDIA binary tools missing: {exc}")
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.mark.parametrize("index", range(len(STATIC_JOBS)), ids=[f"{c[0]}-{c[1]}-{c[2]}-sm{a}" for a, c in STATIC_JOBS])

@@ -9,10 +9,8 @@ Run `python tests/test_lora_kernels_static.py` for the full report.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -21,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from static_compile import compile_report  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report  # noqa: E402
 
 PTR_ARCHS = (80, 90)
 TMA_ARCHS = (90,)
@@ -97,14 +95,15 @@ def _cases():
     """(name, kernel attribute, signature, constexprs, arch, num_warps, num_stages) for every shipped config.
 
     bf16: every GEMM size with the smallest and largest epilogue rank chunk (register use grows with it),
-    every skinny rank block. fp32 (halved tiles, 4-byte loads): the largest tiles and both rank extremes.
+    every skinny rank block. fp32 (its own tiles, 4-byte loads): every GEMM size at the largest rank chunk,
+    every skinny rank block.
     """
     from fastpeft.kernels import lora_linear as k
 
     return (_gemm_cases(k, "bf16", torch.bfloat16, list(GEMM_VARIANTS), extremes=True)
             + _skinny_cases(k, "bf16", torch.bfloat16, k.RANK_BLOCKS)
-            + _gemm_cases(k, "fp32", torch.float32, ["large", "large_dropout"], extremes=False)
-            + _skinny_cases(k, "fp32", torch.float32, (min(k.RANK_BLOCKS), max(k.RANK_BLOCKS))))
+            + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False)
+            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS))
 
 
 def _compile(case):
@@ -118,18 +117,7 @@ def _compile(case):
 
 
 def compile_all(cases):
-    """Compile in fresh processes: under the test session's TRITON_INTERPRET=1, @triton.jit yields interpreter
-    functions that cannot be compiled ahead of time, so the workers start with the interpreter off."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_compile, cases))
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return compile_in_subprocesses(_compile, cases)
 
 
 @pytest.fixture(scope="module")
