@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench bench-cpu bench-gpu bench-adapters bench-galore bench-cuda build-cuda info demo clean
+.PHONY: setup test bench bench-cpu bench-gpu bench-adapters bench-galore bench-multi bench-cuda build-cuda info demo clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ bench-gpu:
 bench-adapters: setup
 	$(PY) benchmarks/bench_adapter.py --out benchmarks/results/adapter.json
 	$(PY) benchmarks/bench_ia3.py --out benchmarks/results/ia3.json
+
+bench-multi: setup
+	$(PY) benchmarks/bench_multi_lora.py
 
 bench-galore: setup
 	$(PY) benchmarks/bench_galore.py --out benchmarks/results/galore.json

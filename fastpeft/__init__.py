@@ -30,6 +30,9 @@ from .ops.ia3 import IA3LinearFunction, ia3_linear  # noqa: E402
 from .modules.adapter import BottleneckAdapter  # noqa: E402
 from .modules.ia3 import IA3Linear  # noqa: E402
 from .inject_adapters import ParallelAdapterLayer, SeriesAdapterLayer, inject_adapters  # noqa: E402
+from .ops.multi_lora import MultiLoRALinearFunction, multi_lora_linear  # noqa: E402
+from .modules.multi_lora import MultiLoRALinear  # noqa: E402
+from .inject_multi import inject_multi_lora, load_multi_adapter, multi_lora_batch, unload_multi_adapter  # noqa: E402
 from . import galore, optim  # noqa: E402
 
 __version__ = "0.1.0"
@@ -38,5 +41,7 @@ __all__ = [
     "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
     "bottleneck_adapter", "BottleneckAdapterFunction", "BottleneckAdapter", "inject_adapters",
     "SeriesAdapterLayer", "ParallelAdapterLayer", "ia3_linear", "IA3LinearFunction", "IA3Linear",
+    "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "inject_multi_lora", "load_multi_adapter",
+    "unload_multi_adapter", "multi_lora_batch",
     "galore", "optim",
 ]

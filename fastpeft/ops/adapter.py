@@ -1,0 +1,135 @@
+"""fastpeft.bottleneck_adapter: y = r + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu) with fused kernels.
+
+A series adapter (Houlsby, Pfeiffer) has r = x: the adapter wraps the sub-layer's output h. A parallel
+adapter (He et al.) takes the sub-layer's input x and adds to its output r. Backends: "triton"
+(kernels/adapter.py) and "torch" (adapter_torch.py), the same decomposition; saved for backward are x
+itself (the caller's tensor) and the fp32 bottleneck pre-activation Z [M, A], never another [M, D] tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import check_finite_number, check_float_dtype, check_same_device, check_tensor
+from .adapter_torch import adapter_bwd_torch, adapter_fwd_torch
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+MAX_TRITON_BOTTLENECK = 256
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import adapter as k
+
+        return k.adapter_fwd, k.adapter_bwd
+    return adapter_fwd_torch, adapter_bwd_torch
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # a view whenever the leading dims can be merged; any 2-D strides are fine for the kernels
+    return t.reshape(-1, t.shape[-1])
+
+
+class BottleneckAdapterFunction(torch.autograd.Function):
+    """Autograd Function of the fused adapter. Use fastpeft.bottleneck_adapter, which validates inputs."""
+
+    @staticmethod
+    def forward(ctx, x, residual, down_w, down_b, up_w, up_b, scaling, activation, backend):
+        fwd, _ = _impl(backend)
+        need = ctx.needs_input_grad
+        store_z = any(need[i] for i in (0, 2, 3, 4, 5))
+        y2, z = fwd(_rows(x), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
+                    scaling, activation, store_z)
+        ctx.save_for_backward(x, z, down_w, up_w)
+        ctx.scaling, ctx.activation, ctx.backend = scaling, activation, backend
+        ctx.series = residual is None
+        ctx.bias_dtypes = (None if down_b is None else down_b.dtype, None if up_b is None else up_b.dtype)
+        return y2.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, down_w, up_w = ctx.saved_tensors
+        need_x, need_r, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
+        need_dw = need_wd or need_bd or need_wu or need_bu
+        dx = dr = dwd = dbd = dwu = dbu = None
+        if need_r:
+            dr = dy
+        if need_x or need_dw:
+            _, bwd = _impl(ctx.backend)
+            dx, dwd, dbd, dwu, dbu = bwd(_rows(dy), _rows(x), z, down_w, up_w, ctx.scaling, ctx.activation,
+                                         ctx.series, need_x, need_dw)
+            if dx is not None:
+                dx = dx.view(x.shape)
+        bd_dt, bu_dt = ctx.bias_dtypes
+        return (dx, dr,
+                dwd.to(down_w.dtype) if need_wd else None, dbd.to(bd_dt) if need_bd else None,
+                dwu.to(up_w.dtype) if need_wu else None, dbu.to(bu_dt) if need_bu else None,
+                None, None, None)
+
+
+def check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual=None) -> float:
+    """Validate the arguments of bottleneck_adapter; returns scaling as a float."""
+    check_tensor("h", h)
+    check_tensor("down_w", down_w, 2)
+    check_tensor("up_w", up_w, 2)
+    if down_b is not None:
+        check_tensor("down_b", down_b, 1)
+    if up_b is not None:
+        check_tensor("up_b", up_b, 1)
+    if residual is not None:
+        check_tensor("residual", residual)
+    if h.dim() < 1:
+        raise ValueError("h: expected a tensor of shape [..., d_model], got a 0-D tensor")
+    a, d = down_w.shape
+    if a < 1:
+        raise ValueError(f"down_w: expected shape [bottleneck, d_model] with bottleneck >= 1, got {tuple(down_w.shape)}")
+    if h.shape[-1] != d:
+        raise ValueError(f"h: expected last dimension {d} (down_w is [bottleneck, d_model] = {list(down_w.shape)}), "
+                         f"got shape {tuple(h.shape)}")
+    if tuple(up_w.shape) != (d, a):
+        raise ValueError(f"up_w: expected shape [{d}, {a}] ([d_model, bottleneck]), got {tuple(up_w.shape)}")
+    if down_b is not None and tuple(down_b.shape) != (a,):
+        raise ValueError(f"down_b: expected shape [{a}], got {tuple(down_b.shape)}")
+    if up_b is not None and tuple(up_b.shape) != (d,):
+        raise ValueError(f"up_b: expected shape [{d}], got {tuple(up_b.shape)}")
+    if residual is not None and residual.shape != h.shape:
+        raise ValueError(f"residual: expected shape {tuple(h.shape)} (the shape of h), got {tuple(residual.shape)}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    check_same_device(h=h, down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b, residual=residual)
+    check_float_dtype("h", h)
+    if residual is not None and residual.dtype != h.dtype:
+        raise TypeError(f"residual: expected dtype {h.dtype} (the dtype of h), got {residual.dtype}")
+    if down_w.dtype not in (h.dtype, torch.float32):
+        raise TypeError(f"down_w: expected dtype {h.dtype} (the dtype of h) or torch.float32, got {down_w.dtype}")
+    for name, t in (("up_w", up_w), ("down_b", down_b), ("up_b", up_b)):
+        if t is not None and t.dtype != down_w.dtype:
+            raise TypeError(f"{name}: expected dtype {down_w.dtype} (the dtype of down_w), got {t.dtype}")
+    return check_finite_number("scaling", scaling)
+
+
+def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="gelu", *, residual=None, backend=None):
+    """Bottleneck adapter: residual + scaling·(act(h·down_wᵀ + down_b)·up_wᵀ + up_b), residual = h by default.
+
+    h [..., d] (fp32, fp16 or bf16, any strides); down_w [a, d], up_w [d, a], down_b [a], up_b [d] (biases
+    may be None) in h's dtype or all fp32 (computed in h's dtype with fp32 accumulation; gradients come back
+    in the weights' dtype). activation: "relu", "gelu" (erf), "gelu_tanh" or "silu".
+    residual: the tensor the adapter's output is added to; None for a series adapter (h + adapter(h)),
+    the sub-layer's output for a parallel one (the gradient of h then excludes the skip path).
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    """
+    scaling = check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual)
+    a = down_w.shape[0]
+    reason = None if a <= MAX_TRITON_BOTTLENECK else \
+        f"bottleneck={a} exceeds the Triton kernels' maximum {MAX_TRITON_BOTTLENECK}"
+    name = resolve_backend(backend, h.device, triton_ok=reason)
+    tensors = (h, residual, down_w, down_b, up_w, up_b)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return BottleneckAdapterFunction.apply(h, residual, down_w, down_b, up_w, up_b, scaling, activation, name)
+    fwd, _ = _impl(name)
+    y2, _ = fwd(_rows(h), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
+                scaling, activation, False)
+    return y2.view(h.shape)
+
+
+__all__ = ["bottleneck_adapter", "BottleneckAdapterFunction", "check_adapter_inputs", "ACTIVATIONS"]

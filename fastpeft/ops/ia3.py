@@ -1,0 +1,106 @@
+"""fastpeft.ia3_linear: a frozen linear with a learned IA3 vector l in its GEMM.
+
+scale="output": y = (x·Wᵀ + b) ⊙ l (PEFT's IA3 on k/v projections, bias scaled too);
+scale="input":  y = (x ⊙ l)·Wᵀ + b (PEFT's feed-forward IA3).
+Backends: "triton" (kernels/ia3.py) and "torch" (ia3_torch.py). Saved for backward: x, and for output
+scaling the output y (the pre-scale product is recovered from it), never another [M, N] tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import check_float_dtype, check_same_device, check_tensor
+from .ia3_torch import ia3_bwd_torch, ia3_fwd_torch
+
+SCALE_MODES = ("output", "input")
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import ia3 as k
+
+        return k.ia3_fwd, k.ia3_bwd
+    return ia3_fwd_torch, ia3_bwd_torch
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """Autograd Function of IA3 on a linear. Use fastpeft.ia3_linear, which validates inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, mode, backend):
+        fwd, _ = _impl(backend)
+        y2 = fwd(_rows(x), weight, bias, scale, mode)
+        ctx.save_for_backward(x, weight, bias, scale, y2 if mode == "output" else None)
+        ctx.mode, ctx.backend = mode, backend
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, scale, y2 = ctx.saved_tensors
+        need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
+        x2, dy2 = _rows(x), _rows(dy)
+        dx = dw = db = dl = None
+        if need_x or need_l:
+            _, bwd = _impl(ctx.backend)
+            dx, dl = bwd(dy2, x2, y2, weight, bias, scale, ctx.mode, need_x, need_l)
+            dx = dx.view(x.shape) if dx is not None else None
+            dl = dl.to(scale.dtype) if dl is not None else None
+        if need_w or need_b:  # W and b are frozen in IA3; a caller who trains them anyway gets exact gradients
+            l = scale.float()
+            g = (dy2.float() * l) if ctx.mode == "output" else dy2.float()
+            xi = x2.float() * l if ctx.mode == "input" else x2.float()
+            dw = (g.t() @ xi).to(weight.dtype) if need_w else None
+            db = g.sum(0).to(bias.dtype) if need_b else None
+        return dx, dw, db, dl, None, None
+
+
+def check_ia3_inputs(x, weight, bias, scale, mode) -> None:
+    """Validate the arguments of ia3_linear."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, 2)
+    check_tensor("scale", scale, 1)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+    if not isinstance(mode, str) or mode not in SCALE_MODES:
+        raise ValueError(f"mode: expected one of {SCALE_MODES}, got {mode!r}")
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-D tensor")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias: expected shape [{out_f}], got {tuple(bias.shape)}")
+    n = out_f if mode == "output" else in_f
+    if tuple(scale.shape) != (n,):
+        what = "out_features" if mode == "output" else "in_features"
+        raise ValueError(f"scale: expected shape [{n}] ({what}, for mode={mode!r}), got {tuple(scale.shape)}")
+    check_same_device(x=x, weight=weight, bias=bias, scale=scale)
+    check_float_dtype("x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if scale.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"scale: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {scale.dtype}")
+
+
+def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
+    """IA3 linear: (x·weightᵀ + bias) ⊙ scale (mode "output") or (x ⊙ scale)·weightᵀ + bias (mode "input").
+
+    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] (or None) in x's dtype;
+    scale [out] or [in] in x's dtype or fp32. backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "torch".
+    """
+    check_ia3_inputs(x, weight, bias, scale, mode)
+    name = resolve_backend(backend, x.device)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale)):
+        return IA3LinearFunction.apply(x, weight, bias, scale, mode, name)
+    fwd, _ = _impl(name)
+    return fwd(_rows(x), weight, bias, scale, mode).view(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["ia3_linear", "IA3LinearFunction", "check_ia3_inputs", "SCALE_MODES"]

@@ -1,0 +1,324 @@
+"""fastpeft.multi_lora_linear: many LoRA adapters over one shared base weight, each token with its own adapter.
+
+    y_m = x_m·Wᵀ + bias + s_a·(x_m·A_aᵀ)·B_aᵀ,   a = adapter_ids[m]  (-1: base only, y_m = x_m·Wᵀ + bias)
+
+The adapters sit in one stacked pool: lora_a [R_total, in] and lora_b [out, R_total]; adapter a owns pool
+rank rows offsets[a] .. offsets[a] + ranks[a] (its A rows and its B columns) and scales by scalings[a].
+Ranks may differ per adapter; the kernels move each adapter's own rank, never the largest. Gradients of
+the pool are per adapter, each only from its own tokens; pool rows of no adapter get zero.
+Backends: "triton" (kernels/multi_lora.py, W0 read once for the whole mixed batch) and "torch"
+(multi_lora_torch.py, one matmul per adapter present). No dropout: serving, and training several adapters
+at once without LoRA dropout.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import check_float_dtype, check_same_device, check_tensor
+from .multi_lora_torch import multi_lora_linear_bwd_torch, multi_lora_linear_fwd_torch
+
+MAX_TRITON_RANK = 128
+ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+BASE_ONLY = -1
+
+
+class AdapterTable:
+    """Per-adapter metadata of a pool: ranks, offsets (pool rank rows) and scalings, on the device and on the host.
+
+    max_rank bounds every rank and fixes the kernels' specialisation, so loading an adapter of another rank
+    (<= max_rank) recompiles nothing.
+    """
+
+    def __init__(self, ranks: Sequence[int], offsets: Sequence[int], scalings: Sequence[float] | torch.Tensor,
+                 max_rank: int, device: torch.device | str):
+        self.n_adapters = len(ranks)
+        self.max_rank = int(max_rank)
+        self.host_ranks = [int(r) for r in ranks]
+        self.host_offsets = [int(o) for o in offsets]
+        device = torch.device(device)
+        self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32).to(device)
+        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int32).to(device)
+        if isinstance(scalings, torch.Tensor):
+            self.scalings = scalings.detach().to(device=device, dtype=torch.float32)
+        else:
+            self.scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32).to(device)
+
+    @classmethod
+    def wrap(cls, ranks: torch.Tensor, offsets: torch.Tensor, scalings: torch.Tensor, host_ranks, host_offsets,
+             max_rank: int) -> "AdapterTable":
+        """A table over existing device tensors (a module's buffers), no copies."""
+        t = cls.__new__(cls)
+        t.n_adapters, t.max_rank = len(host_ranks), int(max_rank)
+        t.host_ranks, t.host_offsets = host_ranks, host_offsets
+        t.ranks, t.offsets, t.scalings = ranks, offsets, scalings
+        return t
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import multi_lora as k
+
+        return k.multi_lora_linear_fwd, k.multi_lora_linear_bwd
+    return multi_lora_linear_fwd_torch, multi_lora_linear_bwd_torch
+
+
+def _grouping(backend: str, ids: torch.Tensor, table: AdapterTable, need_tiles: bool, grouped: bool):
+    """Sort tokens by adapter when it pays (larger M) or the backward needs per-adapter segments."""
+    if backend != "triton":
+        return None
+    from ..kernels import multi_lora as k
+
+    if not need_tiles and (ids.numel() <= k.DECODE_M or grouped):
+        return None
+    return k.Grouping(ids, table.n_adapters, k.seg_block_m(), with_tiles=need_tiles)
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Autograd Function of the multi-adapter LoRA linear. Use fastpeft.multi_lora_linear, which validates inputs.
+
+    ids: [M] token ids (any int dtype, on x's device); grouped: consecutive tokens mostly share an adapter
+    (per-sequence ids), so the forward may skip the sort.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, ids, table, grouped, backend):
+        fwd, _ = _impl(backend)
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        need_tiles = need_x or need_a or need_b
+        if x2.shape[0] == 0:
+            y2 = x2.new_empty((0, weight.shape[0]))
+            s = x2.new_empty((0, table.max_rank))
+            grouping = None
+        else:
+            grouping = _grouping(backend, ids, table, need_tiles, grouped)
+            y2, s = fwd(x2, weight, lora_a, lora_b, bias, ids, table, grouping)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s, ids)
+        ctx.table, ctx.grouping, ctx.backend, ctx.grouped = table, grouping, backend, grouped
+        ctx.has_bias = bias is not None
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, s, ids = ctx.saved_tensors
+        need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
+        need_dbias = need_dbias and ctx.has_bias
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = dw = da = db = dbias = None
+        if x2.shape[0] == 0:
+            dx = torch.zeros_like(x) if need_dx else None
+            da = torch.zeros_like(lora_a) if need_da else None
+            db = torch.zeros_like(lora_b) if need_db else None
+        elif need_dx or need_da or need_db:
+            _, bwd = _impl(ctx.backend)
+            grouping = ctx.grouping
+            if grouping is None or grouping.tiles is None:  # a backward the forward did not expect
+                grouping = _grouping(ctx.backend, ids, ctx.table, True, ctx.grouped)
+            dx, da, db = bwd(dy2, x2, weight, lora_a, lora_b, s, ids, ctx.table, grouping, (need_dx, need_da, need_db))
+            if dx is not None:
+                dx = dx.view(x.shape)
+        if need_dbias:  # a trainable bias (BitFit-style) is rare: one extra read of dY
+            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if x2.shape[0] else torch.zeros_like(weight[:, 0])
+        if need_dw:  # W0 is frozen; a caller who trains it anyway gets its exact gradient
+            dw = (dy2.t() @ x2).to(weight.dtype) if x2.shape[0] else torch.zeros_like(weight)
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+
+
+def _int_list(name: str, values, n: int | None, minimum: int) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(f"{name}: expected a sequence of ints or a CPU tensor (read on the host), "
+                             f"got a tensor on {values.device}")
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}")
+        if v < minimum:
+            raise ValueError(f"{name}[{i}]: expected an int >= {minimum}, got {v}")
+        out.append(int(v))
+    if n is not None and len(out) != n:
+        raise ValueError(f"{name}: expected {n} entries (one per adapter, as in scalings), got {len(out)}")
+    return out
+
+
+def _scaling_values(scalings, device) -> tuple[int, list[float] | torch.Tensor]:
+    if isinstance(scalings, torch.Tensor):
+        if scalings.dim() != 1 or not scalings.is_floating_point():
+            raise TypeError(f"scalings: expected a 1-D float tensor (one per adapter), got {scalings.dtype} "
+                            f"of shape {tuple(scalings.shape)}")
+        if scalings.device.type == "cpu" and not torch.isfinite(scalings).all():
+            raise ValueError(f"scalings: expected finite numbers, got {scalings.tolist()}")
+        return scalings.numel(), scalings
+    if isinstance(scalings, (str, bytes)) or not isinstance(scalings, Sequence):
+        raise TypeError(f"scalings: expected a sequence of numbers or a 1-D tensor, got {type(scalings).__name__}")
+    vals = []
+    for i, v in enumerate(scalings):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float("-inf") < float(v) < float("inf"):
+            raise ValueError(f"scalings[{i}]: expected a finite number, got {v!r}")
+        vals.append(float(v))
+    return len(vals), vals
+
+
+def build_table(lora_a, scalings, ranks, offsets, max_rank, device) -> AdapterTable:
+    """Validate the pool description of multi_lora_linear and build its AdapterTable."""
+    r_total = lora_a.shape[0]
+    n, scal = _scaling_values(scalings, device)
+    if n < 1:
+        raise ValueError("scalings: expected at least one adapter, got an empty sequence")
+    if ranks is None:
+        if r_total % n:
+            raise ValueError(f"ranks: None means {n} adapters of equal rank, but lora_a has {r_total} rank rows, "
+                             f"not a multiple of {n}; pass ranks")
+        ranks = [r_total // n] * n
+    ranks = _int_list("ranks", ranks, n, 0)
+    if offsets is None:
+        offsets = [sum(ranks[:i]) for i in range(n)]
+    offsets = _int_list("offsets", offsets, n, 0)
+    spans = sorted((o, o + r, i) for i, (o, r) in enumerate(zip(offsets, ranks)) if r > 0)
+    for lo, hi, i in spans:
+        if hi > r_total:
+            raise ValueError(f"offsets[{i}]: adapter {i} (rank {ranks[i]}) at offset {lo} ends at {hi}, past the "
+                             f"{r_total} rank rows of lora_a")
+    for (lo0, hi0, i0), (lo1, hi1, i1) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            raise ValueError(f"offsets: adapters {i0} (rows {lo0}..{hi0}) and {i1} (rows {lo1}..{hi1}) overlap in the pool")
+    top = max(ranks)
+    if max_rank is None:
+        max_rank = max(top, 1)
+    elif isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < max(top, 1):
+        raise ValueError(f"max_rank: expected an int >= {max(top, 1)} (the largest rank), got {max_rank!r}")
+    return AdapterTable(ranks, offsets, scal, int(max_rank), device)
+
+
+def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = True,
+                loaded: Sequence[bool] | None = None) -> tuple[torch.Tensor, bool]:
+    """adapter_ids per token ([M] or x.shape[:-1]) or per sequence ([batch] for x [batch, seq, in]) -> ([M] ids
+    on x's device, grouped). check: raise on ids outside [-1, n_adapters) (and on ids of empty slots when
+    `loaded` is given); on CUDA ids that costs one device sync, skipped while a CUDA graph is being captured
+    (the kernels then treat invalid ids as base only)."""
+    if isinstance(adapter_ids, (list, tuple)):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in adapter_ids):
+            raise TypeError(f"adapter_ids: expected ints, got {adapter_ids!r}")
+        adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids: expected a tensor of ints, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"adapter_ids: expected an integer dtype (int32 or int64), got {adapter_ids.dtype}")
+    if adapter_ids.device != x.device and adapter_ids.device.type != "cpu":
+        raise ValueError(f"adapter_ids: expected device {x.device} (the device of x) or cpu, got {adapter_ids.device}")
+    lead = tuple(x.shape[:-1])
+    M = 1
+    for d in lead:
+        M *= d
+    per_seq = x.dim() >= 3 and adapter_ids.dim() == 1 and adapter_ids.shape[0] == lead[0] and lead[0] != M
+    if not per_seq and not (tuple(adapter_ids.shape) == lead or (adapter_ids.dim() == 1 and adapter_ids.numel() == M)):
+        expect = f"[{M}] or {list(lead)} (one per token)"
+        if x.dim() >= 3:
+            expect += f" or [{lead[0]}] (one per sequence)"
+        raise ValueError(f"adapter_ids: expected shape {expect}, got {tuple(adapter_ids.shape)}")
+    if check and adapter_ids.numel():
+        capturing = adapter_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            _check_id_values(adapter_ids, n_adapters, loaded)
+    ids = adapter_ids.to(x.device, non_blocking=True)
+    if per_seq:
+        seq = M // lead[0]
+        ids = ids[:, None].expand(lead[0], seq).reshape(M)
+        return ids, seq >= 64
+    return ids.reshape(M), False
+
+
+def _check_id_values(ids: torch.Tensor, n_adapters: int, loaded) -> None:
+    flat = ids.reshape(-1)
+    bad = (flat < -1) | (flat >= n_adapters)
+    if bool(bad.any()):
+        i = int(bad.int().argmax())
+        raise ValueError(f"adapter_ids: expected ids in [-1, {n_adapters}) (-1 = base only), got {int(flat[i])} "
+                         f"at position {i}")
+    if loaded is not None and not all(loaded):
+        empty = torch.tensor([not v for v in loaded] + [False], device=flat.device)
+        hit = empty[torch.where(flat >= 0, flat, n_adapters).long()]
+        if bool(hit.any()):
+            i = int(hit.int().argmax())
+            raise ValueError(f"adapter_ids: id {int(flat[i])} at position {i} refers to an empty adapter slot "
+                             f"(load an adapter into it first, or use -1 for base only)")
+
+
+def check_multi_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
+    """Validate the tensors of multi_lora_linear (shapes, devices, dtypes)."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, 2)
+    check_tensor("lora_a", lora_a, 2)
+    check_tensor("lora_b", lora_b, 2)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-D tensor")
+    out_f, in_f = weight.shape
+    r_total = lora_a.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), got shape {tuple(x.shape)}")
+    if lora_a.shape[1] != in_f or r_total < 1:
+        raise ValueError(f"lora_a: expected the pool shape [R_total, {in_f}] with R_total >= 1, got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_f, r_total):
+        raise ValueError(f"lora_b: expected the pool shape [{out_f}, {r_total}] ([out_features, R_total]), got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != out_f:
+        raise ValueError(f"bias: expected shape [{out_f}], got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_float_dtype("x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
+    if lora_a.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {lora_a.dtype}")
+
+
+def resolve_multi_backend(backend, device, table: AdapterTable) -> str:
+    reason = None
+    if table.max_rank > MAX_TRITON_RANK:
+        reason = f"max_rank={table.max_rank} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
+    return resolve_backend(backend, device, triton_ok=reason, op="multi_lora_linear")
+
+
+def apply_multi_lora(x, weight, lora_a, lora_b, bias, ids, table: AdapterTable, grouped: bool, backend: str):
+    """Run the op on checked inputs: ids [M] on x's device (from prepare_ids), backend resolved."""
+    return MultiLoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend)
+
+
+def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks=None, offsets=None, bias=None, *,
+                      max_rank=None, check_ids=True, backend=None):
+    """Many LoRA adapters over one base linear, each token (or sequence) with its own adapter.
+
+    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] in x's dtype.
+    lora_a [R_total, in] and lora_b [out, R_total]: the stacked pool, in x's dtype or fp32.
+    adapter_ids: ints per token ([M] or x.shape[:-1]) or per sequence ([batch] for 3-D x); -1 = base only.
+    scalings: one number per adapter (or a 1-D float tensor); their count is the number of adapters n.
+    ranks, offsets: per adapter, its rank and first pool rank row (host ints); default n equal ranks, packed.
+    max_rank: the kernels' rank bound (default the largest rank). check_ids: raise on ids outside [-1, n)
+    (one device sync for CUDA ids). backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    """
+    check_multi_lora_inputs(x, weight, lora_a, lora_b, bias)
+    table = build_table(lora_a, scalings, ranks, offsets, max_rank, x.device)
+    name = resolve_multi_backend(backend, x.device, table)
+    ids, grouped = prepare_ids(adapter_ids, x, table.n_adapters, check_ids)
+    return apply_multi_lora(x, weight, lora_a, lora_b, bias, ids, table, grouped, name)
+
+
+__all__ = ["multi_lora_linear", "MultiLoRALinearFunction", "AdapterTable", "build_table", "prepare_ids",
+           "check_multi_lora_inputs", "apply_multi_lora", "BASE_ONLY"]

@@ -1,0 +1,397 @@
+"""Fused bottleneck adapter: y = r + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu), Triton kernels and their launchers.
+
+x [M, D] is the adapter's input, r [M, D] the residual (the same tensor as x for a series adapter),
+Wd [A, D] the down-projection, Wu [D, A] the up-projection, s a scalar.
+
+Forward, one kernel per block of rows (`_adapter_kernel`): stream x over D into the fp32 bottleneck
+accumulator Z [BM, A], add bd, store Z (fp32, the only tensor saved besides x), apply the activation,
+then stream over D again: up-projection, bu, scale, skip add, one write of y. The second pass reads r
+(= x for a series adapter, then mostly from L2).
+
+Backward, two kernels:
+  `_adapter_bwd_dz_kernel` (row blocks): dZ = s·(dY·Wu) ⊙ act'(Z), reading dY once; writes dZ and act(Z)
+  [M, A] in the activations' dtype (the dtype the second kernel multiplies them in) and per-row-block fp32
+  partials of dbd = Σ dZ.
+  `_adapter_bwd_kernel` (column tiles of D × splits of M): reads dY and x once more and writes dX
+  once: dX = dZ·Wd (+ dY for a series adapter), and per-split fp32 partials of dWu = s·dYᵀ·act(Z),
+  dWd = dZᵀ·x, dbu = s·Σ dY. The partials are summed afterwards in a fixed order: deterministic, no
+  float atomics. The math needs dY twice (dZ must be complete before dX and dWd can start), x once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .lora_linear import _interpreting, dot_precision, halve_for_fp32
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+MAX_BOTTLENECK = 256  # widest bottleneck the kernels' register tiles are laid out for
+
+# constants inline in the jit functions: 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2*pi) = 0.3989422804014327,
+# sqrt(2/pi) = 0.7978845608028654, and the tanh-GELU cubic coefficient 0.044715
+
+# GPU configurations per kernel and bottleneck bucket (padded width <= 64, or <= 256). Every entry is
+# compiled by tests/test_adapter.py for sm_90 and sm_80 (no spills, tensor cores); fp32 inputs halve the
+# D tile (`config_for`). Untuned beyond that: measured tuning on a GPU is owed.
+CONFIGS = {
+    "fwd": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=2),
+            256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=2)},
+    "dz": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3),
+           256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=3)},
+    # A_CHUNK: the bottleneck chunk of dX = dZ·Wd (see the kernel)
+    "bwd": {64: dict(BLOCK_M=32, BLOCK_D=64, A_CHUNK=64, num_warps=8, num_stages=2),
+            256: dict(BLOCK_M=16, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2)},
+}
+# Under the interpreter: small tiles so that the tests' small shapes cover several tiles and tails.
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_D=16, A_CHUNK=16, num_warps=1, num_stages=1)
+
+
+def block_a(a: int) -> int:
+    """Bottleneck width padded to the tile: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(a))
+
+
+def bucket(a: int) -> int:
+    return 64 if block_a(a) <= 64 else 256
+
+
+def gpu_config(kernel: str, bucket_: int, dtype) -> dict:
+    """The GPU configuration of `kernel` for a bottleneck bucket; D is the streamed dimension, so 4-byte
+    inputs halve it as the LoRA kernels halve theirs."""
+    cfg = CONFIGS[kernel][bucket_]
+    return dict(cfg, BLOCK_D=halve_for_fp32({"BLOCK_K": cfg["BLOCK_D"]}, dtype)["BLOCK_K"])
+
+
+def config_for(kernel: str, a: int, dtype) -> dict:
+    if _interpreting():
+        return dict(INTERPRET_CONFIG)
+    return gpu_config(kernel, bucket(a), dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# activations and their exact derivatives (fp32 in, fp32 out)
+
+@triton.jit
+def _tanh(u):
+    # tanh without libdevice: 1 - 2/(e^{2u} + 1) saturates correctly at ±inf; absolute error ~1e-7
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 1:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * z * (1.0 + t)
+    else:
+        out = z / (1.0 + tl.exp(-z))
+    return out
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr):
+    """(act(z), act'(z)), sharing the transcendental between the two."""
+    if ACT == 0:
+        out = tl.maximum(z, 0.0)
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        out = z * cdf
+        g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * z * (1.0 + t)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        out = z * sig
+        g = sig * (1.0 + z * (1.0 - sig))
+    return out, g
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+
+@triton.jit
+def _adapter_kernel(
+    X, R, Y, Z, WD, BD, WU, BU,
+    M, D, A, scaling,
+    stride_xm, stride_xd, stride_rm, stride_rd, stride_ym, stride_yd,
+    stride_wd_a, stride_wd_d, stride_wu_d, stride_wu_a,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, STORE_Z: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    # loads use wrapped row indices (no row masks in the loops); only the stores are masked
+    rows_ld = (offs_m % M).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    mask_a = offs_a < A
+    offs_d = tl.arange(0, BLOCK_D)
+    cdtype = X.dtype.element_ty
+
+    x_ptrs = X + rows_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
+    wd_ptrs = WD + offs_d[:, None] * stride_wd_d + offs_a[None, :] * stride_wd_a
+    z = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            x = tl.load(x_ptrs)
+            wd = tl.load(wd_ptrs, mask=mask_a[None, :], other=0.0)
+        else:
+            mask_d = offs_d < D - d0
+            x = tl.load(x_ptrs, mask=mask_d[None, :], other=0.0)
+            wd = tl.load(wd_ptrs, mask=mask_a[None, :] & mask_d[:, None], other=0.0)
+        z = tl.dot(x, wd.to(cdtype), z, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_D * stride_xd
+        wd_ptrs += BLOCK_D * stride_wd_d
+    if HAS_BD:
+        z += tl.load(BD + offs_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)
+    if STORE_Z:
+        tl.store(Z + rows[:, None] * A + offs_a[None, :], z, mask=mask_m[:, None] & mask_a[None, :])
+    # padded bottleneck columns hold act(0) = 0 for every activation, and their Wu rows load as 0
+    act = _act(z, ACT).to(cdtype)
+
+    wu_ptrs = WU + offs_a[:, None] * stride_wu_a + offs_d[None, :] * stride_wu_d
+    r_ptrs = R + rows_ld[:, None] * stride_rm + offs_d[None, :] * stride_rd
+    y_ptrs = Y + rows[:, None] * stride_ym + offs_d[None, :] * stride_yd
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            wu = tl.load(wu_ptrs, mask=mask_a[:, None], other=0.0)
+            r = tl.load(r_ptrs)
+            my = mask_m[:, None]
+        else:
+            mask_d = offs_d < D - d0
+            wu = tl.load(wu_ptrs, mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+            r = tl.load(r_ptrs, mask=mask_d[None, :], other=0.0)
+            my = mask_m[:, None] & mask_d[None, :]
+        u = tl.dot(act, wu.to(cdtype), input_precision=INPUT_PRECISION)
+        if HAS_BU:
+            if EVEN_D:
+                bu = tl.load(BU + d0 + offs_d)
+            else:
+                bu = tl.load(BU + d0 + offs_d, mask=mask_d, other=0.0)
+            u += bu.to(tl.float32)[None, :]
+        y = r.to(tl.float32) + scaling * u
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=my)
+        wu_ptrs += BLOCK_D * stride_wu_d
+        r_ptrs += BLOCK_D * stride_rd
+        y_ptrs += BLOCK_D * stride_yd
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+
+@triton.jit
+def _adapter_bwd_dz_kernel(
+    DY, Z, WU, DZ, ACTZ, PBD,
+    M, D, A, scaling,
+    stride_dym, stride_dyd, stride_wu_d, stride_wu_a,
+    ACT: tl.constexpr, NEED_DW: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows_ld = (offs_m % M).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    mask_a = offs_a < A
+    offs_d = tl.arange(0, BLOCK_D)
+    cdtype = DY.dtype.element_ty
+
+    dy_ptrs = DY + rows_ld[:, None] * stride_dym + offs_d[None, :] * stride_dyd
+    wu_ptrs = WU + offs_d[:, None] * stride_wu_d + offs_a[None, :] * stride_wu_a
+    da = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            dy = tl.load(dy_ptrs)
+            wu = tl.load(wu_ptrs, mask=mask_a[None, :], other=0.0)
+        else:
+            mask_d = offs_d < D - d0
+            dy = tl.load(dy_ptrs, mask=mask_d[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_a[None, :] & mask_d[:, None], other=0.0)
+        da = tl.dot(dy, wu.to(cdtype), da, input_precision=INPUT_PRECISION)
+        dy_ptrs += BLOCK_D * stride_dyd
+        wu_ptrs += BLOCK_D * stride_wu_d
+    rows = offs_m.to(tl.int64)
+    mz = mask_m[:, None] & mask_a[None, :]
+    z = tl.load(Z + rows[:, None] * A + offs_a[None, :], mask=mz, other=0.0)
+    act, grad = _act_and_grad(z, ACT)
+    # rows past M hold wrapped duplicates: zero them so the bias-gradient partials stay exact
+    dz = tl.where(mask_m[:, None], scaling * da * grad, 0.0)
+    # dZ and act(Z) leave in the activations' dtype (the second kernel multiplies them in that dtype and
+    # re-reads them once per D tile), in rows padded to BLOCK_A: aligned, unmasked columns, and the
+    # padding holds zeros (Wu's padded rows load as 0, and act(0) = 0 for every activation)
+    out_offs = rows[:, None] * BLOCK_A + offs_a[None, :]
+    tl.store(DZ + out_offs, dz.to(DZ.dtype.element_ty), mask=mask_m[:, None])
+    if NEED_DW:
+        tl.store(ACTZ + out_offs, act.to(ACTZ.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(PBD + pid.to(tl.int64) * A + offs_a, tl.sum(dz, axis=0), mask=mask_a)
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    DY, X, ACTZ, DZ, WD, DX, PWU, PWD, PBU,
+    M, D, A, rows_per_split,
+    stride_dym, stride_dyd, stride_xm, stride_xd, stride_dxm, stride_dxd, stride_wd_a, stride_wd_d,
+    SKIP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+    A_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_a = tl.arange(0, BLOCK_A)
+    mask_a = offs_a < A
+
+    offs_c = tl.arange(0, A_CHUNK)
+    if NEED_DW:
+        acc_wu = tl.zeros((BLOCK_A, BLOCK_D), dtype=tl.float32)  # dWu transposed, see below
+        acc_wd = tl.zeros((BLOCK_A, BLOCK_D), dtype=tl.float32)
+        acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        rows = offs_m.to(tl.int64)
+        if EVEN_D:
+            mt = mask_m[:, None]
+        else:
+            mt = mask_m[:, None] & mask_d[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd, mask=mt, other=0.0)
+        if NEED_DX:
+            # dX = dZ·Wd in bottleneck chunks: a dot's operands sit in registers whole along its reduction
+            # dimension, so a [BM, A] x [A, BD] product at once would hold both of them there; the
+            # chunks re-read dZ and Wd from L1
+            dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for a0 in range(0, A, A_CHUNK):
+                dzc = tl.load(DZ + rows[:, None] * BLOCK_A + (a0 + offs_c)[None, :], mask=mask_m[:, None], other=0.0)
+                wd_mask = ((a0 + offs_c) < A)[:, None]
+                if not EVEN_D:
+                    wd_mask = wd_mask & mask_d[None, :]
+                wdc = tl.load(WD + (a0 + offs_c)[:, None] * stride_wd_a + offs_d[None, :] * stride_wd_d,
+                              mask=wd_mask, other=0.0)
+                dx = tl.dot(dzc, wdc.to(DZ.dtype.element_ty), dx, input_precision=INPUT_PRECISION)
+            if SKIP:
+                dx += dy.to(tl.float32)
+            tl.store(DX + rows[:, None] * stride_dxm + offs_d[None, :] * stride_dxd, dx.to(DX.dtype.element_ty), mask=mt)
+        if NEED_DW:
+            dz = tl.load(DZ + rows[:, None] * BLOCK_A + offs_a[None, :], mask=mask_m[:, None], other=0.0)
+            act = tl.load(ACTZ + rows[:, None] * BLOCK_A + offs_a[None, :], mask=mask_m[:, None], other=0.0)
+            # both weight products put the bottleneck on the dots' M side: the dots of one kernel share their
+            # warp layout, with all warps along M, so the [BM, *] operand (B) is what each warp holds whole
+            acc_wu = tl.dot(tl.trans(act), dy, acc_wu, input_precision=INPUT_PRECISION)
+            x = tl.load(X + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mt, other=0.0)
+            acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=INPUT_PRECISION)
+            acc_bu += tl.sum(dy.to(tl.float32), axis=0)
+
+    if NEED_DW:
+        base = pid_s.to(tl.int64) * D * A
+        tl.store(PWU + base + offs_d[None, :] * A + offs_a[:, None], acc_wu, mask=mask_a[:, None] & mask_d[None, :])
+        tl.store(PWD + base + offs_a[:, None] * D + offs_d[None, :], acc_wd, mask=mask_a[:, None] & mask_d[None, :])
+        tl.store(PBU + pid_s.to(tl.int64) * D + offs_d, acc_bu, mask=mask_d)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers: 2-D inputs [M, D], validated by the caller (fastpeft.ops.adapter)
+
+def _launch(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")}
+
+
+def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool):
+    """y [M, D] in x's dtype, and Z = x·Wdᵀ + bd [M, A] fp32 when store_z (else None)."""
+    import torch
+
+    M, D = x.shape
+    A = down_w.shape[0]
+    r = x if residual is None else residual
+    y = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, A), device=x.device, dtype=torch.float32) if store_z else y
+    if M == 0:
+        return y, (z if store_z else None)
+    cfg = config_for("fwd", A, x.dtype)
+    _adapter_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        x, r, y, z, down_w, down_b if down_b is not None else down_w, up_w, up_b if up_b is not None else up_w,
+        M, D, A, float(scaling),
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+        down_w.stride(0), down_w.stride(1), up_w.stride(0), up_w.stride(1),
+        ACT=ACT_ID[act], HAS_BD=down_b is not None, HAS_BU=up_b is not None, STORE_Z=store_z,
+        EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A), INPUT_PRECISION=dot_precision(x.dtype), **_launch(cfg),
+    )
+    return y, (z if store_z else None)
+
+
+def _num_splits(M: int, n_dtiles: int, block_m: int, device) -> int:
+    """Splits of M for the weight-gradient reduction: enough programs to fill the device, a function of the
+    shapes and the device only (so the summation order, hence the result, is reproducible)."""
+    import torch
+
+    if device.type != "cuda":
+        return min(2, triton.cdiv(M, block_m))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (4 * sms) // max(1, n_dtiles))
+    return max(1, min(want, triton.cdiv(M, block_m)))
+
+
+def adapter_bwd(dy, x, z, down_w, up_w, scaling: float, act: str, skip: bool, need_dx: bool, need_dw: bool):
+    """Returns dx [M, D] (x's dtype, includes dy when skip) or None, and fp32 (dWd [A, D], dbd [A],
+    dWu [D, A], dbu [D]) or Nones. Weight gradients are fp32; the caller casts them."""
+    import torch
+
+    M, D = x.shape
+    A = down_w.shape[0]
+    dev = x.device
+    ip = dot_precision(x.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    dz = torch.empty((M, block_a(A)), device=dev, dtype=x.dtype)  # rows padded to the tile, see the kernel
+    actz = torch.empty((M, block_a(A)), device=dev, dtype=x.dtype) if need_dw else dz
+    cfg = config_for("dz", A, x.dtype)
+    pbd = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), A), **f32) if need_dw else dz
+    if M > 0:
+        _adapter_bwd_dz_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            dy, z, up_w, dz, actz, pbd, M, D, A, float(scaling),
+            dy.stride(0), dy.stride(1), up_w.stride(0), up_w.stride(1),
+            ACT=ACT_ID[act], NEED_DW=need_dw, EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A),
+            INPUT_PRECISION=ip, **_launch(cfg),
+        )
+    cfg = config_for("bwd", A, x.dtype)
+    n_dtiles = triton.cdiv(D, cfg["BLOCK_D"])
+    splits = _num_splits(M, n_dtiles, cfg["BLOCK_M"], dev) if M > 0 else 0
+    rows_per_split = triton.cdiv(triton.cdiv(M, max(splits, 1)), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    if M > 0:
+        splits = triton.cdiv(M, rows_per_split)
+    dx = torch.empty((M, D), device=dev, dtype=x.dtype) if need_dx else None
+    if need_dw:
+        pwu = torch.empty((splits, D, A), **f32)
+        pwd = torch.empty((splits, A, D), **f32)
+        pbu = torch.empty((splits, D), **f32)
+    else:
+        pwu = pwd = pbu = dz
+    if M > 0 and (need_dx or need_dw):
+        dxa = dx if need_dx else dy
+        _adapter_bwd_kernel[(n_dtiles, splits)](
+            dy, x, actz, dz, down_w, dxa, pwu, pwd, pbu,
+            M, D, A, rows_per_split,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
+            down_w.stride(0), down_w.stride(1),
+            SKIP=skip, NEED_DX=need_dx, NEED_DW=need_dw, EVEN_D=D % cfg["BLOCK_D"] == 0,
+            BLOCK_A=block_a(A), A_CHUNK=min(block_a(A), cfg["A_CHUNK"]), INPUT_PRECISION=ip, **_launch(cfg),
+        )
+    if not need_dw:
+        return dx, None, None, None, None
+    s = float(scaling)
+    dwd = pwd.sum(0)
+    dbd = pbd.sum(0) if M > 0 else torch.zeros(A, **f32)
+    dwu = pwu.sum(0).mul_(s)
+    dbu = pbu.sum(0).mul_(s)
+    return dx, dwd, dbd, dwu, dbu

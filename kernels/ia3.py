@@ -1,0 +1,317 @@
+"""IA3 on a frozen linear: the learned vector l folded into the linear's GEMM.
+
+output scaling (k, v projections):  y = (x·Wᵀ + b) ⊙ l    l in the GEMM epilogue
+input scaling (feed-forward):       y = (x ⊙ l)·Wᵀ + b    l in the GEMM prologue (x ⊙ l rounded to x's
+                                                           dtype, as PEFT computes it)
+One GEMM kernel serves both directions (`_ia3_kernel`):
+    C = ((A ⊙ pro[k])·B + bias[n]) ⊙ epi[n],  optionally P[pid_m, n] = Σ_rows E ⊙ (A·B)
+forward: A = x, B = Wᵀ. backward: A = dY, B = W, so dX = (dY ⊙ l)·W (output scaling, prologue) or
+dX = (dY·W) ⊙ l (input scaling, epilogue); for input scaling the epilogue also reduces
+dl = Σ_m x ⊙ (dY·W) from the tile it already holds: per-row-block partials, summed in a fixed order.
+For output scaling dl = Σ_m dY ⊙ (x·Wᵀ + b) needs the pre-scale output: `_ia3_dscale_kernel` recovers it
+as y / l from the saved output (no second [M, N] tensor is stored) and, only in column blocks where some
+l is exactly 0, recomputes those columns from x and W, so the gradient is exact for every l.
+
+Two paths, as for the LoRA GEMM (kernels/lora_linear.py): "tma" (Hopper or newer, 16-byte aligned rows)
+moves A, B, C and E through tensor descriptors, which need no address registers; "ptr" uses pointer
+tensors, which cost registers, so its tiles are smaller.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .lora_linear import _interpreting, dot_precision, halve_for_fp32, path_for
+
+# ----------------------------------------------------------------------------------------------- configs
+# Every configuration a launcher can pick; tests/test_ia3.py compiles each ("tma" for sm_90, "ptr" for
+# sm_80 and sm_90) and requires no spills and tensor cores. fp32 inputs halve BLOCK_K (`halve_for_fp32`).
+# "large_fused": the variants that hold a second [BM, *] tile in registers beside the accumulator (the
+# prologue's scaled A operand, the reduction's E tile) take a narrower tile than the plain epilogue.
+# Untuned beyond that: measured tuning on a GPU is owed.
+GEMM_CONFIGS = {
+    "tma": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "large_fused": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    },
+    "ptr": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "large_fused": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    },
+}
+# dl for output scaling: a column reduction over M (pointer path only: it is memory-bound).
+DSCALE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+# Under the interpreter: small tiles, so the tests' small shapes span several tiles and tails.
+INTERPRET_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+INTERPRET_DSCALE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+
+
+def gemm_config_name(M: int, fused: bool) -> str:
+    """fused: the variant scales A in the prologue or reduces E ⊙ (A·B) in the epilogue."""
+    if M <= 32:
+        return "decode"
+    if M <= 256:
+        return "mid"
+    return "large_fused" if fused else "large"
+
+
+def gemm_config(M: int, dtype, path: str, fused: bool) -> dict:
+    if _interpreting():
+        return dict(INTERPRET_GEMM_CONFIG)
+    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
+
+
+def dscale_gpu_config(dtype) -> dict:
+    cfg = dict(DSCALE_CONFIG)
+    if dtype.itemsize == 4:  # the recompute's K tile, halved for 4-byte inputs as a GEMM's is
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
+def dscale_config(dtype) -> dict:
+    return dict(INTERPRET_DSCALE_CONFIG) if _interpreting() else dscale_gpu_config(dtype)
+
+
+def _tile(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "GROUP_"))}
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _ia3_kernel(
+    A, B, C, BIAS, PRO, EPI, E, P,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_em, stride_en,
+    HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, HAS_EPI: tl.constexpr, HAS_RED: tl.constexpr,
+    STORE_C: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, B_KN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row blocks sweep the columns together, so B tiles are reused from L2
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    cdtype = A.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:  # the bias starts the accumulator, so the epilogue holds one [BN] vector, not two
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if USE_TMA:
+        # B_KN: B is stored [K, N] with unit stride along N (backward's W); else as Bᵀ [N, K] (forward's W)
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if B_KN:
+            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            if B_KN:
+                b = b_desc.load([k0, pid_n * BLOCK_N])
+            else:
+                b = b_desc.load([pid_n * BLOCK_N, k0]).T
+            if HAS_PRO:  # columns past K are zero-filled, so the scale's tail never matters
+                if EVEN_K:
+                    pro = tl.load(PRO + k0 + offs_k)
+                else:
+                    pro = tl.load(PRO + k0 + offs_k, mask=offs_k < K - k0, other=0.0)
+                a = (a.to(tl.float32) * pro.to(tl.float32)[None, :]).to(cdtype)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # wrapped (not masked) row/column indices for loads: the K loop carries no M/N masks
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = B + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                mask_k = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+            if HAS_PRO:
+                if EVEN_K:
+                    pro = tl.load(PRO + k0 + offs_k)
+                else:
+                    pro = tl.load(PRO + k0 + offs_k, mask=mask_k, other=0.0)
+                a = (a.to(tl.float32) * pro.to(tl.float32)[None, :]).to(cdtype)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_RED:  # before the epilogue scales acc: the reduction wants the raw product (never with a bias)
+        if USE_TMA:  # rows and columns past the edges load as 0
+            e_desc = tl.make_tensor_descriptor(E, shape=[M, N], strides=[stride_em, 1], block_shape=[BLOCK_M, BLOCK_N])
+            e = e_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
+        else:
+            e = tl.load(E + offs_m[:, None].to(tl.int64) * stride_em + offs_n[None, :] * stride_en,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        part = tl.sum(e.to(tl.float32) * acc, axis=0)
+        tl.store(P + pid_m.to(tl.int64) * N + offs_n, part, mask=mask_n)
+    if STORE_C:
+        if HAS_EPI:
+            acc *= tl.load(EPI + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if USE_TMA:
+            c_desc = tl.make_tensor_descriptor(C, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(C.dtype.element_ty))
+        else:
+            tl.store(C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
+                     acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _ia3_dscale_kernel(
+    DY, Y, L, X, W, BIAS, P,
+    M, N, K, rows_per_split,
+    stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    l = tl.load(L + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+    is_zero = l == 0.0
+    any_zero = tl.max(is_zero.to(tl.int32), axis=0) > 0
+    # y / l, with the columns where l == 0 (y holds nothing there) left to the second pass
+    inv_l = tl.where(is_zero, 0.0, 1.0 / tl.where(is_zero, 1.0, l))
+
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mt = (offs_m < m_end)[:, None] & mask_n[None, :]
+        rows = offs_m.to(tl.int64)
+        dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mt, other=0.0)
+        y = tl.load(Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mt, other=0.0)
+        acc += tl.sum(dy.to(tl.float32) * (y.to(tl.float32) * inv_l[None, :]), axis=0)
+    if any_zero:
+        # rare: recompute x·Wᵀ + b for this tile's columns in a loop of its own, so the common loop above
+        # holds no GEMM tiles; only the columns where l == 0 take the recomputed value
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < m_end
+            rows = offs_m.to(tl.int64)
+            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mk = (k0 + offs_k) < K
+                x = tl.load(X + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mk[None, :], other=0.0)
+                w = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
+                            mask=mask_n[None, :] & mk[:, None], other=0.0)
+                t = tl.dot(x, w, t, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                t += bias[None, :]
+            mt = mask_m[:, None] & mask_n[None, :]
+            dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mt, other=0.0)
+            acc += tl.sum(tl.where(is_zero[None, :], dy.to(tl.float32) * t, 0.0), axis=0)
+    tl.store(P + pid_s.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers: 2-D x [M, K], weight [N, K], validated by the caller (fastpeft.ops.ia3)
+
+
+def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
+    """c = ((a ⊙ pro)·B + bias) ⊙ epi for a [M, K], where B = wᵀ (b_kn False: w is [N, K]) or B = w
+    (b_kn True: w is [K, N]). With e [M, N]: returns fp32 per-row-block partials of Σ_rows e ⊙ (a·B)."""
+    import torch
+
+    M = a.shape[0]
+    path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
+    cfg = gemm_config(M, a.dtype, path, fused=pro is not None or e is not None)
+    stride_bk, stride_bn = (w.stride(0), w.stride(1)) if b_kn else (w.stride(1), w.stride(0))
+    p = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32) if e is not None else None
+    dummy = a
+    cc = c if c is not None else dummy
+    ee = e if e is not None else dummy
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _ia3_kernel[grid](
+        a, w, cc, bias if bias is not None else dummy, pro if pro is not None else dummy,
+        epi if epi is not None else dummy, ee, p if p is not None else dummy,
+        M, N, K,
+        a.stride(0), a.stride(1), stride_bk, stride_bn, cc.stride(0), cc.stride(1), ee.stride(0), ee.stride(1),
+        HAS_BIAS=bias is not None, HAS_PRO=pro is not None, HAS_EPI=epi is not None, HAS_RED=e is not None,
+        STORE_C=c is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, USE_TMA=path == "tma", B_KN=b_kn,
+        INPUT_PRECISION=dot_precision(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_tile(cfg),
+    )
+    return p
+
+
+def ia3_fwd(x, weight, bias, scale, mode: str):
+    """y [M, N] in x's dtype: (x·Wᵀ + b) ⊙ l for mode "output", (x ⊙ l)·Wᵀ + b for mode "input"."""
+    import torch
+
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    _gemm(x, weight, b_kn=False, N=N, K=K, c=y, bias=bias,
+          pro=scale if mode == "input" else None, epi=scale if mode == "output" else None)
+    return y
+
+
+def ia3_bwd(dy, x, y, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool):
+    """dx [M, K] (x's dtype) or None, and dl (fp32, shape of scale) or None."""
+    import torch
+
+    M, K = x.shape
+    N = weight.shape[0]
+    dev = x.device
+    dx = torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None
+    if M == 0:
+        return dx, (torch.zeros(scale.shape, device=dev, dtype=torch.float32) if need_dl else None)
+    dl = None
+    if mode == "output":
+        if need_dx:
+            _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, pro=scale)
+        if need_dl:
+            cfg = dscale_config(x.dtype)
+            n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+            if dev.type == "cuda":
+                want = max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count // n_tiles)
+            else:
+                want = 2
+            splits = max(1, min(want, triton.cdiv(M, cfg["BLOCK_M"])))
+            rows_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+            splits = max(1, triton.cdiv(M, rows_per_split))
+            part = torch.empty((splits, N), device=dev, dtype=torch.float32)
+            _ia3_dscale_kernel[(n_tiles, splits)](
+                dy, y, scale, x, weight, bias if bias is not None else scale, part,
+                M, N, K, rows_per_split,
+                dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
+                weight.stride(0), weight.stride(1),
+                HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                INPUT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            dl = part.sum(0)
+    else:
+        part = _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, epi=scale, e=x if need_dl else None)
+        if need_dl:
+            dl = part.sum(0)
+    return dx, dl

@@ -1,0 +1,377 @@
+"""fastpeft.bottleneck_adapter and BottleneckAdapter against a float64 reference written from the math.
+
+Triton kernels run under the interpreter on CPU; the PyTorch backend everywhere. bf16 Triton runs on CUDA
+only (the interpreter computes bf16 dots wrongly).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fastpeft  # noqa: E402,F401
+from fastpeft._backend import BackendUnavailableError  # noqa: E402
+from fastpeft.modules.adapter import BottleneckAdapter  # noqa: E402
+from fastpeft.ops.adapter import ACTIVATIONS, bottleneck_adapter  # noqa: E402
+from tolerances import DTYPES, assert_close  # noqa: E402
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+BACKENDS = ["torch", "triton"]
+
+
+def _skip_bf16_interpreter(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and not ON_CUDA:
+        pytest.skip("the Triton interpreter computes bf16 dots wrongly; bf16 Triton is tested on CUDA")
+
+
+def _act64(z, act):
+    if act == "relu":
+        return torch.clamp_min(z, 0)
+    if act == "gelu":
+        return 0.5 * z * (1 + torch.erf(z / 2 ** 0.5))
+    if act == "gelu_tanh":
+        return 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3)))
+    return z * torch.sigmoid(z)
+
+
+def reference(h, wd, bd, wu, bu, scaling, act, residual=None, dy=None):
+    """Float64 forward, and the gradients of <y, dy> w.r.t. (h, wd, bd, wu, bu, residual)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (h, wd, bd, wu, bu, residual)]
+    h64, wd64, bd64, wu64, bu64, r64 = leaves
+    z = h64 @ wd64.t() + (0 if bd64 is None else bd64)
+    u = _act64(z, act) @ wu64.t() + (0 if bu64 is None else bu64)
+    y = (h64 if r64 is None else r64) + scaling * u
+    grads = [None] * 6
+    if dy is not None:
+        y.backward(dy.detach().double())
+        grads = [None if t is None else t.grad for t in leaves]
+    return y.detach(), grads
+
+
+def make(M, D, A, dtype, wdtype=None, bias=True, parallel=False, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    wdtype = wdtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(DEVICE)
+
+    h = rnd(*lead, M, D)
+    wd = rnd(A, D, scale=D ** -0.5, dt=wdtype)
+    wu = rnd(D, A, scale=A ** -0.5, dt=wdtype)  # never zero: the up-projection's init would hide every term
+    bd = rnd(A, scale=0.5, dt=wdtype) if bias else None
+    bu = rnd(D, scale=0.5, dt=wdtype) if bias else None
+    r = rnd(*lead, M, D) if parallel else None
+    return h, wd, bd, wu, bu, r
+
+
+def run_and_check(backend, dtype, act, h, wd, bd, wu, bu, r, scaling=0.7, check_grads=True):
+    leaves = [t for t in (h, wd, bd, wu, bu, r) if t is not None]
+    for t in leaves:
+        t.requires_grad_(check_grads)
+    y = bottleneck_adapter(h, wd, bd, wu, bu, scaling, act, residual=r, backend=backend)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(y.device)
+    y64, g64 = reference(h, wd, bd, wu, bu, scaling, act, r, dy if check_grads else None)
+    assert y.dtype == h.dtype and y.shape == h.shape
+    assert_close(y, y64, dtype, "y")
+    if not check_grads:
+        return
+    grads = torch.autograd.grad(y, leaves, dy)
+    names = [n for n, t in zip(("dh", "d_down_w", "d_down_b", "d_up_w", "d_up_b", "d_residual"), (h, wd, bd, wu, bu, r))
+             if t is not None]
+    ref = [g for g in g64 if g is not None]
+    for name, g, e, t in zip(names, grads, ref, leaves):
+        assert g.dtype == t.dtype, f"{name}: dtype {g.dtype} != parameter dtype {t.dtype}"
+        assert_close(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("kind", ["series", "parallel"])
+def test_matches_float64(backend, dtype, act, kind):
+    _skip_bf16_interpreter(backend, dtype)
+    # odd D (not a multiple of the tile) and A, several row blocks with a tail
+    run_and_check(backend, dtype, act, *make(37, 40, 7, dtype, parallel=kind == "parallel", lead=()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,D,A,lead", [(1, 48, 42, ()), (5, 32, 1, (3,)), (33, 64, 16, (2,)), (20, 17, 300, ())])
+def test_shapes(backend, M, D, A, lead):
+    if backend == "triton" and A > 256:
+        with pytest.raises(BackendUnavailableError, match="bottleneck=300"):
+            bottleneck_adapter(*make(M, D, A, torch.float32)[:5], 1.0, "gelu", backend="triton")
+        return
+    run_and_check(backend, torch.float32, "gelu", *make(M, D, A, torch.float32, lead=lead))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_fp32_weights_with_half_activations(backend):
+    run_and_check(backend, torch.float16, "silu", *make(19, 24, 9, torch.float16, wdtype=torch.float32, bias=False))
+    run_and_check(backend, torch.float16, "relu", *make(19, 24, 9, torch.float16, wdtype=torch.float32, parallel=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dtype = torch.float32
+    h, wd, bd, wu, bu, r = make(21, 40, 6, dtype, parallel=True)
+    h_t = h.t().contiguous().t()                    # column-major [M, D]
+    r_s = torch.cat([r, r], dim=1)[:, ::2]          # strided columns
+    wd_t = wd.t().contiguous().t()
+    wu_t = wu.t().contiguous().t()
+    assert not h_t.is_contiguous() and not r_s.is_contiguous() and not wd_t.is_contiguous()
+    run_and_check(backend, dtype, "gelu_tanh", h_t, wd_t, bd, wu_t, bu, r_s)
+    run_and_check(backend, dtype, "gelu", h_t, wd_t, bd, wu_t, bu, None)
+    h3 = torch.randn(4, 6, 40 * 2)[:, :, :40].to(DEVICE)  # 3-D view whose rows merge
+    run_and_check(backend, dtype, "relu", h3, wd, bd, wu, bu, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_gradients_and_no_grad(backend):
+    dtype = torch.float32
+    h, wd, bd, wu, bu, _ = make(13, 24, 5, dtype)
+    y64, g64 = reference(h, wd, bd, wu, bu, 1.5, "gelu", None, torch.ones(13, 24))
+    with torch.no_grad():
+        assert_close(bottleneck_adapter(h, wd, bd, wu, bu, 1.5, "gelu", backend=backend), y64, dtype, "y (no_grad)")
+    wu.requires_grad_(True)  # only the up-projection trains
+    y = bottleneck_adapter(h, wd, bd, wu, bu, 1.5, "gelu", backend=backend)
+    (gwu,) = torch.autograd.grad(y, [wu], torch.ones_like(y))
+    assert_close(gwu, g64[3], dtype, "d_up_w alone")
+    wu.requires_grad_(False)
+    h.requires_grad_(True)  # only the input
+    y = bottleneck_adapter(h, wd, bd, wu, bu, 1.5, "gelu", backend=backend)
+    (gh,) = torch.autograd.grad(y, [h], torch.ones_like(y))
+    assert_close(gh, g64[0], dtype, "dh alone")
+
+
+def test_triton_backward_is_deterministic():
+    h, wd, bd, wu, bu, _ = make(70, 40, 12, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, wd, bd, wu, bu)]
+        y = bottleneck_adapter(*leaves, 0.5, "silu", backend="triton")
+        runs.append(torch.autograd.grad(y, leaves, torch.ones_like(y)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_backends_agree_on_saved_state_and_module_is_identity_at_init():
+    ad = BottleneckAdapter(40, 42, activation="gelu", scaling=2.0).to(DEVICE)
+    h = torch.randn(3, 5, 40, device=DEVICE)
+    for backend in BACKENDS:
+        ad.backend = backend
+        assert torch.equal(ad(h), h), "a fresh adapter must be the identity (up-projection starts at zero)"
+        r = torch.randn_like(h)
+        assert torch.equal(ad(h, residual=r), r)
+    assert fastpeft_count(ad) == 42 * 40 + 42 + 40 * 42 + 40
+
+
+def fastpeft_count(m):
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_layer_norm_and_parallel(backend):
+    torch.manual_seed(0)
+    ad = BottleneckAdapter(24, 6, activation="gelu_tanh", scaling=0.5, layer_norm=True, backend=backend).to(DEVICE)
+    with torch.no_grad():
+        ad.up_weight.normal_(0, 0.3)
+        ad.up_bias.normal_(0, 0.3)
+        ad.down_bias.normal_(0, 0.3)
+        ad.norm.weight.normal_(1, 0.2)
+        ad.norm.bias.normal_(0, 0.2)
+    h = torch.randn(2, 9, 24, device=DEVICE, requires_grad=True)
+    y = ad(h)
+    dy = torch.randn_like(y)
+    params = [h] + list(ad.parameters())
+    grads = torch.autograd.grad(y, params, dy)
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    h64, nw, nb, wd, wu, bd, bu = p64[0], *[p64[1 + i] for i in range(6)]
+    named = dict(zip([n for n, _ in ad.named_parameters()], p64[1:]))
+    x64 = F.layer_norm(h64, (24,), named["norm.weight"], named["norm.bias"], ad.norm.eps)
+    z = x64 @ named["down_weight"].t() + named["down_bias"]
+    y64 = h64 + 0.5 * (_act64(z, "gelu_tanh") @ named["up_weight"].t() + named["up_bias"])
+    ref = torch.autograd.grad(y64, p64, dy.double())
+    assert_close(y, y64, torch.float32, "y (layer norm)")
+    for (n, _), g, e in zip([("h", None)] + list(ad.named_parameters()), grads, ref):
+        assert_close(g, e, torch.float32, f"d{n}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    h, wd, bd, wu, bu, r = make(4, 8, 3, torch.float32, parallel=True)
+    cases = [
+        ((h[:, :6], wd, bd, wu, bu), {}, ValueError, "h: expected last dimension 8"),
+        ((h, wd[:0], bd[:0], wu[:, :0], bu), {}, ValueError, "bottleneck >= 1"),
+        ((h, wd, bd, wu[:, :2], bu), {}, ValueError, r"up_w: expected shape \[8, 3\]"),
+        ((h, wd, bd[:2], wu, bu), {}, ValueError, r"down_b: expected shape \[3\]"),
+        ((h, wd, bd, wu, bu[:5]), {}, ValueError, r"up_b: expected shape \[8\]"),
+        ((h, wd, bd, wu, bu), {"activation": "tanh"}, ValueError, "activation: expected one of"),
+        ((h, wd, bd, wu, bu), {"scaling": float("nan")}, ValueError, "scaling: expected a finite"),
+        ((h, wd, bd, wu, bu), {"scaling": "1"}, TypeError, "scaling: expected a real number"),
+        ((h, wd, bd, wu, bu), {"residual": r[:2]}, ValueError, "residual: expected shape"),
+        ((h, wd, bd, wu, bu), {"residual": r.half()}, TypeError, "residual: expected dtype"),
+        ((h.half(), wd, bd, wu.half(), bu), {}, TypeError, "up_w: expected dtype torch.float32"),
+        ((h.half(), wd.bfloat16(), bd, wu, bu), {}, TypeError, "down_w: expected dtype torch.float16"),
+        ((h.long(), wd, bd, wu, bu), {}, TypeError, "h: expected dtype in"),
+        ((h, wd[0], bd, wu, bu), {}, ValueError, "down_w: expected a 2-D tensor"),
+        ((h.numpy(), wd, bd, wu, bu), {}, TypeError, "h: expected a torch.Tensor"),
+    ]
+    for args, kw, exc, msg in cases:
+        kw = {"scaling": 1.0, "activation": "gelu", **kw}
+        with pytest.raises(exc, match=msg):
+            bottleneck_adapter(*args, kw.pop("scaling"), kw.pop("activation"), backend=backend, **kw)
+    with pytest.raises(ValueError, match="backend"):
+        bottleneck_adapter(h, wd, bd, wu, bu, 1.0, "gelu", backend="cudnn")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run"):  # other ops' backend
+        bottleneck_adapter(h, wd, bd, wu, bu, 1.0, "gelu", backend="cuda")
+    with pytest.raises(ValueError, match="bottleneck: expected an int >= 1, got 0"):
+        BottleneckAdapter(8, 0)
+    with pytest.raises(ValueError, match="activation"):
+        BottleneckAdapter(8, 2, activation="swish")
+    with pytest.raises(TypeError, match="d_model"):
+        BottleneckAdapter(8.0, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# static compile of every GPU configuration (no GPU needed)
+#
+# Every entry of the kernels' config tables, for sm_90 and sm_80, compiled with its heaviest variant
+# (every optional feature on, the widest bottleneck of its bucket, runtime strides): no spills, tensor
+# cores, shared memory within the architecture's limit. bf16 stands for both 16-bit dtypes (same layouts);
+# fp32 (TF32 dots, half the D tile) is compiled for the widest-bottleneck bucket.
+
+ARCHS = (90, 80)
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (opt-in maximum)
+
+
+def _i32(*names):
+    return {n: "i32" for n in names}
+
+
+def _static_cases():
+    """(name, module, kernel, signature, constexprs, arch, num_warps, num_stages), heaviest compiles first."""
+    from fastpeft.kernels import adapter as k
+
+    cases = []
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for ba in sorted(k.CONFIGS["fwd"], reverse=True):
+            if dt == "fp32" and ba != max(k.CONFIGS["fwd"]) and not os.environ.get("ALL_FP32"):
+                continue
+            ip = "tf32"
+            for kernel, fn, sig, ce in (
+                ("fwd", "_adapter_kernel",
+                 dict(X=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", Z="*fp32", WD=f"*{dt}", BD=f"*{dt}", WU=f"*{dt}", BU=f"*{dt}",
+                      **_i32("M", "D", "A"), scaling="fp32",
+                      **_i32("stride_xm", "stride_xd", "stride_rm", "stride_rd", "stride_ym", "stride_yd",
+                             "stride_wd_a", "stride_wd_d", "stride_wu_d", "stride_wu_a")),
+                 dict(ACT=1, HAS_BD=True, HAS_BU=True, STORE_Z=True, EVEN_D=False)),
+                ("dz", "_adapter_bwd_dz_kernel",
+                 dict(DY=f"*{dt}", Z="*fp32", WU=f"*{dt}", DZ=f"*{dt}", ACTZ=f"*{dt}", PBD="*fp32",
+                      **_i32("M", "D", "A"), scaling="fp32", **_i32("stride_dym", "stride_dyd", "stride_wu_d", "stride_wu_a")),
+                 dict(ACT=1, NEED_DW=True, EVEN_D=False)),
+                ("bwd", "_adapter_bwd_kernel",
+                 dict(DY=f"*{dt}", X=f"*{dt}", ACTZ=f"*{dt}", DZ=f"*{dt}", WD=f"*{dt}", DX=f"*{dt}",
+                      PWU="*fp32", PWD="*fp32", PBU="*fp32", **_i32("M", "D", "A", "rows_per_split"),
+                      **_i32("stride_dym", "stride_dyd", "stride_xm", "stride_xd", "stride_dxm", "stride_dxd",
+                             "stride_wd_a", "stride_wd_d")),
+                 dict(SKIP=True, NEED_DX=True, NEED_DW=True, EVEN_D=False)),
+            ):
+                cfg = k.gpu_config(kernel, ba, dtype)
+                ce = dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_A=ba, INPUT_PRECISION=ip)
+                if "A_CHUNK" in cfg:
+                    ce["A_CHUNK"] = min(ba, cfg["A_CHUNK"])
+                for arch in ARCHS:
+                    cases.append((f"{kernel}-a{ba}-{dt}-sm{arch}", "fastpeft.kernels.adapter", fn, sig, ce, arch,
+                                  cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
+def _compile(case):
+    import importlib
+    import time
+
+    from static_compile import compile_report
+
+    name, module, fn, sig, ce, arch, nw, ns = case
+    try:
+        kernel = getattr(importlib.import_module(module), fn)
+        t0 = time.process_time()
+        rep = compile_report(kernel, sig, ce, arch=arch, num_warps=nw, num_stages=ns)
+        return name, dict(rep, cpu_s=round(time.process_time() - t0, 1)), None
+    except Exception as exc:  # reported per case by the test
+        return name, None, f"{type(exc).__name__}: {str(exc)[:400]}"
+
+
+_POOL = None
+
+
+def compile_in_subprocesses(cases):
+    """{name: (report, error)} for each case, compiled in worker processes that import Triton without the
+    interpreter (the test session set TRITON_INTERPRET=1, under which kernels are not compilable objects).
+    The workers are started once and shared by every test module that imports this one."""
+    global _POOL
+    import atexit
+    import multiprocessing
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # inherited by workers spawned during this call
+    try:
+        if _POOL is None:
+            _POOL = ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                        mp_context=multiprocessing.get_context("spawn"))
+            atexit.register(_POOL.shutdown)
+        return {name: (rep, err) for name, rep, err in _POOL.map(_compile, cases)}
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def check_report(name, rep, err, tensor_core=True):
+    assert err is None, f"{name}: compile error {err}"
+    arch = int(name.rsplit("sm", 1)[1])
+    assert rep["stack"] == 0, f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers"
+    assert rep["shared"] <= SMEM_LIMIT[arch], f"{name}: {rep['shared']} bytes of shared memory > {SMEM_LIMIT[arch]}"
+    if tensor_core:
+        assert rep["tensor_core"], f"{name}: no tensor-core instructions {rep}"
+
+
+@pytest.fixture(scope="module")
+def static_reports():
+    pytest.importorskip("triton")
+    return compile_in_subprocesses(_static_cases())
+
+
+def test_static_cases_cover_every_config():
+    from fastpeft.kernels import adapter as k
+
+    names = {c[0] for c in _static_cases()}
+    assert len(names) == len(_static_cases())
+    for kernel, table in k.CONFIGS.items():
+        for ba in table:
+            for arch in ARCHS:
+                assert f"{kernel}-a{ba}-bf16-sm{arch}" in names
+        for arch in ARCHS:
+            assert f"{kernel}-a{max(table)}-fp32-sm{arch}" in names
+    # the launcher's buckets are exactly the table's keys
+    assert {k.bucket(a) for a in range(1, k.MAX_BOTTLENECK + 1)} == set(k.CONFIGS["fwd"])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _static_cases()])
+def test_gpu_config_compiles_without_spills(static_reports, case):
+    rep, err = static_reports[case]
+    # fp32 dots compile to TF32 tensor-core instructions too (input_precision "tf32", the GPU default)
+    check_report(case, rep, err)
+
+
+if __name__ == "__main__":
+    for name, (rep, err) in compile_in_subprocesses(_static_cases()).items():
+        print(f"{name:28s} {err or rep}", flush=True)
