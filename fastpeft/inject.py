@@ -17,16 +17,15 @@ def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, alpha: float = 16,
-                dropout: float = 0.0, use_rslora: bool = False, backend: str | None = None) -> nn.Module:
-    """Replace every targeted nn.Linear of `model` by a LoRALinear in place, freeze every other parameter
-    and return the model. Raises if a target matches nothing or matches a module that is not an nn.Linear."""
+def find_target_linears(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Names of the modules `target_modules` selects; raises unless there is at least one and each is a plain
+    nn.Linear without an adapter yet."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(target_modules, str):
@@ -42,10 +41,18 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 
             raise ValueError(f"target_modules: module {name!r} already has a LoRA adapter")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"target_modules: module {name!r} is a {type(module).__name__}; only nn.Linear can take LoRA")
+    return names
+
+
+def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, alpha: float = 16,
+                dropout: float = 0.0, use_rslora: bool = False, backend: str | None = None) -> nn.Module:
+    """Replace every targeted nn.Linear of `model` by a LoRALinear in place, freeze every other parameter
+    and return the model. Raises if a target matches nothing or matches a module that is not an nn.Linear."""
+    names = find_target_linears(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
+        set_submodule(model, name, LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
                                                 use_rslora=use_rslora, backend=backend))
     return model
 

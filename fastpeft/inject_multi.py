@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .inject import _set_submodule, matches_target
+from .inject import find_target_linears, set_submodule
 from .modules.multi_lora import MultiLoRALinear
 
 BASE_NAME = "__base__"
@@ -175,16 +175,7 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
     for nm in adapters:
         if not isinstance(nm, str) or not nm or nm == BASE_NAME:
             raise ValueError(f"adapters: expected non-empty adapter names other than {BASE_NAME!r}, got {nm!r}")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise ValueError(f"target_modules: expected a regex string or a non-empty list of names, got {target_modules!r}")
-    names = [n for n, m in model.named_modules() if n and matches_target(n, target_modules)]
-    if not names:
-        raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")
-    for n in names:
-        if not isinstance(model.get_submodule(n), nn.Linear):
-            raise TypeError(f"target_modules: module {n!r} is a {type(model.get_submodule(n)).__name__}; only nn.Linear can take LoRA")
+    names = find_target_linears(model, target_modules)
     capacity = len(adapters) if capacity is None else int(capacity)
     if capacity < len(adapters):
         raise ValueError(f"capacity: expected at least {len(adapters)} (the number of adapters), got {capacity}")
@@ -198,7 +189,7 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
     for n in names:
         layer = MultiLoRALinear(model.get_submodule(n), capacity, r=r, alpha=float(r if alpha is None else alpha),
                                 init_adapters=False, backend=backend)
-        _set_submodule(model, n, layer)
+        set_submodule(model, n, layer)
         layers[n] = layer
     registry = MultiLoRARegistry(layers, capacity)
     for layer in layers.values():

@@ -12,14 +12,17 @@ buffers summed afterwards, so results are deterministic. Saved for backward: x, 
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import (
+    dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, rank_block, split_blocks,
+    target_programs, tile_args,
+)
 from .philox import dropout_keep
+
+_interpreting = interpreting  # kernels/adapter.py and ia3.py still import this name
 
 MAX_RANK = 256  # larger ranks would need R-chunked shrink/dY accumulators; the PyTorch backend takes them
 
@@ -83,15 +86,7 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped order: GROUP_M row-tiles share each column tile of Q while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -308,14 +303,6 @@ INTERPRETER_CONFIGS = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
 def gemm_config_name(M: int, dropout: bool) -> str:
     if M <= 16:
         return "decode"
@@ -324,29 +311,14 @@ def gemm_config_name(M: int, dropout: bool) -> str:
     return "large_dropout" if dropout else "large"
 
 
-def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
-    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers,
-    unless the config names its fp32 tile explicitly (the compiler's register use is not monotone in it)."""
-    cfg = dict(cfg)
-    override = cfg.pop("fp32", None)
-    if dtype == torch.float32:
-        if override is not None:
-            cfg.update(override)
-        else:
-            for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
-                if key in cfg and cfg[key] > 32:
-                    cfg[key] //= 2
-    return cfg
-
-
 def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRETER_CONFIGS["gemm"])
     return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, dropout)], dtype)
 
 
 def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRETER_CONFIGS[kind])
     return halve_for_fp32(SKINNY_CONFIGS[kind][path][rank_block(r)], dtype)
 
@@ -355,73 +327,6 @@ def gemm_rank_block(r: int, cfg: dict) -> int:
     """Rank chunk of the GEMM's low-rank term: the config's RANK_CHUNK bounds the [BLOCK_M, chunk] and
     [chunk, BLOCK_N] operand tiles that sit in registers beside the accumulator."""
     return min(rank_block(r), cfg["RANK_CHUNK"])
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul precision setting: 'highest' means no TF32, as in torch.mm."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def _tma_rows(t: torch.Tensor) -> bool:
-    """A 2-D tensor a tensor descriptor can address: unit column stride, 16-byte aligned base and rows."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _allocate_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device=_scratch_device)
-
-
-_scratch_device = "cpu"
-_allocator_set = False
-
-
-def path_for(device: torch.device, *row_major: torch.Tensor) -> str:
-    """'tma' on Hopper or newer (and under the interpreter) when every tensor is descriptor-addressable."""
-    global _allocator_set, _scratch_device
-    if device.type == "cuda":
-        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] < 9:
-            return "ptr"
-    elif not _interpreting():
-        return "ptr"
-    if not all(_tma_rows(t) for t in row_major):
-        return "ptr"
-    if not _allocator_set:  # device-side descriptors need a little global scratch memory per launch
-        _scratch_device = "cuda" if device.type == "cuda" else "cpu"
-        triton.set_allocator(_allocate_scratch)
-        _allocator_set = True
-    return "tma"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    # enough programs to fill every SM twice; under the interpreter a few, so splits get exercised
-    return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
-
-
-def _split(total_blocks: int, other_blocks: int, target: int) -> tuple[int, int]:
-    """Split `total_blocks` into chunks so that other_blocks·chunks >= target. Returns (blocks_per_chunk, chunks)."""
-    chunks = max(1, min(total_blocks, -(-target // max(other_blocks, 1))))
-    per = -(-total_blocks // chunks)
-    return per, -(-total_blocks // per)
-
-
-def _launch_opts(cfg: dict) -> dict:
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-
-
-def _tile(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "GROUP_"))}
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -439,7 +344,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int)
         x, a, s, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
         seed, thr, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype),
-        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
     )
     return s
 
@@ -465,7 +370,7 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[i
         lora_scale, seed, thr,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,
-        BLOCK_R=gemm_rank_block(R, cfg), **_tile(cfg), **_launch_opts(cfg),
+        BLOCK_R=gemm_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg),
     )
     return out
 
@@ -477,7 +382,7 @@ def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbi
     path = path_for(dy.device, dy)
     cfg = skinny_config("dy", R, dy.dtype, path)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    n_per, n_splits = _split(triton.cdiv(N, cfg["BLOCK_N"]), m_blocks, _target_programs(dy.device))
+    n_per, n_splits = split_blocks(triton.cdiv(N, cfg["BLOCK_N"]), m_blocks, target_programs(dy.device))
     f32 = dict(device=dy.device, dtype=torch.float32)
     ds_part = torch.empty((n_splits, M, R), **f32) if need_ds else None
     db_part = torch.empty((m_blocks, N, R), **f32) if need_db else None
@@ -488,7 +393,7 @@ def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbi
         M, N, R, n_per * cfg["BLOCK_N"],
         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), s.stride(0), s.stride(1), scaling,
         COMPUTE_DS=need_ds, COMPUTE_DB=need_db, COMPUTE_DBIAS=need_dbias, DOT_PRECISION=dot_precision(dy.dtype),
-        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **_tile(cfg), **_launch_opts(cfg),
+        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
     )
     ds = (ds_part[0] if n_splits == 1 else ds_part.sum(0)) if need_ds else None
     db = db_part.sum(0) if need_db else None
@@ -503,13 +408,13 @@ def lora_bwd_da(x, ds, p: float, seed: int, thr: int) -> torch.Tensor:
     path = path_for(x.device, x)
     cfg = skinny_config("da", R, x.dtype, path)
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    m_per, m_splits = _split(triton.cdiv(M, cfg["BLOCK_M"]), k_blocks, _target_programs(x.device))
+    m_per, m_splits = split_blocks(triton.cdiv(M, cfg["BLOCK_M"]), k_blocks, target_programs(x.device))
     da_part = torch.empty((m_splits, R, K), device=x.device, dtype=torch.float32)
     _lora_bwd_da_kernel[(k_blocks, m_splits)](
         x, ds, da_part, M, K, R, m_per * cfg["BLOCK_M"],
         x.stride(0), x.stride(1), ds.stride(0), ds.stride(1), seed, thr, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma", BLOCK_R=rank_block(R),
-        **_tile(cfg), **_launch_opts(cfg),
+        **tile_args(cfg), **launch_opts(cfg),
     )
     return da_part[0] if m_splits == 1 else da_part.sum(0)
 

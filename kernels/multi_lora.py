@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import (
-    _interpreting, _launch_opts, _split, _target_programs, _tile, dot_precision, halve_for_fp32,
-    path_for, rank_block,
+from .common import (
+    dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, rank_block, split_blocks,
+    target_programs, tile_args,
 )
 
 MAX_RANK = 128  # [BLOCK_M, r] accumulators of the skinny kernels; larger pools take the PyTorch backend
@@ -114,15 +114,7 @@ def _multi_lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped order: GROUP_M row tiles share each column tile of Q while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_mask = pos < M
@@ -344,20 +336,20 @@ def gemm_rank_block(r_max: int, cfg: dict) -> int:
 
 
 def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRETER_CONFIGS["gemm"])
     return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
 
 
 def skinny_config(kind: str, r_max: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRETER_CONFIGS[kind])
     cfg = SKINNY_CONFIGS[kind][rank_bucket(r_max)]
     return cfg if kind == "segsum" else halve_for_fp32(cfg, dtype)
 
 
 def seg_block_m() -> int:
-    return INTERPRETER_SEG_BLOCK_M if _interpreting() else SEG_BLOCK_M
+    return INTERPRETER_SEG_BLOCK_M if interpreting() else SEG_BLOCK_M
 
 
 # ----------------------------------------------------------------------------------------------- grouping
@@ -408,7 +400,7 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
     M, K = x.shape
     cfg = skinny_config("shrink", r_max, x.dtype)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    k_per, k_splits = _split(triton.cdiv(K, cfg["BLOCK_K"]), m_blocks, _target_programs(x.device))
+    k_per, k_splits = split_blocks(triton.cdiv(K, cfg["BLOCK_K"]), m_blocks, target_programs(x.device))
     s = torch.empty((M, r_max), device=x.device, dtype=x.dtype)
     # small M: split K over programs (each used adapter's A is still read once) into fp32 partials
     part = s if k_splits == 1 else torch.empty((k_splits, M, r_max), device=x.device, dtype=torch.float32)
@@ -418,7 +410,7 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
         k_per * cfg["BLOCK_K"],
         x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), stride_sp, part.stride(-2), part.stride(-1),
         PERMUTED=perm is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(r_max),
-        **_tile(cfg), **_launch_opts(cfg),
+        **tile_args(cfg), **launch_opts(cfg),
     )
     if k_splits > 1:
         s.copy_(part.sum(0))
@@ -443,7 +435,7 @@ def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n
         p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
         rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma",
-        Q_KN=q_kn, BLOCK_R=gemm_rank_block(r_max, cfg), **_tile(cfg), **_launch_opts(cfg),
+        Q_KN=q_kn, BLOCK_R=gemm_rank_block(r_max, cfg), **tile_args(cfg), **launch_opts(cfg),
     )
     return out
 
@@ -453,7 +445,7 @@ def _segment_sum(part, grouping, ranks, offsets, out, n_adapters: int, r_max: in
     r_axis = 1 - d_axis
     _multi_lora_segment_sum_kernel[(n_adapters, triton.cdiv(d, cfg["BLOCK_D"]))](
         part, grouping.tile_cum, ranks, offsets, out, d, r_max, out.stride(d_axis), out.stride(r_axis),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_R=rank_block(r_max), **_launch_opts(cfg),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_R=rank_block(r_max), **launch_opts(cfg),
     )
 
 
@@ -464,7 +456,7 @@ def multi_lora_bwd_dy(dy, b_pool, s, grouping: Grouping, scale, ranks, offsets, 
     cfg = skinny_config("dy", r_max, dy.dtype)
     assert cfg["BLOCK_M"] == grouping.block
     n_tiles = grouping.n_tiles
-    n_per, n_splits = _split(triton.cdiv(N, cfg["BLOCK_N"]), n_tiles, _target_programs(dy.device))
+    n_per, n_splits = split_blocks(triton.cdiv(N, cfg["BLOCK_N"]), n_tiles, target_programs(dy.device))
     f32 = dict(device=dy.device, dtype=torch.float32)
     ds = ds_part = None
     if need_ds:
@@ -478,7 +470,7 @@ def multi_lora_bwd_dy(dy, b_pool, s, grouping: Grouping, scale, ranks, offsets, 
         dy.stride(0), dy.stride(1), b_pool.stride(0), b_pool.stride(1), s.stride(0), s.stride(1),
         ds_part.stride(0) if need_ds and n_splits > 1 else 0, ds_part.stride(-2) if need_ds else 0,
         COMPUTE_DS=need_ds, COMPUTE_DB=need_db, DOT_PRECISION=dot_precision(dy.dtype), BLOCK_R=rank_block(r_max),
-        **_tile(cfg), **_launch_opts(cfg),
+        **tile_args(cfg), **launch_opts(cfg),
     )
     if need_ds and n_splits > 1:
         torch.sum(ds_part, 0, out=ds)
@@ -499,7 +491,7 @@ def multi_lora_bwd_da(x, ds, a_pool_shape, grouping: Grouping, ranks, offsets, n
     _multi_lora_bwd_da_kernel[(n_tiles, triton.cdiv(K, cfg["BLOCK_K"]))](
         x, ds, grouping.perm, grouping.tiles, ranks, part, n_tiles, K, r_max,
         x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(r_max), **_tile(cfg), **_launch_opts(cfg),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(r_max), **tile_args(cfg), **launch_opts(cfg),
     )
     da = torch.zeros(a_pool_shape, device=x.device, dtype=torch.float32)
     _segment_sum(part, grouping, ranks, offsets, da, n_adapters, r_max, K, 1)

@@ -81,8 +81,9 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dw, da, db, dbias, None, None, None, None
 
 
-def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tuple[float, float]:
-    """Validate the arguments of lora_linear; returns (scaling, dropout_p) as floats."""
+def check_lora_tensors(x, weight, lora_a, lora_b, bias, *, noun: str = "shape", rank: str = "r") -> None:
+    """Shapes, devices and dtypes of a LoRA linear's tensors (lora_a [rank, in], lora_b [out, rank]);
+    `noun` and `rank` name lora_a's layout in the messages (a multi-adapter pool passes its own)."""
     check_tensor("x", x)
     check_tensor("weight", weight, 2)
     check_tensor("lora_a", lora_a, 2)
@@ -90,17 +91,16 @@ def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tu
     if bias is not None:
         check_tensor("bias", bias, 1)
     if x.dim() < 1:
-        raise ValueError(f"x: expected a tensor of shape [..., in_features], got a 0-D tensor")
+        raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-D tensor")
     out_f, in_f = weight.shape
     r = lora_a.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_a: expected shape [r, {in_f}] with r >= 1, got {tuple(lora_a.shape)}")
     if x.shape[-1] != in_f:
         raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), got shape {tuple(x.shape)}")
-    if lora_a.shape[1] != in_f:
-        raise ValueError(f"lora_a: expected shape [r, {in_f}] (in_features of weight), got {tuple(lora_a.shape)}")
+    if r < 1 or lora_a.shape[1] != in_f:
+        raise ValueError(f"lora_a: expected {noun} [{rank}, {in_f}] with {rank} >= 1 and {in_f} the in_features of weight, "
+                         f"got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (out_f, r):
-        raise ValueError(f"lora_b: expected shape [{out_f}, {r}] ([out_features, r]), got {tuple(lora_b.shape)}")
+        raise ValueError(f"lora_b: expected {noun} [{out_f}, {r}] ([out_features, {rank}]), got {tuple(lora_b.shape)}")
     if bias is not None and bias.shape[0] != out_f:
         raise ValueError(f"bias: expected shape [{out_f}], got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
@@ -112,6 +112,11 @@ def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tu
         raise TypeError(f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
     if lora_a.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {lora_a.dtype}")
+
+
+def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tuple[float, float]:
+    """Validate the arguments of lora_linear; returns (scaling, dropout_p) as floats."""
+    check_lora_tensors(x, weight, lora_a, lora_b, bias)
     return check_finite_number("scaling", scaling), check_probability("dropout_p", dropout_p)
 
 
@@ -141,4 +146,4 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "FLOAT_DTYPES"]
+__all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "check_lora_tensors", "FLOAT_DTYPES"]

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .._backend import resolve_backend
-from .._checks import check_float_dtype, check_same_device, check_tensor
+from .lora_linear import check_lora_tensors
 from .multi_lora_torch import multi_lora_linear_bwd_torch, multi_lora_linear_fwd_torch
 
 MAX_TRITON_RANK = 128
@@ -260,33 +260,7 @@ def _check_id_values(ids: torch.Tensor, n_adapters: int, loaded) -> None:
 
 def check_multi_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
     """Validate the tensors of multi_lora_linear (shapes, devices, dtypes)."""
-    check_tensor("x", x)
-    check_tensor("weight", weight, 2)
-    check_tensor("lora_a", lora_a, 2)
-    check_tensor("lora_b", lora_b, 2)
-    if bias is not None:
-        check_tensor("bias", bias, 1)
-    if x.dim() < 1:
-        raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-D tensor")
-    out_f, in_f = weight.shape
-    r_total = lora_a.shape[0]
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), got shape {tuple(x.shape)}")
-    if lora_a.shape[1] != in_f or r_total < 1:
-        raise ValueError(f"lora_a: expected the pool shape [R_total, {in_f}] with R_total >= 1, got {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (out_f, r_total):
-        raise ValueError(f"lora_b: expected the pool shape [{out_f}, {r_total}] ([out_features, R_total]), got {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != out_f:
-        raise ValueError(f"bias: expected shape [{out_f}], got {tuple(bias.shape)}")
-    check_same_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    check_float_dtype("x", x)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    if lora_a.dtype != lora_b.dtype:
-        raise TypeError(f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
-    if lora_a.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {lora_a.dtype}")
+    check_lora_tensors(x, weight, lora_a, lora_b, bias, noun="the pool shape", rank="R_total")
 
 
 def resolve_multi_backend(backend, device, table: AdapterTable) -> str:

@@ -1,0 +1,111 @@
+"""Pieces shared by the Triton kernels' launchers and kernels: path and precision choice, config helpers,
+grid splits, and the grouped tile order of the GEMMs."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row tiles share each column tile of the
+    right operand while it is in L2."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
+    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers,
+    unless the config names its fp32 tile explicitly (the compiler's register use is not monotone in it)."""
+    cfg = dict(cfg)
+    override = cfg.pop("fp32", None)
+    if dtype == torch.float32:
+        if override is not None:
+            cfg.update(override)
+        else:
+            for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
+                if key in cfg and cfg[key] > 32:
+                    cfg[key] //= 2
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision setting: 'highest' means no TF32, as in torch.mm."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """A 2-D tensor a tensor descriptor can address: unit column stride, 16-byte aligned base and rows."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _allocate_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=_scratch_device)
+
+
+_scratch_device = "cpu"
+_allocator_set = False
+
+
+def path_for(device: torch.device, *row_major: torch.Tensor) -> str:
+    """'tma' on Hopper or newer (and under the interpreter) when every tensor is descriptor-addressable."""
+    global _allocator_set, _scratch_device
+    if device.type == "cuda":
+        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] < 9:
+            return "ptr"
+    elif not interpreting():
+        return "ptr"
+    if not all(_tma_rows(t) for t in row_major):
+        return "ptr"
+    if not _allocator_set:  # device-side descriptors need a little global scratch memory per launch
+        _scratch_device = "cuda" if device.type == "cuda" else "cpu"
+        triton.set_allocator(_allocate_scratch)
+        _allocator_set = True
+    return "tma"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    # enough programs to fill every SM twice; under the interpreter a few, so splits get exercised
+    return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
+
+
+def split_blocks(total_blocks: int, other_blocks: int, target: int) -> tuple[int, int]:
+    """Split `total_blocks` into chunks so that other_blocks·chunks >= target. Returns (blocks_per_chunk, chunks)."""
+    chunks = max(1, min(total_blocks, -(-target // max(other_blocks, 1))))
+    per = -(-total_blocks // chunks)
+    return per, -(-total_blocks // per)
+
+
+def launch_opts(cfg: dict) -> dict:
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def tile_args(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "GROUP_"))}
