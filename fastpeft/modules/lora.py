@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._checks import check_finite_number, check_positive_int, check_probability
-from ..ops.lora_linear import lora_linear
+from ..autocast import lora_linear_amp as lora_linear  # honours torch.autocast like nn.Linear
 
 
 class LoRALinear(nn.Module):

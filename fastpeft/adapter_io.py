@@ -1,0 +1,367 @@
+"""save_adapter / load_adapter: fastpeft LoRA models in HF PEFT's on-disk format.
+
+A directory holds adapter_model.safetensors (keys `base_model.model.<module path>.lora_A.weight` and
+`...lora_B.weight`, as PEFT names them) and adapter_config.json (a PEFT LoraConfig), so PEFT loads what
+fastpeft saves (PeftModel.from_pretrained) and fastpeft loads what PEFT saves (save_pretrained).
+
+Saving is atomic: everything is written and fsynced in a temporary directory beside the target, which then
+takes the target's place in one rename (Linux: an atomic exchange with an existing directory), so a crash
+never leaves a half-written adapter where the old one was. Loading validates the config and every key,
+shape and value against the model before touching it, and names what does not match.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+from .inject import inject_lora, matches_target
+from .modules.lora import LoRALinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+_SHOWN = 5  # names listed in an error message before "... and N more"
+
+# config fields whose non-default values describe adapters fastpeft's LoRALinear cannot represent
+_UNSUPPORTED = {
+    "use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+    "modules_to_save": (None, []), "layers_to_transform": (None, []), "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "megatron_config": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+    "arrow_config": (None,), "use_bdlora": (None, False), "layer_replication": (None, []),
+    "kasa_config": (None,), "velora_config": (None,), "monteclora_config": (None,),
+}
+
+
+# ------------------------------------------------------------------------------------------ the model side
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _plain_module_names(model: nn.Module, lora: dict[str, LoRALinear]) -> list[str]:
+    """Module names as in the model without LoRA: a LoRALinear stands where its Linear stood."""
+    inner = {f"{n}.{sub}" for n, m in lora.items() for sub, _ in m.named_modules() if sub}
+    return [n for n, _ in model.named_modules() if n and n not in inner]
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = None,
+                   task_type: str | None = None) -> dict:
+    """The PEFT LoraConfig (as a dict) describing the LoRA layers of a fastpeft model."""
+    lora = _lora_layers(model)
+    if not lora:
+        raise ValueError(f"model: expected a model with fastpeft LoRALinear layers (fastpeft.inject_lora), "
+                         f"found none in {type(model).__name__}")
+    fields = {"r": lambda m: m.r, "lora_alpha": lambda m: m.lora_alpha, "lora_dropout": lambda m: m.lora_dropout,
+              "use_rslora": lambda m: m.use_rslora}
+    first_name, first = next(iter(lora.items()))
+    for field, get in fields.items():
+        other = [n for n, m in lora.items() if get(m) != get(first)]
+        if other:
+            raise ValueError(f"model: PEFT's adapter_config.json holds one {field} for all layers; {first_name} has "
+                             f"{field}={get(first)} but {_listing(other)} differ(s) (e.g. {get(lora[other[0]])})")
+    lora_names = set(lora)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in lora_names})
+    plain = _plain_module_names(model, lora)
+    if {n for n in plain if matches_target(n, suffixes)} == lora_names:
+        target = suffixes
+    else:  # the short names would also match layers without LoRA: name the layers exactly
+        target = "(?:" + "|".join(re.escape(n) for n in sorted(lora_names)) + ")"
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True,
+        "r": first.r, "lora_alpha": _number(first.lora_alpha), "lora_dropout": first.lora_dropout,
+        "use_rslora": first.use_rslora, "target_modules": target,
+        "fan_in_fan_out": False, "bias": "none", "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a fastpeft model under PEFT's key names (detached CPU tensors)."""
+    out = {}
+    for name, m in _lora_layers(model).items():
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _carry_over(old: str, new: str, replaced: set[str]) -> None:
+    """Keep the old directory's other files (a README, other adapters' subfolders) by hard links."""
+    for entry in os.listdir(old):
+        if entry in replaced:
+            continue
+        src, dst = os.path.join(old, entry), os.path.join(new, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _replace_dir(tmp: str, target: str) -> None:
+    """Put the complete directory `tmp` at `target`; the old target, if any, ends up deleted."""
+    parent = os.path.dirname(target)
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp)  # tmp now holds the old adapter
+    else:  # two renames; between them the old adapter is complete under the backup name
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(backup)
+        os.rename(target, backup)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(backup, target)
+            raise
+        shutil.rmtree(backup)
+    _fsync_path(parent)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> str:
+    """Write the LoRA adapter of a fastpeft model in PEFT's format: `directory`/adapter_model.safetensors and
+    adapter_config.json, atomically (other files already in `directory` are kept). Returns the directory.
+
+    base_model_name_or_path defaults to model.config._name_or_path when the model has one; task_type is
+    PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS") or None.
+    """
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    tensors = adapter_state_dict(model)
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ValueError(f"directory: {target} exists and is not a directory")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        weights = os.path.join(tmp, WEIGHTS_NAME)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        _fsync_path(weights)
+        cfg_path = os.path.join(tmp, CONFIG_NAME)
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(target):  # a stale adapter_model.bin would hold the old weights: not carried over
+            _carry_over(target, tmp, {WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME})
+        _fsync_path(tmp)
+        _replace_dir(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"directory: {directory} has no {CONFIG_NAME}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _check_config(cfg: dict, path: str) -> dict:
+    """The fields fastpeft needs, validated: r, lora_alpha, lora_dropout, use_rslora, target/exclude modules."""
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type: expected 'LORA', got {cfg.get('peft_type')!r}")
+    for field, defaults in _UNSUPPORTED.items():
+        if field in cfg and cfg[field] not in defaults:
+            raise ValueError(f"{path}: {field}={cfg[field]!r} is not supported by fastpeft's LoRALinear "
+                             f"(supported: {' or '.join(map(repr, defaults))})")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{path}: r: expected an int >= 1, got {r!r}")
+    alpha = cfg.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"{path}: lora_alpha: expected a finite number, got {alpha!r}")
+    p = cfg.get("lora_dropout", 0.0)
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{path}: lora_dropout: expected a number in [0, 1), got {p!r}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ValueError(f"{path}: use_rslora: expected true or false, got {rslora!r}")
+    target = cfg.get("target_modules")
+    if isinstance(target, str):
+        if target in ("all-linear", "all_linear"):
+            raise ValueError(f"{path}: target_modules='all-linear' is not expanded here; save the adapter with the "
+                             "module names PEFT chose")
+    elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
+        raise ValueError(f"{path}: target_modules: expected a regex string or a non-empty list of names, got {target!r}")
+    exclude = cfg.get("exclude_modules")
+    if exclude is not None and not isinstance(exclude, (str, list)):
+        raise ValueError(f"{path}: exclude_modules: expected a regex string, a list or null, got {exclude!r}")
+    return {"r": r, "lora_alpha": float(alpha), "lora_dropout": float(p), "use_rslora": rslora,
+            "target_modules": target, "exclude_modules": exclude or None}
+
+
+def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        try:
+            return path, load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy):
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{legacy}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{legacy}: expected a dict of tensors")
+        return legacy, state
+    raise FileNotFoundError(f"directory: {directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
+    """Load a PEFT LoRA adapter directory (PEFT's save_pretrained or fastpeft.save_adapter) into `model`.
+
+    If `model` has fastpeft LoRALinear layers, they must be exactly the layers the config targets, with its
+    r, lora_alpha, lora_dropout and use_rslora. If it has none, they are injected first (fastpeft.inject_lora,
+    with `backend`). Every key and shape is checked before anything changes: on any mismatch this raises
+    ValueError naming it and the model is left as it was. Returns the model.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"directory: {directory} is not a directory")
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    cfg = _check_config(_read_config(directory), cfg_path)
+    lora = _lora_layers(model)
+    plain = _plain_module_names(model, lora)
+    targets = {n for n in plain if matches_target(n, cfg["target_modules"])}
+    if cfg["exclude_modules"] is not None:
+        targets = {n for n in targets if not matches_target(n, cfg["exclude_modules"])}
+    if not targets:
+        raise ValueError(f"{cfg_path}: target_modules={cfg['target_modules']!r} matches no module of "
+                         f"{type(model).__name__}")
+    if lora:
+        if set(lora) != targets:
+            extra, missing = sorted(set(lora) - targets), sorted(targets - set(lora))
+            raise ValueError(f"{cfg_path}: target_modules={cfg['target_modules']!r} does not match the model's LoRA "
+                             f"layers: " + "; ".join(
+                                 s for s in (f"layers with LoRA it does not target: {_listing(extra)}" if extra else "",
+                                             f"targeted layers without LoRA: {_listing(missing)}" if missing else "")
+                                 if s))
+        expected_scaling = {"r": lambda m: m.r, "lora_alpha": lambda m: m.lora_alpha,
+                            "lora_dropout": lambda m: m.lora_dropout, "use_rslora": lambda m: m.use_rslora}
+        for name, m in lora.items():
+            for field, get in expected_scaling.items():
+                if get(m) != cfg[field]:
+                    raise ValueError(f"{cfg_path}: {field}: the config has {cfg[field]!r} but layer {name} has "
+                                     f"{get(m)!r}")
+            if m.merged:
+                raise ValueError(f"model: layer {name} is merged; unmerge() it before loading an adapter")
+        shapes = {n: (m.in_features, m.out_features) for n, m in lora.items()}
+    else:
+        not_linear = [n for n in targets if not isinstance(model.get_submodule(n), nn.Linear)]
+        if not_linear:
+            raise ValueError(f"{cfg_path}: target_modules={cfg['target_modules']!r} matches modules that are not "
+                             f"nn.Linear: {_listing(not_linear)}")
+        shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets}
+
+    weights_path, tensors = _read_tensors(directory)
+    r = cfg["r"]
+    expected = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = (name, "A", (r, fan_in))
+        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = (name, "B", (fan_out, r))
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing keys: {_listing(missing)}" if missing else "",
+                 f"unexpected keys: {_listing(unexpected)}" if unexpected else ""]
+        raise ValueError(f"{weights_path}: the keys do not match the model's LoRA layers; "
+                         + "; ".join(p for p in parts if p))
+    for key, (_, _, shape) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{weights_path}: {key}: expected shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{weights_path}: {key}: expected a floating-point tensor, got {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_path}: {key}: contains NaN or infinite values")
+
+    # everything checked: only now is the model changed
+    if not lora:
+        pattern = "(?:" + "|".join(re.escape(n) for n in sorted(targets)) + ")"
+        inject_lora(model, target_modules=pattern, r=r, alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                    use_rslora=cfg["use_rslora"], backend=backend)
+        lora = _lora_layers(model)
+    with torch.no_grad():
+        for key, (name, which, _) in expected.items():
+            param = lora[name].lora_A if which == "A" else lora[name].lora_B
+            param.copy_(tensors[key])
+    return model
+
+
+__all__ = ["save_adapter", "load_adapter", "adapter_config", "adapter_state_dict"]

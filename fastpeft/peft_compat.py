@@ -1,0 +1,240 @@
+"""patch_peft / unpatch_peft: run an HF PEFT model's LoRA Linear layers through fastpeft.lora_linear.
+
+patch_peft swaps the class of every `peft.tuners.lora.layer.Linear` for a subclass whose forward computes
+PEFT's own formula, base(x) + Σ_active scaling·lora_B(lora_A(dropout(x))), with the first active adapter
+fused into the base GEMM by fastpeft.lora_linear. It reads PEFT's own parameters and settings on every call
+(lora_A[name].weight, lora_B[name].weight, scaling[name] as PEFT stored it, so rsLoRA and scale_layer are
+honoured, and the p and training flag of lora_dropout[name]), so training, save_pretrained, load_adapter,
+set_adapter, merge and disable_adapter all keep working. Further active adapters add their terms with PEFT's
+own modules. State dict, parameters and hooks are untouched; unpatch_peft swaps the class back.
+
+What fastpeft cannot fuse stays on PEFT's path, never silently: DoRA and other LoRA variants, lora_bias,
+fan_in_fan_out, LoRA on non-Linear bases (Embedding, Conv, quantized layers), base layers with their own
+hooks or forward, adapter_names mixed batches, and dtype combinations PEFT handles by casting.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from ._backend import requested_backend
+from ._checks import FLOAT_DTYPES
+from .autocast import autocast_dtype, lora_linear_amp
+
+_PATCHED_NAME = "FastpeftLoraLinear"
+_PEFT_KWARGS = frozenset(("adapter_names", "alora_offsets"))
+_warned: set = set()
+
+
+def _peft_linear_cls():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as exc:  # peft is optional
+        raise ImportError(f"fastpeft.patch_peft needs HF PEFT (pip install peft): {exc}") from exc
+    return Linear
+
+
+def _lora_layer_cls():
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class():
+    base = _peft_linear_cls()
+    return type(_PATCHED_NAME, (base,), {
+        "forward": _fused_forward, "__module__": __name__, "__qualname__": _PATCHED_NAME,
+        "__doc__": f"PEFT's LoRA Linear with its forward run by fastpeft.lora_linear (made by fastpeft.patch_peft).",
+    })
+
+
+def __getattr__(name):  # pickle finds the patched class by module and name; peft is imported only then
+    if name == _PATCHED_NAME:
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------ what can fuse
+
+
+def _layer_reason(layer) -> str | None:
+    """Why this whole PEFT Linear must stay on PEFT's path, or None."""
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"base layer {type(base).__name__} (fastpeft fuses plain nn.Linear bases)"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    if "forward" in vars(layer) or "_old_forward" in vars(layer):
+        return "the layer's forward is replaced on the instance (e.g. an accelerate hook)"
+    return None
+
+
+def _adapter_reason(layer, name: str) -> str | None:
+    """Why adapter `name` of this layer stays on PEFT's path, or None."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None or getattr(layer, "use_dora", {}).get(name, False):
+        is_dora = getattr(layer, "use_dora", {}).get(name, False) or "Dora" in type(variant).__name__
+        return "DoRA (use_dora=True)" if is_dora else f"LoRA variant {type(variant).__name__}"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return "lora_bias=True"
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
+        return f"lora_A/lora_B of type {type(lora_a).__name__}/{type(lora_b).__name__}"
+    drop = layer.lora_dropout[name]
+    if type(drop) not in (nn.Dropout, nn.Identity):
+        return f"lora_dropout of type {type(drop).__name__}"
+    if isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0:
+        return f"lora_dropout p={drop.p} (fastpeft takes p in [0, 1))"
+    scaling = layer.scaling.get(name)
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        return f"scaling of type {type(scaling).__name__}"
+    return None
+
+
+def _dtype_reason(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> str | None:
+    """Why this call's dtypes/devices need PEFT's casting, or None (mirrors lora_linear_amp's casts)."""
+    ac = autocast_dtype(x.device)
+    xd = ac if ac is not None and x.dtype in FLOAT_DTYPES else x.dtype
+    wd = ac if ac is not None and weight.dtype in FLOAT_DTYPES else weight.dtype
+    if xd not in FLOAT_DTYPES:
+        return f"input dtype {x.dtype}"
+    if wd != xd:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
+    if lora_a.dtype != lora_b.dtype:
+        return f"lora_A dtype {lora_a.dtype} differs from lora_B's {lora_b.dtype}"
+    ad = lora_a.dtype if ac is None or lora_a.dtype == torch.float32 else ac
+    if ad not in (xd, torch.float32):
+        return f"adapter dtype {lora_a.dtype} with input dtype {xd}"
+    if not (x.device == weight.device == lora_a.device):
+        return f"input on {x.device}, base weight on {weight.device}, adapter on {lora_a.device}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ the forward
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    peft_forward = _peft_linear_cls().forward
+    if args or self.disable_adapters or self.merged or (kwargs and (
+            not _PEFT_KWARGS.issuperset(kwargs) or any(v is not None for v in kwargs.values()))):
+        if kwargs.get("adapter_names") is not None:
+            _warn_once("adapter_names", "fastpeft.patch_peft: a forward with adapter_names (a mixed batch) runs on "
+                                        "PEFT's own path; fastpeft fuses calls without adapter_names")
+        return peft_forward(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    base = self.base_layer
+    if not active:
+        return peft_forward(self, x)
+    for a in active:
+        reason = _adapter_reason(self, a)
+        if reason is not None:
+            _warn_once(("adapter", a, reason),
+                       f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
+                       f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
+            return peft_forward(self, x)
+    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or "forward" in vars(base)):
+        _warn_once(("hooks", self._fastpeft_name),
+                   f"fastpeft.patch_peft: the base layer of {self._fastpeft_name} has hooks or its own forward; "
+                   "it runs on PEFT's path so that they run")
+        return peft_forward(self, x)
+    a0 = active[0]
+    lora_a, lora_b = self.lora_A[a0].weight, self.lora_B[a0].weight
+    reason = _dtype_reason(x, base.weight, lora_a, lora_b)
+    if reason is not None:
+        _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like it run "
+                                      "on PEFT's path, which casts")
+        return peft_forward(self, x)
+    drop = self.lora_dropout[a0]
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    result = lora_linear_amp(x, base.weight, lora_a, lora_b, self.scaling[a0], bias=base.bias, dropout_p=p,
+                             training=drop.training, backend=self._fastpeft_backend)
+    if len(active) > 1:  # further adapters: PEFT's own term for each, summed as PEFT sums them
+        dtype = result.dtype
+        for a in active[1:]:
+            lin_a = self.lora_A[a]
+            xa = self._cast_input_dtype(x, lin_a.weight.dtype)
+            result = result + self.lora_B[a](lin_a(self.lora_dropout[a](xa))) * self.scaling[a]
+        result = result.to(dtype)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def patch_peft(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Run the LoRA Linear layers of a PEFT model (peft.get_peft_model / PeftModel) through fastpeft.
+
+    Patches in place and returns `model`. Outputs and gradients match PEFT's; parameters, state dict,
+    save_pretrained and load_adapter are unchanged. Layers or adapters fastpeft cannot fuse stay on PEFT's
+    path, named in one warning. backend: as for fastpeft.lora_linear. Undo with unpatch_peft(model).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module (a PEFT model), got {type(model).__name__}")
+    if backend is not None:
+        requested_backend(backend)  # a bad name fails here, not at the first forward
+    linear_cls, fused_cls, lora_layer_cls = _peft_linear_cls(), _fused_class(), _lora_layer_cls()
+    skipped: dict[str, list[str]] = {}
+    found = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, lora_layer_cls):
+            continue
+        found += 1
+        if type(mod) not in (linear_cls, fused_cls):
+            skipped.setdefault(f"LoRA layer {type(mod).__name__} on a "
+                               f"{type(mod.get_base_layer()).__name__} base", []).append(name)
+            continue
+        reason = _layer_reason(mod)
+        if reason is not None:
+            skipped.setdefault(reason, []).append(name)
+            continue
+        for a in mod.lora_A:
+            reason = _adapter_reason(mod, a)
+            if reason is not None:
+                skipped.setdefault(f"adapter {a!r}: {reason}", []).append(name)
+                _warned.add(("adapter", a, reason))  # named below: no second warning at forward time
+        mod._fastpeft_backend = backend
+        mod._fastpeft_name = name
+        mod.__class__ = fused_cls
+    if not found:
+        raise ValueError("model: expected a PEFT model with LoRA layers (peft.get_peft_model with a LoraConfig), "
+                         f"found no peft LoraLayer in {type(model).__name__}")
+    if skipped:
+        lines = [f"  {reason}: {len(names)} layer(s), e.g. {names[0]}" for reason, names in skipped.items()]
+        warnings.warn("fastpeft.patch_peft: these stay on PEFT's path (not fused):\n" + "\n".join(lines), stacklevel=2)
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Restore PEFT's own forward on every layer patch_peft patched; returns `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    fused = _fused_class.cache_info().currsize and _fused_class()
+    if not fused:
+        return model
+    linear_cls = _peft_linear_cls()
+    for mod in model.modules():
+        if type(mod) is fused:
+            mod.__class__ = linear_cls
+            for attr in ("_fastpeft_backend", "_fastpeft_name"):
+                mod.__dict__.pop(attr, None)
+    return model
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True if `module` (a layer) was patched by patch_peft and not unpatched."""
+    return type(module).__name__ == _PATCHED_NAME and type(module).__module__ == __name__
+
+
+__all__ = ["patch_peft", "unpatch_peft", "is_patched"]

@@ -1,0 +1,199 @@
+"""torch.compile(fullgraph=True) through the fastpeft::lora_linear_fwd/bwd torch.library ops.
+
+fullgraph=True makes any graph break an error, so every compile here also proves there is none. Most cases
+use the "aot_eager" compiler (Dynamo + AOTAutograd + the fake kernels, no code generation: seconds on a
+CPU); one case runs Inductor end to end. CPU: the PyTorch backend (and the Triton kernels under the
+interpreter); CUDA: the Triton kernels in every dtype.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastpeft import LoRALinear, lora_linear
+from fastpeft.ops import lora_linear_op  # noqa: F401  (registers the ops)
+from reference_lora import reference_with_grads
+from tolerances import assert_close
+
+from conftest import DEVICE
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _rnd(*shape, dtype=torch.float32, scale=1.0, g=None):
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = _rnd(9, 3, 21, dtype=dtype, g=g).transpose(0, 1)  # [3, 9, 21], not contiguous
+    w = _rnd(35, 21, dtype=dtype, scale=21 ** -0.5, g=g)
+    a = _rnd(6, 21, dtype=dtype, scale=21 ** -0.5, g=g)
+    b = _rnd(35, 6, dtype=dtype, scale=6 ** -0.5, g=g)  # B non-zero: the low-rank term counts
+    bias = _rnd(35, dtype=dtype, g=g)
+    return x, w, a, b, bias
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake kernels, autograd registration and AOT dispatch, as torch.library checks them."""
+    x, w, a, b, bias = _inputs(torch.float32)
+    x, a, b, bias = (t.detach().requires_grad_() for t in (x, a, b, bias))
+    seed = torch.tensor(77)
+    fwd, bwd = torch.ops.fastpeft.lora_linear_fwd.default, torch.ops.fastpeft.lora_linear_bwd.default
+    torch.library.opcheck(fwd, (x, w, a, b, bias, 0.5, 0.3, seed, "torch"))
+    torch.library.opcheck(fwd, (x, w, a, b, None, 0.5, 0.0, seed, ""))
+    dy = _rnd(3, 9, 35)
+    s = _rnd(27, 6)
+    torch.library.opcheck(bwd, (dy, x.detach(), w, a.detach(), b.detach(), s, 0.5, 0.3, seed,
+                                False, True, True, False, "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_compiled_functional_matches_float64_reference(backend, dtype, p):
+    x, w, a, b, bias = _inputs(dtype)
+    x, a, b, bias = (t.detach().requires_grad_() for t in (x, a, b, bias))
+    dy = _rnd(3, 9, 35, dtype=dtype, g=torch.Generator().manual_seed(5))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, w, a, b, bias):
+        return lora_linear(x, w, a, b, 0.75, bias=bias, dropout_p=p, seed=1234, backend=backend)
+
+    y = f(x, w, a, b, bias)
+    y.backward(dy)
+    ref_y, (gx, _, ga, gb, gbias) = reference_with_grads(x, w, a, b, bias, 0.75, dy, p=p, seed=1234)
+    for what, got, exp in (("y", y, ref_y), ("dx", x.grad, gx), ("dA", a.grad, ga), ("dB", b.grad, gb),
+                           ("dbias", bias.grad, gbias)):
+        assert got.dtype == dtype, what
+        assert_close(got, exp, dtype, f"compiled {backend} {what}")
+
+
+def _two_layer_model(dropout=0.0, backend=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(nn.Linear(21, 33), r=4, alpha=8, dropout=dropout, backend=backend), nn.GELU(),
+                          LoRALinear(nn.Linear(33, 7), r=3, alpha=3, dropout=dropout, backend=backend)).to(DEVICE)
+    for m in (model[0], model[2]):
+        nn.init.normal_(m.lora_B, std=0.3)
+    return model
+
+
+def _reference_forward(model, x):
+    """The two-layer model's math in float64, written out (no fastpeft op code)."""
+    def layer(m, h):
+        return (h @ m.weight.double().t() + m.bias.double()
+                + m.scaling * (h @ m.lora_A.double().t()) @ m.lora_B.double().t())
+    return layer(model[2], nn.functional.gelu(layer(model[0], x.double())))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_model_matches_float64_reference(backend):
+    model = _two_layer_model(backend=backend)
+    ref = copy.deepcopy(model)
+    x = _rnd(2, 5, 21, g=torch.Generator().manual_seed(1)).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    y64 = _reference_forward(ref, x64)
+    y64.square().sum().backward()
+    assert_close(y, y64, torch.float32, "compiled model output")
+    assert_close(x.grad, x64.grad, torch.float32, "compiled model dx")
+    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert_close(p.grad, p_ref.grad, torch.float32, f"compiled model grad of {n}")
+
+
+def test_compiled_dropout_draws_a_fresh_seed_each_call():
+    """The seed is drawn inside the graph (no .item(), no baked-in constant): a new mask every call,
+    reproducible with torch.manual_seed, and none in eval mode."""
+    model = _two_layer_model(dropout=0.5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = _rnd(4, 21, g=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y1, y2 = compiled(x), compiled(x)
+        assert not torch.allclose(y1, y2)
+        torch.manual_seed(11)
+        y3 = compiled(x)
+        torch.manual_seed(11)
+        y4 = compiled(x)
+        assert torch.equal(y3, y4)
+        model.eval()
+        assert_close(compiled(x), _reference_forward(model, x), torch.float32, "compiled eval output")
+
+
+def test_patched_peft_model_compiles_without_graph_breaks():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from fastpeft.peft_compat import patch_peft
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(DEVICE),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.2)
+    ref = copy.deepcopy(pm).double()
+    patch_peft(pm)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    loss = torch.compile(pm, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss
+    loss.backward()
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    assert_close(loss, ref_loss, torch.float32, "compiled PEFT loss")
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert_close(grads[n], p.grad, torch.float32, f"compiled PEFT grad of {n}")
+
+
+def test_inductor_end_to_end():
+    """One small case through Inductor's code generation (slow to compile on a 2-core CPU: keep it one)."""
+    backend = "triton" if DEVICE == "cuda" else "torch"
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(21, 33), r=4, alpha=8, backend=backend).to(DEVICE)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    x = _rnd(2, 5, 21, g=torch.Generator().manual_seed(1)).requires_grad_()
+    y = torch.compile(layer, fullgraph=True, backend="inductor")(x)
+    dy = _rnd(2, 5, 33, g=torch.Generator().manual_seed(6))
+    y.backward(dy)
+    ref_y, (gx, _, ga, gb, _) = reference_with_grads(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
+                                                     layer.scaling, dy)
+    assert_close(y, ref_y, torch.float32, "inductor y")
+    assert_close(x.grad, gx, torch.float32, "inductor dx")
+    assert_close(layer.lora_A.grad, ga, torch.float32, "inductor dA")
+    assert_close(layer.lora_B.grad, gb, torch.float32, "inductor dB")
+
+
+def test_compiled_bad_input_still_raises():
+    x, w, a, b, bias = _inputs(torch.float32)
+
+    def f(x, a, scaling):
+        return lora_linear(x, w, a, b, scaling, bias=bias)
+
+    msg = r"lora_a: expected shape \[r, 21\].*got \(6, 20\)"
+    with pytest.raises(ValueError, match=msg):  # graph break, then eager raises
+        torch.compile(f, backend="aot_eager")(x, a[:, :20], 0.5)
+    with pytest.raises(Exception, match=msg):  # fullgraph: Dynamo reports the ValueError it traced
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x, a[:, :20], 0.5)
+
+
+def test_recompiled_scalars_stay_in_graph_and_are_checked():
+    """A second scaling/dropout value recompiles with the floats symbolic (automatic dynamic): still one
+    graph, and a non-finite value is still refused before any kernel runs."""
+    x, w, a, b, bias = _inputs(torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, scaling, p):
+        return lora_linear(x, w, a, b, scaling, bias=bias, dropout_p=p, seed=99, backend="torch")
+
+    for scaling, p in ((0.5, 0.1), (0.75, 0.2), (1.25, 0.3)):
+        y = f(x, scaling, p)
+        ref, _ = reference_with_grads(x, w, a, b, bias, scaling, torch.ones_like(y), p=p, seed=99)
+        assert_close(y, ref, torch.float32, f"scaling={scaling} p={p}")
+    with pytest.raises(Exception, match="scaling: expected a finite number, got inf"):
+        f(x, float("inf"), 0.1)
