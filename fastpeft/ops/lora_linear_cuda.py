@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .cuda_ops import MAX_DECODE_ROWS, lora_decode_cuda, lora_dy_reduce_cuda, lora_shrink_cuda
+from ..dropout import dropout_keep_mask
 from .lora_linear_torch import _dropped
 
 
@@ -29,13 +30,14 @@ def lora_linear_bwd_cuda(dy, x, weight, lora_a, lora_b, s, scaling: float, p: fl
     dx = da = db = dbias = None
     ds, db32 = lora_dy_reduce_cuda(dy, lora_b.to(dy.dtype), s, scaling)
     ds = ds.to(dy.dtype)
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device) if p > 0 and (need_dx or need_da) else None
     if need_dx:
         low = ds @ lora_a.to(dy.dtype)
         if p > 0:
-            low = _dropped(low, p, seed)
+            low = _dropped(low, p, seed, keep)
         dx = torch.addmm(low, dy, weight)
     if need_da:
-        da = (ds.t() @ (_dropped(x, p, seed) if p > 0 else x)).to(lora_a.dtype)
+        da = (ds.t() @ (_dropped(x, p, seed, keep) if p > 0 else x)).to(lora_a.dtype)
     if need_db:
         db = db32.to(lora_b.dtype)
     if need_dbias:

@@ -10,8 +10,9 @@ import torch
 from ..dropout import dropout_keep_mask
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+def _dropped(x: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    if keep is None:
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) * (1.0 / (1.0 - p))
 
 
@@ -28,6 +29,8 @@ def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: f
     """Backward on 2-D tensors; needs = (dx, dA, dB, dbias). Returns those four (None where not needed)."""
     need_dx, need_da, need_db, need_dbias = needs
     dx = da = db = dbias = None
+    # the mask is regenerated once per backward, for both dX's and dA's low-rank terms (never stored)
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device) if p > 0 and (need_dx or need_da) else None
     if need_dx or need_da:
         ds = (dy @ lora_b.to(dy.dtype)) * scaling
     if need_db:
@@ -35,11 +38,11 @@ def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: f
     if need_dx:
         low = ds @ lora_a.to(dy.dtype)
         if p > 0:
-            low = _dropped(low, p, seed)  # the forward's mask and 1/(1-p), applied to dS·A
+            low = _dropped(low, p, seed, keep)  # the forward's mask and 1/(1-p), applied to dS·A
         dx = dy @ weight
         dx += low
     if need_da:
-        xd = _dropped(x, p, seed) if p > 0 else x
+        xd = _dropped(x, p, seed, keep) if p > 0 else x
         da = (ds.t() @ xd).to(lora_a.dtype)
     if need_dbias:
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
