@@ -55,7 +55,12 @@ fi
 
 # 1. the test suite with real kernels (bf16 and fp16 Triton tests run on CUDA instead of being skipped);
 #    the static-compile tests are CPU work that CI does, so they are left out here
-stage tests 210 300 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15 -k "not static"
+#    The LoRA foundation's tests go first, so a slow start elsewhere (the CUDA extension's just-in-time build
+#    in test_cuda_ops.py) cannot crowd them out of the stage's time.
+LORA_TESTS="tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_errors.py tests/test_lora_module.py tests/test_inject_lora.py"
+stage tests-lora 110 400 "$PY" -m pytest $LORA_TESTS -q -rs -p no:cacheprovider --durations=10
+stage tests 100 300 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15 -k "not static" \
+  $(for f in $LORA_TESTS; do printf -- '--deselect %s ' "$f"; done)
 # 2. the full grid; --time-budget stops starting new cases early enough to write the JSON and the plot
 BENCH_T=$(( $(left) - 90 )); (( BENCH_T > 270 )) && BENCH_T=270
 stage bench 270 90 "$PY" -m fastpeft.bench --preset full --out "$RES" --time-budget $((BENCH_T > 80 ? BENCH_T - 60 : 20))
@@ -66,7 +71,7 @@ stage pytest-benchmark 80 5 "$PY" -m pytest benchmarks/bench_lora_linear.py --be
 
 echo "== summary (${SECONDS}s of ${BUDGET}s)"
 status=0
-for s in tests bench pytest-benchmark; do
+for s in tests-lora tests bench pytest-benchmark; do
   echo "  $s: exit ${RC[$s]:-?} in ${DUR[$s]:-0}s"
   [[ ${RC[$s]:-1} == 0 ]] || status=1
 done
