@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_linear import _interpreting, dot_precision, halve_for_fp32
+from .common import dot_precision, halve_for_fp32, interpreting, launch_opts, tile_args
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -33,14 +33,16 @@ MAX_BOTTLENECK = 256  # widest bottleneck the kernels' register tiles are laid o
 
 # GPU configurations per kernel and bottleneck bucket (padded width <= 64, or <= 256). Every entry is
 # compiled by tests/test_adapter.py for sm_90 and sm_80 (no spills, tensor cores); fp32 inputs halve the
-# D tile (`config_for`). Untuned beyond that: measured tuning on a GPU is owed.
+# D tile (`gpu_config`). Untuned beyond that: measured tuning on a GPU is owed. Register budget: the dots
+# of one kernel share one warp layout with every warp along M, so each warp holds a dot's whole B operand
+# ([K, N]); the tiles keep those operands small rather than the accumulators.
 CONFIGS = {
     "fwd": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=2),
             256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=2)},
     "dz": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3),
            256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=3)},
     # A_CHUNK: the bottleneck chunk of dX = dZ·Wd (see the kernel)
-    "bwd": {64: dict(BLOCK_M=32, BLOCK_D=64, A_CHUNK=64, num_warps=8, num_stages=2),
+    "bwd": {64: dict(BLOCK_M=32, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2),
             256: dict(BLOCK_M=16, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2)},
 }
 # Under the interpreter: small tiles so that the tests' small shapes cover several tiles and tails.
@@ -64,7 +66,7 @@ def gpu_config(kernel: str, bucket_: int, dtype) -> dict:
 
 
 def config_for(kernel: str, a: int, dtype) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRET_CONFIG)
     return gpu_config(kernel, bucket(a), dtype)
 
@@ -269,9 +271,8 @@ def _adapter_bwd_kernel(
             mt = mask_m[:, None] & mask_d[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd, mask=mt, other=0.0)
         if NEED_DX:
-            # dX = dZ·Wd in bottleneck chunks: a dot's operands sit in registers whole along its reduction
-            # dimension, so a [BM, A] x [A, BD] product at once would hold both of them there; the
-            # chunks re-read dZ and Wd from L1
+            # dX = dZ·Wd in bottleneck chunks: each warp holds the whole [A, BD] operand of a dot (see
+            # CONFIGS), so chunks bound it; they re-read dZ and Wd, which stay in L1/L2
             dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             for a0 in range(0, A, A_CHUNK):
                 dzc = tl.load(DZ + rows[:, None] * BLOCK_A + (a0 + offs_c)[None, :], mask=mask_m[:, None], other=0.0)
@@ -283,12 +284,13 @@ def _adapter_bwd_kernel(
                 dx = tl.dot(dzc, wdc.to(DZ.dtype.element_ty), dx, input_precision=INPUT_PRECISION)
             if SKIP:
                 dx += dy.to(tl.float32)
-            tl.store(DX + rows[:, None] * stride_dxm + offs_d[None, :] * stride_dxd, dx.to(DX.dtype.element_ty), mask=mt)
+            tl.store(DX + rows[:, None] * stride_dxm + offs_d[None, :] * stride_dxd, dx.to(DX.dtype.element_ty),
+                     mask=mt)
         if NEED_DW:
             dz = tl.load(DZ + rows[:, None] * BLOCK_A + offs_a[None, :], mask=mask_m[:, None], other=0.0)
             act = tl.load(ACTZ + rows[:, None] * BLOCK_A + offs_a[None, :], mask=mask_m[:, None], other=0.0)
-            # both weight products put the bottleneck on the dots' M side: the dots of one kernel share their
-            # warp layout, with all warps along M, so the [BM, *] operand (B) is what each warp holds whole
+            # both weight products put the bottleneck on the dots' M side, so the operand each warp holds
+            # whole (B, see CONFIGS) is a small [BM, BD] tile
             acc_wu = tl.dot(tl.trans(act), dy, acc_wu, input_precision=INPUT_PRECISION)
             x = tl.load(X + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mt, other=0.0)
             acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=INPUT_PRECISION)
@@ -303,10 +305,6 @@ def _adapter_bwd_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # launchers: 2-D inputs [M, D], validated by the caller (fastpeft.ops.adapter)
-
-def _launch(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")}
-
 
 def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool):
     """y [M, D] in x's dtype, and Z = x·Wdᵀ + bd [M, A] fp32 when store_z (else None)."""
@@ -326,7 +324,8 @@ def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: st
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
         down_w.stride(0), down_w.stride(1), up_w.stride(0), up_w.stride(1),
         ACT=ACT_ID[act], HAS_BD=down_b is not None, HAS_BU=up_b is not None, STORE_Z=store_z,
-        EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A), INPUT_PRECISION=dot_precision(x.dtype), **_launch(cfg),
+        EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A), INPUT_PRECISION=dot_precision(x.dtype),
+        **tile_args(cfg), **launch_opts(cfg),
     )
     return y, (z if store_z else None)
 
@@ -362,7 +361,7 @@ def adapter_bwd(dy, x, z, down_w, up_w, scaling: float, act: str, skip: bool, ne
             dy, z, up_w, dz, actz, pbd, M, D, A, float(scaling),
             dy.stride(0), dy.stride(1), up_w.stride(0), up_w.stride(1),
             ACT=ACT_ID[act], NEED_DW=need_dw, EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A),
-            INPUT_PRECISION=ip, **_launch(cfg),
+            INPUT_PRECISION=ip, **tile_args(cfg), **launch_opts(cfg),
         )
     cfg = config_for("bwd", A, x.dtype)
     n_dtiles = triton.cdiv(D, cfg["BLOCK_D"])
@@ -385,13 +384,14 @@ def adapter_bwd(dy, x, z, down_w, up_w, scaling: float, act: str, skip: bool, ne
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
             down_w.stride(0), down_w.stride(1),
             SKIP=skip, NEED_DX=need_dx, NEED_DW=need_dw, EVEN_D=D % cfg["BLOCK_D"] == 0,
-            BLOCK_A=block_a(A), A_CHUNK=min(block_a(A), cfg["A_CHUNK"]), INPUT_PRECISION=ip, **_launch(cfg),
+            BLOCK_A=block_a(A), A_CHUNK=min(block_a(A), cfg["A_CHUNK"]), INPUT_PRECISION=ip,
+            **tile_args(cfg), **launch_opts(cfg),
         )
     if not need_dw:
         return dx, None, None, None, None
     s = float(scaling)
     dwd = pwd.sum(0)
-    dbd = pbd.sum(0) if M > 0 else torch.zeros(A, **f32)
+    dbd = pbd.sum(0)
     dwu = pwu.sum(0).mul_(s)
     dbu = pbu.sum(0).mul_(s)
     return dx, dwd, dbd, dwu, dbu

@@ -70,10 +70,12 @@ _allocator_set = False
 
 
 def path_for(device: torch.device, *row_major: torch.Tensor) -> str:
-    """'tma' on Hopper or newer (and under the interpreter) when every tensor is descriptor-addressable."""
+    """'tma' on sm_9x/sm_10x (and under the interpreter) when every tensor is descriptor-addressable, else 'ptr'."""
     global _allocator_set, _scratch_device
     if device.type == "cuda":
-        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] < 9:
+        # Hopper (9.x) and datacenter Blackwell (10.x): the large descriptor tiles need ~150 KB of shared
+        # memory, which Ampere lacks TMA for and consumer Blackwell (12.x, ~99 KB a block) cannot hold
+        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] not in (9, 10):
             return "ptr"
     elif not interpreting():
         return "ptr"

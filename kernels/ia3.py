@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_linear import _interpreting, dot_precision, halve_for_fp32, path_for
+from .common import dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, tile_args
 
 # ----------------------------------------------------------------------------------------------- configs
 # Every configuration a launcher can pick; tests/test_ia3.py compiles each ("tma" for sm_90, "ptr" for
@@ -38,13 +38,13 @@ GEMM_CONFIGS = {
     },
     "ptr": {
         "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         "large_fused": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     },
 }
 # dl for output scaling: a column reduction over M (pointer path only: it is memory-bound).
-DSCALE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+DSCALE_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 # Under the interpreter: small tiles, so the tests' small shapes span several tiles and tails.
 INTERPRET_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
 INTERPRET_DSCALE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
@@ -60,24 +60,17 @@ def gemm_config_name(M: int, fused: bool) -> str:
 
 
 def gemm_config(M: int, dtype, path: str, fused: bool) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(INTERPRET_GEMM_CONFIG)
     return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
 
 
 def dscale_gpu_config(dtype) -> dict:
-    cfg = dict(DSCALE_CONFIG)
-    if dtype.itemsize == 4:  # the recompute's K tile, halved for 4-byte inputs as a GEMM's is
-        cfg["BLOCK_K"] //= 2
-    return cfg
+    return halve_for_fp32(DSCALE_CONFIG, dtype)
 
 
 def dscale_config(dtype) -> dict:
-    return dict(INTERPRET_DSCALE_CONFIG) if _interpreting() else dscale_gpu_config(dtype)
-
-
-def _tile(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "GROUP_"))}
+    return dict(INTERPRET_DSCALE_CONFIG) if interpreting() else dscale_gpu_config(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -93,15 +86,7 @@ def _ia3_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row blocks sweep the columns together, so B tiles are reused from L2
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,7 +229,9 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
     cfg = gemm_config(M, a.dtype, path, fused=pro is not None or e is not None)
     stride_bk, stride_bn = (w.stride(0), w.stride(1)) if b_kn else (w.stride(1), w.stride(0))
-    p = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32) if e is not None else None
+    p = None
+    if e is not None:
+        p = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)
     dummy = a
     cc = c if c is not None else dummy
     ee = e if e is not None else dummy
@@ -256,8 +243,7 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
         a.stride(0), a.stride(1), stride_bk, stride_bn, cc.stride(0), cc.stride(1), ee.stride(0), ee.stride(1),
         HAS_BIAS=bias is not None, HAS_PRO=pro is not None, HAS_EPI=epi is not None, HAS_RED=e is not None,
         STORE_C=c is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, USE_TMA=path == "tma", B_KN=b_kn,
-        INPUT_PRECISION=dot_precision(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_tile(cfg),
+        INPUT_PRECISION=dot_precision(a.dtype), **tile_args(cfg), **launch_opts(cfg),
     )
     return p
 

@@ -22,8 +22,6 @@ from .common import (
 )
 from .philox import dropout_keep
 
-_interpreting = interpreting  # kernels/adapter.py and ia3.py still import this name
-
 MAX_RANK = 256  # larger ranks would need R-chunked shrink/dY accumulators; the PyTorch backend takes them
 
 

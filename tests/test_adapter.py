@@ -192,7 +192,7 @@ def test_module_layer_norm_and_parallel(backend):
     params = [h] + list(ad.parameters())
     grads = torch.autograd.grad(y, params, dy)
     p64 = [p.detach().double().requires_grad_(True) for p in params]
-    h64, nw, nb, wd, wu, bd, bu = p64[0], *[p64[1 + i] for i in range(6)]
+    h64 = p64[0]
     named = dict(zip([n for n, _ in ad.named_parameters()], p64[1:]))
     x64 = F.layer_norm(h64, (24,), named["norm.weight"], named["norm.bias"], ad.norm.eps)
     z = x64 @ named["down_weight"].t() + named["down_bias"]
@@ -245,26 +245,36 @@ def test_bad_inputs(backend):
 # Every entry of the kernels' config tables, for sm_90 and sm_80, compiled with its heaviest variant
 # (every optional feature on, the widest bottleneck of its bucket, runtime strides): no spills, tensor
 # cores, shared memory within the architecture's limit. bf16 stands for both 16-bit dtypes (same layouts);
-# fp32 (TF32 dots, half the D tile) is compiled for the widest-bottleneck bucket.
+# fp32 (TF32 dots, half the D tile) where its tiles are the heaviest (`_fp32_compiled`).
+#
+# The compiles run in worker processes started when the session begins (`_start_static_compiles`), so they
+# overlap the interpreter tests; the static tests collect the reports at the end of each module.
 
 ARCHS = (90, 80)
-SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (opt-in maximum)
+# bytes of shared memory a block may use: sm_90's opt-in maximum; for sm_80 compiles the 99 KB of sm_86/89,
+# which run the same code
+SMEM_LIMIT = {90: 232448, 80: 101376}
+STATIC_TEST = "test_gpu_config_compiles_without_spills"
 
 
 def _i32(*names):
     return {n: "i32" for n in names}
 
 
+def _fp32_compiled(k, kernel, ba):
+    """fp32 is compiled for the widest bucket, and wherever its D tile is not halved (already at the
+    minimum), where its tiles hold twice the bytes of bf16's and so are the config's heaviest variant."""
+    halved = k.gpu_config(kernel, ba, torch.float32)["BLOCK_D"] < k.gpu_config(kernel, ba, torch.bfloat16)["BLOCK_D"]
+    return ba == max(k.CONFIGS[kernel]) or not halved
+
+
 def _static_cases():
-    """(name, module, kernel, signature, constexprs, arch, num_warps, num_stages), heaviest compiles first."""
+    """(name, module, kernel, signature, constexprs, arch, num_warps, num_stages) for every shipped config."""
     from fastpeft.kernels import adapter as k
 
     cases = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for ba in sorted(k.CONFIGS["fwd"], reverse=True):
-            if dt == "fp32" and ba != max(k.CONFIGS["fwd"]) and not os.environ.get("ALL_FP32"):
-                continue
-            ip = "tf32"
             for kernel, fn, sig, ce in (
                 ("fwd", "_adapter_kernel",
                  dict(X=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", Z="*fp32", WD=f"*{dt}", BD=f"*{dt}", WU=f"*{dt}", BU=f"*{dt}",
@@ -274,7 +284,8 @@ def _static_cases():
                  dict(ACT=1, HAS_BD=True, HAS_BU=True, STORE_Z=True, EVEN_D=False)),
                 ("dz", "_adapter_bwd_dz_kernel",
                  dict(DY=f"*{dt}", Z="*fp32", WU=f"*{dt}", DZ=f"*{dt}", ACTZ=f"*{dt}", PBD="*fp32",
-                      **_i32("M", "D", "A"), scaling="fp32", **_i32("stride_dym", "stride_dyd", "stride_wu_d", "stride_wu_a")),
+                      **_i32("M", "D", "A"), scaling="fp32",
+                      **_i32("stride_dym", "stride_dyd", "stride_wu_d", "stride_wu_a")),
                  dict(ACT=1, NEED_DW=True, EVEN_D=False)),
                 ("bwd", "_adapter_bwd_kernel",
                  dict(DY=f"*{dt}", X=f"*{dt}", ACTZ=f"*{dt}", DZ=f"*{dt}", WD=f"*{dt}", DX=f"*{dt}",
@@ -284,7 +295,9 @@ def _static_cases():
                  dict(SKIP=True, NEED_DX=True, NEED_DW=True, EVEN_D=False)),
             ):
                 cfg = k.gpu_config(kernel, ba, dtype)
-                ce = dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_A=ba, INPUT_PRECISION=ip)
+                if dt == "fp32" and not _fp32_compiled(k, kernel, ba):
+                    continue
+                ce = dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_A=ba, INPUT_PRECISION="tf32")
                 if "A_CHUNK" in cfg:
                     ce["A_CHUNK"] = min(ba, cfg["A_CHUNK"])
                 for arch in ARCHS:
@@ -293,41 +306,65 @@ def _static_cases():
     return cases
 
 
-def _compile(case):
+def compile_case(case):
+    """Compile one case ahead of time: registers and stack (spills) from the cubin, shared memory, and the
+    tensor-core instructions counted in the PTX (mma.sync becomes HMMA, wgmma.mma_async HGMMA: the same
+    answer as tests/static_compile.py's disassembly, which would cost a second per case)."""
     import importlib
+    import re
+    import subprocess
+    import tempfile
     import time
 
-    from static_compile import compile_report
+    import triton
+    from static_compile import _nvidia_tool
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     name, module, fn, sig, ce, arch, nw, ns = case
     try:
-        kernel = getattr(importlib.import_module(module), fn)
         t0 = time.process_time()
-        rep = compile_report(kernel, sig, ce, arch=arch, num_warps=nw, num_stages=ns)
-        return name, dict(rep, cpu_s=round(time.process_time() - t0, 1)), None
+        src = ASTSource(fn=getattr(importlib.import_module(module), fn), constexprs=dict(ce),
+                        signature={**sig, **{n: "constexpr" for n in ce}})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw, "num_stages": ns})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True, check=True).stdout
+        ptx = kernel.asm["ptx"]
+        rep = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+               "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared": kernel.metadata.shared,
+               "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma": len(re.findall(r"\bmma\.sync", ptx)),
+               "cpu_s": round(time.process_time() - t0, 1)}
+        rep["tensor_core"] = rep["wgmma"] + rep["mma"] > 0
+        return name, rep, None
     except Exception as exc:  # reported per case by the test
         return name, None, f"{type(exc).__name__}: {str(exc)[:400]}"
 
 
 _POOL = None
+_FUTURES = {}  # case name -> Future of compile_case
 
 
-def compile_in_subprocesses(cases):
-    """{name: (report, error)} for each case, compiled in worker processes that import Triton without the
-    interpreter (the test session set TRITON_INTERPRET=1, under which kernels are not compilable objects).
-    The workers are started once and shared by every test module that imports this one."""
+def submit_compiles(cases):
+    """Start compiling the cases not yet started, in worker processes shared by every module that imports
+    this one. The workers import Triton without the interpreter (the test session set TRITON_INTERPRET=1,
+    under which kernels are not compilable objects): they are spawned inside this call, with it unset."""
     global _POOL
     import atexit
     import multiprocessing
 
     old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # inherited by workers spawned during this call
+    os.environ["TRITON_INTERPRET"] = "0"
     try:
         if _POOL is None:
-            _POOL = ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+            _POOL = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1),
                                         mp_context=multiprocessing.get_context("spawn"))
-            atexit.register(_POOL.shutdown)
-        return {name: (rep, err) for name, rep, err in _POOL.map(_compile, cases)}
+            atexit.register(_POOL.shutdown, wait=True, cancel_futures=True)
+        for case in cases:
+            if case[0] not in _FUTURES:
+                _FUTURES[case[0]] = _POOL.submit(compile_case, case)
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -335,43 +372,59 @@ def compile_in_subprocesses(cases):
             os.environ["TRITON_INTERPRET"] = old
 
 
-def check_report(name, rep, err, tensor_core=True):
+def compile_reports(cases):
+    """{name: (report, error)}, compiling whatever has not been started yet."""
+    submit_compiles(cases)
+    return {c[0]: _FUTURES[c[0]].result()[1:] for c in cases}
+
+
+def start_selected_compiles(session):
+    """Submit the static cases of every selected static test in the session (all modules), so that the
+    compiles overlap the interpreter tests that run before them."""
+    cases = []
+    for item in session.items:
+        if getattr(item, "originalname", None) == STATIC_TEST and hasattr(item.module, "_static_cases"):
+            wanted = item.callspec.params["case"]
+            cases += [c for c in item.module._static_cases() if c[0] == wanted]
+    if cases:
+        submit_compiles(cases)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_static_compiles(request):
+    start_selected_compiles(request.session)
+
+
+def check_report(name, rep, err):
     assert err is None, f"{name}: compile error {err}"
     arch = int(name.rsplit("sm", 1)[1])
     assert rep["stack"] == 0, f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers"
     assert rep["shared"] <= SMEM_LIMIT[arch], f"{name}: {rep['shared']} bytes of shared memory > {SMEM_LIMIT[arch]}"
-    if tensor_core:
-        assert rep["tensor_core"], f"{name}: no tensor-core instructions {rep}"
-
-
-@pytest.fixture(scope="module")
-def static_reports():
-    pytest.importorskip("triton")
-    return compile_in_subprocesses(_static_cases())
+    # fp32 dots compile to TF32 tensor-core instructions (input_precision "tf32", the GPU default)
+    assert rep["tensor_core"], f"{name}: no tensor-core instructions {rep}"
 
 
 def test_static_cases_cover_every_config():
     from fastpeft.kernels import adapter as k
 
-    names = {c[0] for c in _static_cases()}
-    assert len(names) == len(_static_cases())
+    names = [c[0] for c in _static_cases()]
+    assert len(names) == len(set(names))
     for kernel, table in k.CONFIGS.items():
         for ba in table:
             for arch in ARCHS:
                 assert f"{kernel}-a{ba}-bf16-sm{arch}" in names
-        for arch in ARCHS:
-            assert f"{kernel}-a{max(table)}-fp32-sm{arch}" in names
-    # the launcher's buckets are exactly the table's keys
-    assert {k.bucket(a) for a in range(1, k.MAX_BOTTLENECK + 1)} == set(k.CONFIGS["fwd"])
+                assert (f"{kernel}-a{ba}-fp32-sm{arch}" in names) == _fp32_compiled(k, kernel, ba)
+            assert _fp32_compiled(k, kernel, max(table))
+    assert "bwd-a64-fp32-sm80" in names  # its D tile is at the minimum, so fp32 is its heaviest variant
+    # the launcher's buckets are exactly the tables' keys
+    assert {k.bucket(a) for a in range(1, k.MAX_BOTTLENECK + 1)} == set(k.CONFIGS["fwd"]) == set(k.CONFIGS["bwd"])
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _static_cases()])
-def test_gpu_config_compiles_without_spills(static_reports, case):
-    rep, err = static_reports[case]
-    # fp32 dots compile to TF32 tensor-core instructions too (input_precision "tf32", the GPU default)
-    check_report(case, rep, err)
+def test_gpu_config_compiles_without_spills(case):
+    check_report(case, *compile_reports([c for c in _static_cases() if c[0] == case])[case])
 
 
 if __name__ == "__main__":
-    for name, (rep, err) in compile_in_subprocesses(_static_cases()).items():
-        print(f"{name:28s} {err or rep}", flush=True)
+    for name, (rep, err) in compile_reports(_static_cases()).items():
+        print(f"{name:24s} {err or rep}", flush=True)

@@ -72,6 +72,34 @@ def test_shapes_fp32_scale_zeros_and_strides(backend, mode):
     check(backend, torch.float32, mode, x.t().contiguous().t(), w.t().contiguous().t(), b, l)
 
 
+@pytest.mark.parametrize("mode", ["output", "input"])
+def test_tensor_descriptor_path(mode):
+    """16-byte aligned rows take the "tma" path (tensor descriptors, zero fill past the edges): the other
+    tests' shapes take the pointer path."""
+    from fastpeft.kernels.lora_linear import path_for
+
+    for dtype in (torch.float32, torch.float16):
+        x, w, b, l = make(37, 48, 40, mode, dtype)  # 96..192-byte rows; M, N, K not multiples of the tile
+        if not ON_CUDA or torch.cuda.get_device_capability()[0] >= 9:
+            assert path_for(x.device, x, w, torch.empty(37, 40, dtype=dtype, device=DEVICE)) == "tma"
+        check("triton", dtype, mode, x, w, b, l)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["output", "input"])
+def test_partial_gradients(backend, mode):
+    x, w, b, l = make(21, 32, 24, mode, torch.float32)
+    dy = torch.randn(21, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    _, gx64, gl64 = reference(x, w, b, l, mode, dy)
+    l.requires_grad_(True)  # the vector alone: no dX to write
+    (gl,) = torch.autograd.grad(ia3_linear(x, w, b, l, mode, backend=backend), [l], dy)
+    assert_close(gl, gl64, torch.float32, "d_scale alone")
+    l.requires_grad_(False)
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(ia3_linear(x, w, b, l, mode, backend=backend), [x], dy)
+    assert_close(gx, gx64, torch.float32, "dx alone")
+
+
 def test_module_init_merge_unmerge_and_frozen_linear():
     torch.manual_seed(0)
     for mode in ("output", "input"):
@@ -117,102 +145,83 @@ def test_bad_inputs(backend):
 
 
 # --------------------------------------------------------------------------------------------------
-# static compile of every GPU configuration (no GPU needed)
+# static compile of every GPU configuration (no GPU needed; machinery in test_adapter.py)
 #
-# Every entry of the config tables ("tma" for sm_90, "ptr" for sm_80 and sm_90), with the heaviest variant
-# that can select it and runtime strides: no spills, tensor cores, shared memory within the limit.
-# The GEMM's variants: forward B = Wᵀ (W's rows, `B_KN` False) with bias and the output-scaling epilogue or
-# the input-scaling prologue; backward B = W (`B_KN` True) with the prologue (output scaling's dX) or the
-# epilogue and the dl reduction (input scaling). "large" serves only the prologue- and reduction-free
-# variants (plain epilogue, either direction); the other sizes are compiled with every feature on.
-# bf16 stands for both 16-bit dtypes; fp32 (TF32, half the K tile) is compiled for the large tiles.
+# Every entry of the GEMM config tables ("tma" for sm_90, "ptr" for sm_80 and sm_90) and the dscale
+# kernel, with runtime strides, each compiled once with the heaviest variant that can select it: no spills,
+# tensor cores, shared memory within the limit. The sizes other than "large" serve every variant; they
+# are compiled with every feature on (bias, the input-scaling prologue, the output-scaling epilogue and
+# the dl reduction) and B read as W's rows ([K, N], the backward's layout). "large" serves only the
+# variants without prologue or reduction; it is compiled as the forward: bias, epilogue, B = Wᵀ.
+# bf16 stands for both 16-bit dtypes; fp32 (TF32, half the K tile) is compiled for the largest tile.
+
+from test_adapter import _start_static_compiles, check_report, compile_reports  # noqa: E402,F401 (a fixture)
 
 STATIC_ARCHS = {"tma": (90,), "ptr": (90, 80)}
 
 
-def _gemm_case(k, path, size, dt, direction, fused):
+def _gemm_cases(k, path, size, dt):
     cfg = k.halve_for_fp32(k.GEMM_CONFIGS[path][size], {"bf16": torch.bfloat16, "fp32": torch.float32}[dt])
     sig = {"A": f"*{dt}", "B": f"*{dt}", "C": f"*{dt}", "BIAS": f"*{dt}", "PRO": "*fp32", "EPI": "*fp32",
            "E": f"*{dt}", "P": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk",
                                                               "stride_bn", "stride_cm", "stride_cn", "stride_em",
                                                               "stride_en")}}
-    fwd = direction == "fwd"
-    ce = dict(HAS_BIAS=fwd, HAS_PRO=fused, HAS_EPI=True, HAS_RED=fused and not fwd, STORE_C=True, EVEN_K=False,
-              USE_TMA=path == "tma", B_KN=not fwd, INPUT_PRECISION="tf32",
+    fused = size != "large"
+    ce = dict(HAS_BIAS=True, HAS_PRO=fused, HAS_EPI=True, HAS_RED=fused, STORE_C=True, EVEN_K=False,
+              USE_TMA=path == "tma", B_KN=fused, INPUT_PRECISION="tf32",
               **{n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))})
-    return [(f"gemm-{path}-{size}-{direction}-{dt}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
+    return [(f"gemm-{path}-{size}-{dt}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
              cfg["num_warps"], cfg["num_stages"]) for arch in STATIC_ARCHS[path]]
 
 
-def _dscale_cases(k, dt):
-    cfg = k.dscale_gpu_config({"bf16": torch.bfloat16, "fp32": torch.float32}[dt])
-    sig = {"DY": f"*{dt}", "Y": f"*{dt}", "L": "*fp32", "X": f"*{dt}", "W": f"*{dt}", "BIAS": f"*{dt}", "P": "*fp32",
-           **{n: "i32" for n in ("M", "N", "K", "rows_per_split", "stride_dym", "stride_dyn", "stride_ym", "stride_yn",
-                                 "stride_xm", "stride_xk", "stride_wn", "stride_wk")}}
-    ce = dict(HAS_BIAS=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-              INPUT_PRECISION="tf32")
-    return [(f"dscale-{dt}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_dscale_kernel", sig, ce, arch,
-             cfg["num_warps"], cfg["num_stages"]) for arch in STATIC_ARCHS["ptr"]]
-
-
 def _static_cases():
-    """(name, module, kernel, signature, constexprs, arch, num_warps, num_stages), heaviest compiles first."""
+    """(name, module, kernel, signature, constexprs, arch, num_warps, num_stages) for every shipped config."""
     from fastpeft.kernels import ia3 as k
 
     cases = []
     for dt in ("bf16", "fp32"):
         for path, table in k.GEMM_CONFIGS.items():
             for size in table:
-                if dt == "fp32" and not size.startswith("large"):
-                    continue
-                for direction in ("fwd", "bwd"):
-                    if size == "large" and direction == "bwd" and dt == "fp32":
-                        continue  # the plain backward differs from the forward only in B's layout
-                    cases += _gemm_case(k, path, size, dt, direction, fused=size != "large")
-        cases += _dscale_cases(k, dt)
+                if dt == "bf16" or size == "large":
+                    cases += _gemm_cases(k, path, size, dt)
+    cfg = k.dscale_gpu_config(torch.bfloat16)
+    sig = {"DY": "*bf16", "Y": "*bf16", "L": "*fp32", "X": "*bf16", "W": "*bf16", "BIAS": "*bf16", "P": "*fp32",
+           **{n: "i32" for n in ("M", "N", "K", "rows_per_split", "stride_dym", "stride_dyn", "stride_ym", "stride_yn",
+                                 "stride_xm", "stride_xk", "stride_wn", "stride_wk")}}
+    ce = dict(HAS_BIAS=True, INPUT_PRECISION="tf32", **{n: v for n, v in cfg.items() if n.startswith("BLOCK_")})
+    cases += [(f"dscale-bf16-sm{arch}", "fastpeft.kernels.ia3", "_ia3_dscale_kernel", sig, ce, arch,
+               cfg["num_warps"], cfg["num_stages"]) for arch in STATIC_ARCHS["ptr"]]
     return cases
-
-
-@pytest.fixture(scope="module")
-def static_reports():
-    pytest.importorskip("triton")
-    from test_adapter import compile_in_subprocesses
-
-    return compile_in_subprocesses(_static_cases())
 
 
 def test_static_cases_cover_every_config():
     from fastpeft.kernels import ia3 as k
 
-    names = {c[0] for c in _static_cases()}
-    assert len(names) == len(_static_cases())
+    names = [c[0] for c in _static_cases()]
+    assert len(names) == len(set(names))
     for path, table in k.GEMM_CONFIGS.items():
         for size in table:
             for arch in STATIC_ARCHS[path]:
-                assert f"gemm-{path}-{size}-fwd-bf16-sm{arch}" in names
-                assert f"gemm-{path}-{size}-bwd-bf16-sm{arch}" in names
-                if size.startswith("large"):
-                    assert f"gemm-{path}-{size}-fwd-fp32-sm{arch}" in names
-    # the launcher picks exactly the table's sizes, "large" only for variants without prologue or reduction
-    picked = {(k.gemm_config_name(m, fused)) for m in (1, 32, 33, 256, 257, 10 ** 6) for fused in (False, True)}
+                assert f"gemm-{path}-{size}-bf16-sm{arch}" in names
+                if size == "large":
+                    assert f"gemm-{path}-{size}-fp32-sm{arch}" in names
+    # the launcher picks exactly the tables' sizes, and "large" only for variants without prologue or reduction
+    picked = {k.gemm_config_name(m, fused) for m in (1, 32, 33, 256, 257, 10 ** 6) for fused in (False, True)}
     assert picked == set(k.GEMM_CONFIGS["tma"]) == set(k.GEMM_CONFIGS["ptr"])
-    assert k.gemm_config_name(10 ** 6, True) != "large"
+    assert all(k.gemm_config_name(m, True) != "large" for m in (1, 33, 257, 10 ** 6))
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _static_cases()])
-def test_gpu_config_compiles_without_spills(static_reports, case):
-    from test_adapter import check_report
-
-    check_report(case, *static_reports[case])
+def test_gpu_config_compiles_without_spills(case):
+    check_report(case, *compile_reports([c for c in _static_cases() if c[0] == case])[case])
 
 
-def test_hopper_tma_gemm_uses_warpgroup_mma(static_reports):
-    rep, err = static_reports["gemm-tma-large-fwd-bf16-sm90"]
-    assert err is None and rep["hgmma"] > 0, (rep, err)
+def test_hopper_tma_gemm_uses_warpgroup_mma():
+    case = [c for c in _static_cases() if c[0] == "gemm-tma-large-bf16-sm90"]
+    rep, err = compile_reports(case)[case[0][0]]
+    assert err is None and rep["wgmma"] > 0, (rep, err)
 
 
 if __name__ == "__main__":
-    from test_adapter import compile_in_subprocesses
-
-    for name, (rep, err) in compile_in_subprocesses(_static_cases()).items():
-        print(f"{name:34s} {err or rep}", flush=True)
+    for name, (rep, err) in compile_reports(_static_cases()).items():
+        print(f"{name:30s} {err or rep}", flush=True)
