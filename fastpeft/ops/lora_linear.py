@@ -40,23 +40,29 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+    """(y in x's leading shape, S [M, r], the dropout threshold) from the backend's forward launcher."""
+    fwd, _ = _impl(backend)
+    thr = keep_threshold(dropout_p)
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        y2 = x2.new_empty((0, weight.shape[0]))
+        s = x2.new_empty((0, lora_a.shape[0]))
+    else:
+        y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
+    return y2.view(*x.shape[:-1], weight.shape[0]), s, thr
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd Function of the fused LoRA linear. Use fastpeft.lora_linear, which validates inputs."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-        fwd, _ = _impl(backend)
-        thr = keep_threshold(dropout_p)
-        x2 = _rows(x)
-        if x2.shape[0] == 0:
-            y2 = x2.new_empty((0, weight.shape[0]))
-            s = x2.new_empty((0, lora_a.shape[0]))
-        else:
-            y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
+        y, s, thr = _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
         ctx.has_bias = bias is not None
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -143,7 +149,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
             raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}] or None, got {seed!r}")
     else:
         seed = 0
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
+        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+    # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
+    return _forward(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
 
 
 __all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "check_lora_tensors", "FLOAT_DTYPES"]
