@@ -119,6 +119,30 @@ def _act_and_grad(z, ACT: tl.constexpr):
 # forward
 
 @triton.jit
+def _rows_times_weight(P, W, rows_ld, offs_a, mask_a, D, stride_pm, stride_pd, stride_w_d, stride_w_a,
+                       EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_A] = P[rows, :D]·W[:D, :A] (W addressed by its strides): the forward's
+    down-projection x·Wdᵀ and the backward's dY·Wu, streamed over D in the activations' dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    p_ptrs = P + rows_ld[:, None] * stride_pm + offs_d[None, :] * stride_pd
+    w_ptrs = W + offs_d[:, None] * stride_w_d + offs_a[None, :] * stride_w_a
+    acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            p = tl.load(p_ptrs)
+            w = tl.load(w_ptrs, mask=mask_a[None, :], other=0.0)
+        else:
+            mask_d = offs_d < D - d0
+            p = tl.load(p_ptrs, mask=mask_d[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_a[None, :] & mask_d[:, None], other=0.0)
+        acc = tl.dot(p, w.to(P.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
+        p_ptrs += BLOCK_D * stride_pd
+        w_ptrs += BLOCK_D * stride_w_d
+    return acc
+
+
+@triton.jit
 def _adapter_kernel(
     X, R, Y, Z, WD, BD, WU, BU,
     M, D, A, scaling,
@@ -138,20 +162,8 @@ def _adapter_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cdtype = X.dtype.element_ty
 
-    x_ptrs = X + rows_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
-    wd_ptrs = WD + offs_d[:, None] * stride_wd_d + offs_a[None, :] * stride_wd_a
-    z = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            x = tl.load(x_ptrs)
-            wd = tl.load(wd_ptrs, mask=mask_a[None, :], other=0.0)
-        else:
-            mask_d = offs_d < D - d0
-            x = tl.load(x_ptrs, mask=mask_d[None, :], other=0.0)
-            wd = tl.load(wd_ptrs, mask=mask_a[None, :] & mask_d[:, None], other=0.0)
-        z = tl.dot(x, wd.to(cdtype), z, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_D * stride_xd
-        wd_ptrs += BLOCK_D * stride_wd_d
+    z = _rows_times_weight(X, WD, rows_ld, offs_a, mask_a, D, stride_xm, stride_xd, stride_wd_d, stride_wd_a,
+                           EVEN_D, BLOCK_M, BLOCK_D, BLOCK_A, INPUT_PRECISION)
     if HAS_BD:
         z += tl.load(BD + offs_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
     rows = offs_m.to(tl.int64)
@@ -204,23 +216,9 @@ def _adapter_bwd_dz_kernel(
     rows_ld = (offs_m % M).to(tl.int64)
     offs_a = tl.arange(0, BLOCK_A)
     mask_a = offs_a < A
-    offs_d = tl.arange(0, BLOCK_D)
-    cdtype = DY.dtype.element_ty
 
-    dy_ptrs = DY + rows_ld[:, None] * stride_dym + offs_d[None, :] * stride_dyd
-    wu_ptrs = WU + offs_d[:, None] * stride_wu_d + offs_a[None, :] * stride_wu_a
-    da = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            dy = tl.load(dy_ptrs)
-            wu = tl.load(wu_ptrs, mask=mask_a[None, :], other=0.0)
-        else:
-            mask_d = offs_d < D - d0
-            dy = tl.load(dy_ptrs, mask=mask_d[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_a[None, :] & mask_d[:, None], other=0.0)
-        da = tl.dot(dy, wu.to(cdtype), da, input_precision=INPUT_PRECISION)
-        dy_ptrs += BLOCK_D * stride_dyd
-        wu_ptrs += BLOCK_D * stride_wu_d
+    da = _rows_times_weight(DY, WU, rows_ld, offs_a, mask_a, D, stride_dym, stride_dyd, stride_wu_d, stride_wu_a,
+                            EVEN_D, BLOCK_M, BLOCK_D, BLOCK_A, INPUT_PRECISION)
     rows = offs_m.to(tl.int64)
     mz = mask_m[:, None] & mask_a[None, :]
     z = tl.load(Z + rows[:, None] * A + offs_a[None, :], mask=mz, other=0.0)

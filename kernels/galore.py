@@ -33,18 +33,11 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 @triton.jit
-def _galore_project_kernel(a_ptr, b_ptr, c_ptr, m_ptr, v_ptr, M, N, K,
-                           stride_am, stride_ak, stride_bk, stride_bn,
-                           beta1, beta2, eps,
-                           EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_matmul(a_ptr, b_ptr, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, mask_m, mask_n,
+                 DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile (pid_m, pid_n) of A·B, the main loop both GaLore GEMMs share."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     # 64-bit scalar tile bases, 32-bit in-tile offsets: int64 pointer tensors cost registers (and spill),
     # while the scalar bases carry the part of the address that can exceed 2**31 (row · K of a long input)
     a_base = a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am
@@ -63,6 +56,23 @@ def _galore_project_kernel(a_ptr, b_ptr, c_ptr, m_ptr, v_ptr, M, N, K,
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         a_base += BLOCK_K * stride_ak
         b_base += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _galore_project_kernel(a_ptr, b_ptr, c_ptr, m_ptr, v_ptr, M, N, K,
+                           stride_am, stride_ak, stride_bk, stride_bn,
+                           beta1, beta2, eps,
+                           EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = _tile_matmul(a_ptr, b_ptr, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, mask_m, mask_n,
+                       DOT_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     # C, m and v are contiguous [M, N] fp32 (the optimizer allocates them), small enough for int32 offsets
     offs_c = offs_m[:, None] * N + offs_n[None, :]
     mask_c = mask_m[:, None] & mask_n[None, :]
@@ -91,27 +101,10 @@ def _galore_update_kernel(w_ptr, a_ptr, b_ptr, M, N, K,
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # 64-bit scalar tile bases, 32-bit in-tile offsets: int64 pointer tensors cost registers (and spill),
-    # while the scalar bases carry the part of the address that can exceed 2**31 (row · K of a long input)
-    a_base = a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am
-    b_base = b_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_bn
-    a_offs = tl.arange(0, BLOCK_M)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_offs = offs_k[:, None] * stride_bk + tl.arange(0, BLOCK_N)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_base + a_offs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_base + b_offs, mask=mask_n[None, :], other=0.0)
-        else:
-            kk = k0 + offs_k
-            a = tl.load(a_base + a_offs, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_base + b_offs, mask=(kk[:, None] < K) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        a_base += BLOCK_K * stride_ak
-        b_base += BLOCK_K * stride_bk
+    acc = _tile_matmul(a_ptr, b_ptr, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, mask_m, mask_n,
+                       DOT_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     w_ptrs = w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_n[None, :].to(tl.int64) * stride_wn
     mask_w = mask_m[:, None] & mask_n[None, :]
     w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
