@@ -57,8 +57,11 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def _tma_rows(t: torch.Tensor) -> bool:
-    """A 2-D tensor a tensor descriptor can address: unit column stride, 16-byte aligned base and rows."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """A 2-D tensor a tensor descriptor can address: unit column stride, 16-byte aligned base and rows, and
+    rows that do not overlap (a descriptor's row stride must be positive and cover the row: expanded rows,
+    stride 0, and as_strided windows go through pointers)."""
+    return (t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def _allocate_scratch(size: int, alignment: int, stream):

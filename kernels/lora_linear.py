@@ -331,7 +331,7 @@ def gemm_rank_block(r: int, cfg: dict) -> int:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int) -> torch.Tensor:
-    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] with any strides, A [R, K]."""
+    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] and A [R, K] with any strides."""
     M, K = x.shape
     R = a.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
@@ -350,11 +350,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int)
 def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[int, int] | None) -> torch.Tensor:
     """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
 
-    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None.
+    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None. Matrices may have any strides;
+    bias [N] is read at unit stride, so a strided or expanded bias is copied first (N elements, explicit).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
     R = l_mat.shape[1]
+    if bias is not None and bias.stride(0) != 1 and N > 1:
+        bias = bias.contiguous()
     out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)

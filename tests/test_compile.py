@@ -197,3 +197,70 @@ def test_recompiled_scalars_stay_in_graph_and_are_checked():
         assert_close(y, ref, torch.float32, f"scaling={scaling} p={p}")
     with pytest.raises(Exception, match="scaling: expected a finite number, got inf"):
         f(x, float("inf"), 0.1)
+
+
+def _f64_grads(x, w, a, b, bias, scaling, post, dy):
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b, bias)]
+    x64, a64, b64, bias64 = leaves
+    y = post(x64 @ w.double().t() + scaling * (x64 @ a64.t()) @ b64.t() + bias64)
+    y.backward(dy.double())
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["relu_ in the graph", "+= after the graph"])
+def test_in_place_ops_on_the_output_in_and_after_a_compiled_graph(backend, where):
+    """The op's output is not a view made inside its autograd Function: relu_() inside the compiled function,
+    or += on what the graph returns, trains exactly."""
+    x, w, a, b, bias = _inputs(torch.float32)
+    x, a, b, bias = (t.detach().requires_grad_() for t in (x, a, b, bias))
+    dy = _rnd(3, 9, 35, g=torch.Generator().manual_seed(7))
+    t = _rnd(3, 9, 35, g=torch.Generator().manual_seed(8))
+    inside = where.startswith("relu_")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, a, b, bias):
+        y = lora_linear(x, w, a, b, 0.75, bias=bias, backend=backend)
+        if inside:
+            y.relu_()
+        return y
+
+    y = f(x, a, b, bias)
+    if not inside:
+        y += t
+    y.backward(dy)
+    ref_y, grads = _f64_grads(x, w, a, b, bias, 0.75, torch.relu if inside else (lambda y: y + t.double()), dy)
+    assert_close(y, ref_y, torch.float32, "y")
+    for what, got, exp in zip(("dx", "dA", "dB", "dbias"), (x.grad, a.grad, b.grad, bias.grad), grads):
+        assert_close(got, exp, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_op_call_output_modifiable_and_twice_differentiable(backend):
+    """lora_linear_traced called eagerly (what a graph calls): relu_() after it trains, and double backward
+    is exact."""
+    x, w, a, b, bias = _inputs(torch.float32)
+    x, a, b, bias = (t.detach().requires_grad_() for t in (x, a, b, bias))
+    dy = _rnd(3, 9, 35, g=torch.Generator().manual_seed(9))
+    y = lora_linear_op.lora_linear_traced(x, w, a, b, 0.75, bias=bias, backend=backend)
+    y.relu_()
+    y.backward(dy)
+    ref_y, grads = _f64_grads(x, w, a, b, bias, 0.75, torch.relu, dy)
+    assert_close(y, ref_y, torch.float32, "y")
+    for what, got, exp in zip(("dx", "dA", "dB", "dbias"), (x.grad, a.grad, b.grad, bias.grad), grads):
+        assert_close(got, exp, torch.float32, what)
+    # second derivative: d/d(x, A, B) of <dL/dx, c> with L = sum((y * dy)^2)
+    c = _rnd(3, 9, 21, g=torch.Generator().manual_seed(10))
+    for t in (x, a, b):
+        t.grad = None
+    y = lora_linear_op.lora_linear_traced(x, w, a, b, 0.75, bias=bias, backend=backend)
+    (gx,) = torch.autograd.grad((y * dy).square().sum(), x, create_graph=True)
+    (gx * c).sum().backward()
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ w.double().t() + 0.75 * (x64 @ a64.t()) @ b64.t() + bias.detach().double()
+    (gx64,) = torch.autograd.grad((y64 * dy.double()).square().sum(), x64, create_graph=True)
+    (gx64 * c.double()).sum().backward()
+    assert_close(gx, gx64, torch.float32, "first derivative dx")
+    for what, got, exp in zip(("x", "A", "B"), (x.grad, a.grad, b.grad), (x64.grad, a64.grad, b64.grad)):
+        assert got is not None, what
+        assert_close(got, exp, torch.float32, f"second derivative w.r.t. {what}")

@@ -80,3 +80,10 @@ def test_backend_report_explains_the_choice():
     rep = fastpeft.backend_report("cpu")
     assert rep["available"]["torch"] and not rep["available"]["cuda"]
     assert rep["auto"]["lora_linear"] == "torch" and "cuda" in rep["why_not"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_in_features_is_a_clear_error(backend):
+    x, w, a, b = torch.randn(5, 0), torch.randn(6, 0), torch.randn(2, 0), torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"x: expected in_features >= 1 .*got x of shape \(5, 0\)"):
+        lora_linear(x, w, a, b, 1.0, backend=backend)

@@ -13,7 +13,7 @@ from .._checks import (
     FLOAT_DTYPES, check_finite_number, check_float_dtype, check_probability, check_same_device, check_tensor,
 )
 from ..dropout import SEED_BOUND, keep_threshold, new_seed
-from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch
+from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
 
 MAX_TRITON_RANK = 256
 
@@ -40,50 +40,72 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-    """(y in x's leading shape, S [M, r], the dropout threshold) from the backend's forward launcher."""
+def _unrows(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y [M, out] back to x's leading shape, outside any autograd Function (so y may be modified in place)."""
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[1])
+
+
+def _forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+    """(y [M, out], S [M, r], the dropout threshold) on rows x2 [M, in] from the backend's forward launcher."""
     fwd, _ = _impl(backend)
     thr = keep_threshold(dropout_p)
-    x2 = _rows(x)
-    if x2.shape[0] == 0:
-        y2 = x2.new_empty((0, weight.shape[0]))
-        s = x2.new_empty((0, lora_a.shape[0]))
-    else:
-        y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
-    return y2.view(*x.shape[:-1], weight.shape[0]), s, thr
+    m, n = x2.shape[0], weight.shape[0]
+    if m == 0 or n == 0:  # nothing to compute; no kernel is launched on an empty grid
+        return x2.new_empty((m, n)), x2.new_zeros((m, lora_a.shape[0])), thr
+    y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
+    return y2, s, thr
+
+
+def _differentiable_backward(dy2, x2, weight, lora_a, lora_b, scaling, p, seed, needs):
+    """Backward under create_graph=True: the gradient formulas in differentiable torch ops, S recomputed from
+    x and A (the forward's S carries no graph), so second derivatives are exact whichever backend ran forward
+    (same dropout stream). Slower than the kernels; only double backward takes it."""
+    need_dx, need_da, need_db, need_dbias = needs
+    s = lora_shrink_torch(x2, lora_a, p, seed) if need_db else None
+    return lora_linear_bwd_torch(dy2, x2, weight, lora_a, lora_b, s, scaling, p, seed, keep_threshold(p), needs)
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd Function of the fused LoRA linear. Use fastpeft.lora_linear, which validates inputs."""
+    """Autograd Function of the fused LoRA linear, on rows: x [..., in] -> y [M, out], M = x.numel() // in.
+
+    Use fastpeft.lora_linear, which validates inputs and restores x's leading shape outside the Function: an
+    output viewed inside a custom Function could not be modified in place (relu_(), +=) in training.
+    Double backward (create_graph=True) is supported on every backend, through differentiable torch ops.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-        y, s, thr = _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
+        y2, s, thr = _forward(_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
         ctx.has_bias = bias is not None
-        return y
+        return y2
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy2):
         x, weight, lora_a, lora_b, s = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         need_dbias = need_dbias and ctx.has_bias
-        x2, dy2 = _rows(x), _rows(dy)
+        needs = (need_dx, need_da, need_db, need_dbias)
+        x2 = _rows(x)
         dx = dw = da = db = dbias = None
-        if x2.shape[0] == 0:
-            dx = torch.zeros_like(x) if need_dx else None
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the backward itself is wanted
+            if any(needs):
+                dx, da, db, dbias = _differentiable_backward(dy2, x2, weight, lora_a, lora_b, ctx.scaling,
+                                                             ctx.dropout_p, ctx.seed, needs)
+        elif x2.shape[0] == 0 or weight.shape[0] == 0:  # empty: no kernel launch
+            dx = torch.zeros_like(x2) if need_dx else None
             da = torch.zeros_like(lora_a) if need_da else None
             db = torch.zeros_like(lora_b) if need_db else None
             dbias = weight.new_zeros(weight.shape[0]) if need_dbias else None
-        elif need_dx or need_da or need_db or need_dbias:
+        elif any(needs):
             _, bwd = _impl(ctx.backend)
             dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr,
-                                    (need_dx, need_da, need_db, need_dbias))
-            if dx is not None:
-                dx = dx.view(x.shape)
+                                    needs)
+        if dx is not None:
+            dx = dx.view(x.shape)
         if need_dw:  # W0 is frozen in LoRA; a caller who trains it anyway gets its exact gradient
-            dw = (dy2.t() @ x2).to(weight.dtype) if x2.shape[0] else torch.zeros_like(weight)
+            dw = (dy2.t() @ x2).to(weight.dtype)
         return dx, dw, da, db, dbias, None, None, None, None
 
 
@@ -102,6 +124,9 @@ def check_lora_tensors(x, weight, lora_a, lora_b, bias, *, noun: str = "shape", 
     r = lora_a.shape[0]
     if x.shape[-1] != in_f:
         raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), got shape {tuple(x.shape)}")
+    if in_f == 0:
+        raise ValueError(f"x: expected in_features >= 1 (the last dimension of x and of weight [out, in]), "
+                         f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
     if r < 1 or lora_a.shape[1] != in_f:
         raise ValueError(f"lora_a: expected {noun} [{rank}, {in_f}] with {rank} >= 1 and {in_f} the in_features of weight, "
                          f"got {tuple(lora_a.shape)}")
@@ -129,9 +154,12 @@ def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tu
 def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *, seed=None, backend=None):
     """LoRA linear in HF PEFT's layout: y = x·Wᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ.
 
-    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] in x's dtype;
-    lora_a [r, in] and lora_b [out, r] in x's dtype or fp32. Dropout applies only when `training`;
-    its mask comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
+    x [..., in] (fp32, fp16 or bf16); weight [out, in] and bias [out] in x's dtype; lora_a [r, in] and
+    lora_b [out, r] in x's dtype or fp32. Every tensor may have any strides (sliced, transposed, expanded,
+    overlapping views); in_features >= 1, r >= 1, any M and out_features (0 included). The result is a fresh
+    tensor (for x of other than 2 dims, a view of one made outside the autograd Function), so in-place ops
+    on it train; double backward works on every backend. Dropout applies only when `training`; its mask
+    comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
     backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda" or "torch" (see fastpeft._backend).
     """
     if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break (see lora_linear_op.py)
@@ -150,9 +178,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     else:
         seed = 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
-        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
-    # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
-    return _forward(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
+        y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+    else:  # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
+        y2 = _forward(_rows(x), weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
+    return _unrows(y2, x)
 
 
 __all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "check_lora_tensors", "FLOAT_DTYPES"]

@@ -5,6 +5,11 @@ then y += s·S·Bᵀ (an addmm: one extra pass over y that the Triton GEMM's epi
 dropout takes the one-launch decode kernel instead. Backward: one CUDA pass over dY for dS and dB, cuBLAS for
 dY·W0 and the rank-r products; the dropout mask of dX's and dA's low-rank terms comes from the PyTorch twin
 of the stream. Same signatures as the other backends; adapters in fp32 are cast to x's dtype for the kernels.
+
+Layouts: every tensor reaches the csrc kernels with its own strides (csrc/bindings.cpp passes stride(0) and
+stride(1), bias's stride included; the tile loaders use 16-byte vectors only where the row is unit-stride and
+aligned, scalar loads otherwise, so expanded and overlapping rows read correctly), and cuBLAS takes the rest
+through torch. So no argument is copied here for its layout; empty M or out_features never reach this file.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import torch
 
 from .._backend import requested_backend, resolve_backend
 from ..dropout import SEED_BOUND, keep_threshold
-from .lora_linear import MAX_TRITON_RANK, _impl, check_lora_inputs
+from .lora_linear import MAX_TRITON_RANK, _differentiable_backward, _impl, _unrows, check_lora_inputs
 
 
 def _resolved(backend: str, x: torch.Tensor, r: int) -> str:
@@ -43,21 +43,25 @@ def _lead_rows(x: torch.Tensor):  # a product of (possibly symbolic) sizes
 def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: torch.Tensor,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [..., out] in x's dtype, S [M, r] saved for backward); inputs already validated."""
+    """(y [M, out] in x's dtype, the rows of x [..., in]; S [M, r] saved for backward); inputs already validated.
+
+    y comes back as rows, not viewed to x's leading shape: lora_linear_traced reshapes it outside the op, so
+    no output is a view made inside the op's autograd Function (which in-place ops after it could not follow).
+    """
     _check_scalars_at_run(scaling, dropout_p)
     x2 = _rows(x)
-    n, r = weight.shape[0], lora_a.shape[0]
-    if x2.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], n)), x.new_empty((0, r))
+    m, n, r = x2.shape[0], weight.shape[0], lora_a.shape[0]
+    if m == 0 or n == 0:  # nothing to compute; no kernel is launched on an empty grid
+        return x.new_empty((m, n)), x.new_zeros((m, r))
     fwd, _ = _impl(_resolved(backend, x, r))
     seed_i = int(seed) if dropout_p > 0 else 0
-    y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_i, keep_threshold(dropout_p))
-    return y2.view(*x.shape[:-1], n), s
+    return fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_i, keep_threshold(dropout_p))
 
 
 @lora_linear_fwd_op.register_fake
 def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_lead_rows(x), lora_a.shape[0]))
+    m = _lead_rows(x)
+    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_a.shape[0]))
 
 
 @torch.library.custom_op("fastpeft::lora_linear_bwd", mutates_args=())
@@ -65,10 +69,10 @@ def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                        lora_b: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
                        need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB, dbias); a gradient that is not needed comes back as an empty [0] tensor."""
+    """(dx, dA, dB, dbias) for dy [M, out], the rows of y; a gradient not needed comes back as an empty [0] tensor."""
     x2, dy2 = _rows(x), _rows(dy)
     r = lora_a.shape[0]
-    if x2.shape[0] == 0:
+    if x2.shape[0] == 0 or weight.shape[0] == 0:
         dx, da, db = torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
         dbias = dy.new_zeros(weight.shape[0])
     else:
@@ -103,7 +107,14 @@ def _backward(ctx, dy, _ds):
     need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
     need_dbias = need_dbias and ctx.has_bias
     dx = dw = da = db = dbias = None
-    if need_dx or need_da or need_db or need_dbias:
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True on an eager call of the op: differentiable formulas, as LoRALinearFunction does
+        needs = (need_dx, need_da, need_db, need_dbias)
+        if any(needs):
+            dx, da, db, dbias = _differentiable_backward(dy, _rows(x), weight, lora_a, lora_b, ctx.scaling,
+                                                         ctx.dropout_p, int(seed) if ctx.dropout_p > 0 else 0, needs)
+            dx = dx.view(x.shape) if dx is not None else None
+    elif need_dx or need_da or need_db or need_dbias:
         dx, da, db, dbias = torch.ops.fastpeft.lora_linear_bwd(
             dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed,
             need_dx, need_da, need_db, need_dbias, ctx.backend)
@@ -162,8 +173,8 @@ def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=
         seed_t = torch.tensor(seed, dtype=torch.int64)
     else:
         seed_t = torch.zeros((), dtype=torch.int64)
-    y, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
-    return y
+    y2, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
+    return _unrows(y2, x)
 
 
 __all__ = ["lora_linear_fwd_op", "lora_linear_bwd_op", "lora_linear_traced"]

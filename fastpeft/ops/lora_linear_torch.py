@@ -16,10 +16,15 @@ def _dropped(x: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None = N
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) * (1.0 / (1.0 - p))
 
 
-def lora_linear_fwd_torch(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0):
-    """Forward on 2-D x [M, K]: returns (y [M, N], S [M, R]) in x's dtype."""
+def lora_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ [M, R] in x's dtype, differentiable in x and A."""
     xd = _dropped(x, p, seed) if p > 0 else x
-    s = xd @ lora_a.to(x.dtype).t()
+    return xd @ lora_a.to(x.dtype).t()
+
+
+def lora_linear_fwd_torch(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0):
+    """Forward on 2-D x [M, K] (any strides): returns (y [M, N], S [M, R]) in x's dtype."""
+    s = lora_shrink_torch(x, lora_a, p, seed)
     y = torch.nn.functional.linear(x, weight, bias)
     y.addmm_(s, lora_b.to(x.dtype).t(), alpha=scaling)
     return y, s
