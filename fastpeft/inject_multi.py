@@ -11,7 +11,7 @@ load_multi_adapter / unload_multi_adapter change the set at run time without rec
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
 import json
 import os
 import re
@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ._checks import check_finite_number, check_positive_int
 from .inject import find_target_linears, set_submodule
 from .modules.multi_lora import MultiLoRALinear
 
@@ -55,38 +56,49 @@ class MultiLoRARegistry:
         return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
 
 
-def _read_source(src) -> tuple[Mapping[str, torch.Tensor], dict]:
-    """(state dict, adapter config or {}) of a PEFT adapter directory, a .safetensors / .bin file or a state dict."""
+def _read_source(adapter: str, src) -> tuple[Mapping[str, torch.Tensor], dict, str]:
+    """(state dict, adapter config or {}, where it came from) of a PEFT adapter directory, a .safetensors /
+    .bin file or a state dict. Unreadable files raise naming the adapter and the file."""
     if isinstance(src, Mapping):
-        return src, {}
+        return src, {}, "a state dict"
     if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"adapters: expected a state dict or a path, got {type(src).__name__}")
+        raise TypeError(f"adapters[{adapter!r}]: expected a state dict or a path, got {type(src).__name__}")
     path = os.fspath(src)
     config = {}
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "adapter_config.json")
         if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(cfg_path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 BOM some editors write is fine
+                    config = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"adapters[{adapter!r}]: cannot read {cfg_path}: {e}") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"adapters[{adapter!r}]: {cfg_path}: expected a JSON object, got {type(config).__name__}")
         for fname in ("adapter_model.safetensors", "adapter_model.bin"):
             if os.path.exists(os.path.join(path, fname)):
                 path = os.path.join(path, fname)
                 break
         else:
-            raise ValueError(f"adapters: {src!r} has neither adapter_model.safetensors nor adapter_model.bin")
+            raise ValueError(f"adapters[{adapter!r}]: {src!r} has neither adapter_model.safetensors nor adapter_model.bin")
     if not os.path.exists(path):
-        raise ValueError(f"adapters: {src!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        raise ValueError(f"adapters[{adapter!r}]: {src!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path), config
-    return torch.load(path, map_location="cpu", weights_only=True), config
+            return load_file(path), config, path
+        return torch.load(path, map_location="cpu", weights_only=True), config, path
+    except Exception as e:  # a truncated or foreign file: say which
+        raise ValueError(f"adapters[{adapter!r}]: cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def _adapter_tensors(adapter: str, sd: Mapping[str, torch.Tensor], targets: list[str]) -> dict[str, list]:
+def _adapter_tensors(adapter: str, sd: Mapping[str, torch.Tensor], targets: list[str], where: str) -> dict[str, list]:
     """target module name -> [A, B] of one adapter's state dict; LoRA keys that match no target raise."""
     out: dict[str, list] = {}
     seen_names = set()
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"adapters[{adapter!r}] ({where}): expected a state dict, got {type(sd).__name__}")
     for key, t in sd.items():
         k = key[:-len(".weight")] if key.endswith(".weight") else key
         m = _KEY.match(k)
@@ -100,59 +112,107 @@ def _adapter_tensors(adapter: str, sd: Mapping[str, torch.Tensor], targets: list
         hits = [n for n in targets if n == mod or n.endswith("." + mod) or mod.endswith("." + n)]
         if len(hits) != 1:
             what = "no targeted module" if not hits else f"several targeted modules {hits}"
-            raise ValueError(f"adapters[{adapter!r}]: key {key!r} matches {what}; check target_modules")
+            raise ValueError(f"adapters[{adapter!r}] ({where}): key {key!r} matches {what}; check target_modules")
         out.setdefault(hits[0], [None, None])["AB".index(m.group("ab"))] = t
     if len(seen_names) > 1:
-        raise ValueError(f"adapters[{adapter!r}]: the state dict holds several adapters {sorted(seen_names)}; pass one")
+        raise ValueError(f"adapters[{adapter!r}] ({where}): the state dict holds several adapters {sorted(seen_names)}; "
+                         f"pass one")
     if not out:
-        raise ValueError(f"adapters[{adapter!r}]: no LoRA tensors (keys '<module>.lora_A[.weight]') in the state dict")
+        raise ValueError(f"adapters[{adapter!r}] ({where}): no LoRA tensors (keys '<module>.lora_A[.weight]') in the "
+                         f"state dict")
     for n, (a, b) in out.items():
         if a is None or b is None:
-            raise ValueError(f"adapters[{adapter!r}]: module {n!r} has lora_{'A' if a is None else 'B'} missing")
+            raise ValueError(f"adapters[{adapter!r}] ({where}): layer {n!r} has lora_{'A' if a is None else 'B'} missing")
     return out
 
 
-def _load_into(registry: MultiLoRARegistry, name: str, src, slot: int, alpha: float | None) -> None:
-    sd, config = _read_source(src)
-    tensors = _adapter_tensors(name, sd, list(registry.layers))
+def _plan(layers: Mapping[str, MultiLoRALinear], adapter: str, sd, config: dict, where: str,
+          alpha: float | None) -> dict[str, tuple]:
+    """Validate every tensor of one adapter against every layer, writing nothing: target -> (A, B, scaling)."""
+    tensors = _adapter_tensors(adapter, sd, list(layers), where)
     if alpha is None:
         alpha = config.get("lora_alpha")
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ValueError(f"adapters[{adapter!r}] ({where}): use_rslora: expected true or false, got {rslora!r}")
+    plan = {}
+    for target, (a, b) in tensors.items():
+        try:
+            _, scaling = layers[target].check_adapter(a, b, alpha=alpha, use_rslora=rslora)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapters[{adapter!r}] ({where}): layer {target!r}: {e}") from None
+        plan[target] = (a, b, scaling)
+    return plan
+
+
+def _apply(registry: MultiLoRARegistry, name: str, slot: int, plan: dict[str, tuple]) -> None:
+    """Write a validated plan into `slot` of every layer (layers the adapter leaves alone: base only)."""
     for target, layer in registry.layers.items():
-        if target in tensors:
-            a, b = tensors[target]
-            layer.load_adapter(slot, a.to(layer.lora_A.device), b.to(layer.lora_B.device), alpha=alpha,
-                               use_rslora=rslora, name=name)
-        else:  # this adapter leaves the layer alone: base only for its tokens here
+        if target in plan:
+            a, b, scaling = plan[target]
+            layer.load_adapter(slot, a, b, scaling=scaling, name=name)
+        else:
             layer.unload_adapter(slot)
             layer.adapter_names[slot] = name
     registry.slots[name] = slot
 
 
-def _max_rank(sources: dict) -> int:
+def _max_rank(sources: Mapping[str, tuple]) -> int:
     r = 1
-    for name, src in sources.items():
-        sd, _ = _read_source(src)
-        for key, t in sd.items():
+    for sd, _, _ in sources.values():
+        for key, t in (sd.items() if isinstance(sd, Mapping) else ()):
             k = key[:-len(".weight")] if key.endswith(".weight") else key
             m = _KEY.match(k)
-            if m is not None and m.group("ab") == "A":
+            if m is not None and m.group("ab") == "A" and isinstance(t, torch.Tensor) and t.dim() == 2:
                 r = max(r, t.shape[0])
     return r
 
 
-def _wrap_forward(model: nn.Module) -> None:
-    """model(..., adapter_names=[...]) runs the call inside multi_lora_batch; other calls are unchanged."""
-    inner = model.forward
+class _AdapterNamesForward:
+    """model.forward after inject_multi_lora: model(..., adapter_names=[...]) runs the call inside
+    multi_lora_batch; other calls are unchanged. An object rather than a closure, so that the model pickles
+    and a deepcopy's forward is bound to the copy (a copied closure would still run the original)."""
 
-    @functools.wraps(inner)
-    def forward(*args, adapter_names=None, **kwargs):
+    def __init__(self, model: nn.Module, inner=None):
+        self.model = model
+        self.inner = inner  # an instance-level forward that was there before (another wrapper), if any
+
+    def _target(self):
+        return self.inner if self.inner is not None else type(self.model).forward.__get__(self.model)
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
         if adapter_names is None:
-            return inner(*args, **kwargs)
-        with multi_lora_batch(model, adapter_names):
-            return inner(*args, **kwargs)
+            return self._target()(*args, **kwargs)
+        with multi_lora_batch(self.model, adapter_names):
+            return self._target()(*args, **kwargs)
 
-    model.forward = forward
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(self._target())
+        if "adapter_names" in sig.parameters:
+            return sig
+        params = list(sig.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        return sig.replace(parameters=params)
+
+
+def _adapter_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters of fastpeft adapter layers already in `model` (an earlier inject_lora's, say),
+    which keep their requires_grad, unlike the layers they wrap."""
+    from .modules.adapter import BottleneckAdapter
+    from .modules.ia3 import IA3Linear
+    from .modules.lora import LoRALinear
+
+    keep = set()
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, IA3Linear, MultiLoRALinear, BottleneckAdapter)):
+            keep.update(id(p) for n, p in m.named_parameters() if not n.startswith("base_layer."))
+    return keep
+
+
+def _wrap_forward(model: nn.Module) -> None:
+    model.forward = _AdapterNamesForward(model, model.__dict__.get("forward"))
 
 
 def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], adapters: Mapping[str, object], *,
@@ -162,9 +222,10 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
     adapter directory, .safetensors/.bin file, or state dict), freeze the base model and return it.
 
     Afterwards model(..., adapter_names=[one per sequence]) runs each sequence with its adapter ("__base__":
-    none). capacity: adapter slots (default len(adapters)); r: the pool's rank bound (default the largest rank
+    none); adapters of earlier fastpeft injections keep their requires_grad. capacity: adapter slots (default len(adapters)); r: the pool's rank bound (default the largest rank
     found). Scaling per adapter: alphas[name], else the adapter config's lora_alpha, else alpha, else the rank
-    (scaling 1), divided by the layer's rank (PEFT's rule).
+    (scaling 1), divided by the layer's rank (PEFT's rule). Every target and every tensor of every adapter
+    is checked before the model is touched: after an error the model is unchanged (a retry may follow).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -175,28 +236,44 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
     for nm in adapters:
         if not isinstance(nm, str) or not nm or nm == BASE_NAME:
             raise ValueError(f"adapters: expected non-empty adapter names other than {BASE_NAME!r}, got {nm!r}")
+    alphas = dict(alphas or {})
+    unknown = sorted(set(alphas) - set(adapters), key=str)
+    if unknown:
+        raise ValueError(f"alphas: expected names of adapters {sorted(adapters)}, got {unknown}")
+    for nm, v in alphas.items():
+        check_finite_number(f"alphas[{nm!r}]", v)
+    if alpha is not None:
+        alpha = check_finite_number("alpha", alpha)
     names = find_target_linears(model, target_modules)
-    capacity = len(adapters) if capacity is None else int(capacity)
+    capacity = len(adapters) if capacity is None else check_positive_int("capacity", capacity)
     if capacity < len(adapters):
         raise ValueError(f"capacity: expected at least {len(adapters)} (the number of adapters), got {capacity}")
-    need = _max_rank(dict(adapters))
-    r = need if r is None else int(r)
+    sources = {nm: _read_source(nm, src) for nm, src in adapters.items()}  # each file read once
+    need = _max_rank(sources)
+    r = need if r is None else check_positive_int("r", r)
     if r < need:
         raise ValueError(f"r: expected at least {need} (the largest adapter rank), got {r}")
+    # new layers wrap (and freeze) the targets before they replace them: undo the freezing on any error
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        layers = {n: MultiLoRALinear(model.get_submodule(n), capacity, r=r, alpha=float(r if alpha is None else alpha),
+                                     init_adapters=False, backend=backend) for n in names}
+        plans = [(slot, nm, _plan(layers, nm, *sources[nm], alphas.get(nm, alpha))) for slot, nm in enumerate(adapters)]
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    # everything is valid: from here on nothing checks or raises on valid input
+    keep = _adapter_parameters(model)
     for p in model.parameters():
-        p.requires_grad_(False)
-    layers = {}
-    for n in names:
-        layer = MultiLoRALinear(model.get_submodule(n), capacity, r=r, alpha=float(r if alpha is None else alpha),
-                                init_adapters=False, backend=backend)
-        set_submodule(model, n, layer)
-        layers[n] = layer
+        if id(p) not in keep:
+            p.requires_grad_(False)
     registry = MultiLoRARegistry(layers, capacity)
-    for layer in layers.values():
+    for n, layer in layers.items():
+        set_submodule(model, n, layer)
         layer._context = registry
-    alphas = dict(alphas or {})
-    for slot, (nm, src) in enumerate(adapters.items()):
-        _load_into(registry, nm, src, slot, alphas.get(nm, alpha))
+    for slot, nm, plan in plans:
+        _apply(registry, nm, slot, plan)
     model._fastpeft_multi_lora = registry
     _wrap_forward(model)
     return model
@@ -220,7 +297,11 @@ def load_multi_adapter(model: nn.Module, name: str, source, alpha: float | None 
         slot = next((i for i in range(reg.capacity) if i not in used), None)
         if slot is None:
             raise ValueError(f"name: the pool's {reg.capacity} slots are all in use ({sorted(reg.slots)}); unload one first")
-    _load_into(reg, name, source, slot, alpha)
+    if alpha is not None:
+        alpha = check_finite_number("alpha", alpha)
+    # every tensor of every layer is checked before any is written: after an error the model is unchanged
+    plan = _plan(reg.layers, name, *_read_source(name, source), alpha)
+    _apply(reg, name, slot, plan)
     return slot
 
 

@@ -3,7 +3,9 @@
 The adapters live in one stacked pool: A_pool [R_total, K] and B_pool [N, R_total]; adapter a owns pool rank
 rows offsets[a] .. offsets[a] + ranks[a] and has its own scaling. Every rank loop runs to the adapter's own
 rank (masks on r), so an adapter of rank 8 moves rank-8 bytes even in a pool whose largest rank is 64.
-Ids outside [0, n_adapters) and adapters of rank 0 mean "base only".
+Ids outside [0, n_adapters) and adapters of rank 0 mean "base only". Every tensor is addressed through its
+strides, 1-D ones included (ids, bias, scalings; stride 0 is one value for all); ids may be of any signed
+integer type or uint8. Ranks and offsets are contiguous int32 (AdapterTable makes them so).
 
 Token order and the multi-adapter epilogue.
   - The base GEMM (forward y and backward dX) keeps plain BLOCK_M row tiles in token order, so W0 is read
@@ -54,22 +56,25 @@ def _next_adapter(ids, prev, n_adapters):
 
 
 @triton.jit
-def _tile_rows(PERM, IDS, pos, pos_mask, M, n_adapters, PERMUTED: tl.constexpr):
-    """Token rows (int64, in bounds for every lane) and adapter ids (int32, -1 for base-only and padding)."""
+def _tile_rows(PERM, IDS, stride_id, pos, pos_mask, M, n_adapters, PERMUTED: tl.constexpr):
+    """Token rows (int64, in bounds for every lane) and adapter ids (int32, -1 for base-only and padding).
+
+    IDS may be of any signed integer type or uint8 and any stride (0: one id for every token)."""
     if PERMUTED:
         rows = tl.load(PERM + pos, mask=pos_mask, other=0).to(tl.int64)
     else:
         rows = (pos % M).to(tl.int64)
-    raw = tl.load(IDS + rows, mask=pos_mask, other=-1)
-    # compared before narrowing, so that an int64 id past 2**31 cannot wrap into a valid one
-    ids = tl.where((raw >= 0) & (raw < n_adapters), raw, -1).to(tl.int32)
+    # widened first (uint8 zero-extends, signed types sign-extend) and compared before narrowing, so that
+    # neither an unsigned id nor an int64 id past 2**31 can wrap into a valid one
+    raw = tl.load(IDS + rows * stride_id, mask=pos_mask, other=0).to(tl.int64)
+    ids = tl.where(pos_mask & (raw >= 0) & (raw < n_adapters), raw, -1).to(tl.int32)
     return rows, ids
 
 
 @triton.jit
 def _multi_lora_shrink_kernel(
     X, IDS, PERM, A, RANKS, OFFS, S, M, K, n_adapters, r_max, k_per_split,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sp, stride_sm, stride_sr,
+    stride_id, stride_xm, stride_xk, stride_ar, stride_ak, stride_sp, stride_sm, stride_sr,
     PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -77,7 +82,7 @@ def _multi_lora_shrink_kernel(
     pid_s = tl.program_id(1)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_mask = pos < M
-    rows, ids = _tile_rows(PERM, IDS, pos, pos_mask, M, n_adapters, PERMUTED)
+    rows, ids = _tile_rows(PERM, IDS, stride_id, pos, pos_mask, M, n_adapters, PERMUTED)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     k_lo = pid_s * k_per_split
@@ -109,6 +114,7 @@ def _multi_lora_shrink_kernel(
 def _multi_lora_gemm_kernel(
     P, Q, L, RM, BIAS, OUT, IDS, SCALE, RANKS, OFFS, M, N, K, n_adapters,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    stride_id, stride_bias, stride_scale,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -119,7 +125,7 @@ def _multi_lora_gemm_kernel(
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_mask = pos < M
     # token order, never gathered: rows loaded through a permutation cost 0.2-1 KB of spills at every tile size
-    rows, ids = _tile_rows(IDS, IDS, pos, pos_mask, M, n_adapters, False)
+    rows, ids = _tile_rows(IDS, IDS, stride_id, pos, pos_mask, M, n_adapters, False)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -137,7 +143,7 @@ def _multi_lora_gemm_kernel(
             lo = tl.load(L + rows[:, None] * stride_lm + (r0 + offs_r[None, :]) * stride_lr,
                          mask=sel[:, None] & r_mask[None, :], other=0.0)
             if HAS_SCALE:  # the adapter's scaling folded into its [BLOCK_M, BLOCK_R] rows, not the big tile
-                lo = lo.to(tl.float32) * tl.load(SCALE + a)
+                lo = lo.to(tl.float32) * tl.load(SCALE + a * stride_scale).to(tl.float32)
             rm = tl.load(RM + (off + r0 + offs_r[:, None]) * stride_rr + cols[None, :] * stride_rn,
                          mask=r_mask[:, None], other=0.0)
             acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
@@ -172,7 +178,7 @@ def _multi_lora_gemm_kernel(
         p_ptrs += BLOCK_K * stride_pk
 
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     out_ptrs = OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=pos_mask[:, None] & (offs_n < N)[None, :])
 
@@ -192,7 +198,7 @@ def _segment_tile(TILES, n_tiles, p, PERM, BLOCK_M: tl.constexpr):
 @triton.jit
 def _multi_lora_bwd_dy_kernel(
     DY, B, S, PERM, TILES, SCALE, RANKS, OFFS, DS, DB_PART, n_tiles, N, r_max, n_per_split,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsp, stride_dsm,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsp, stride_dsm, stride_scale,
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -202,7 +208,7 @@ def _multi_lora_bwd_dy_kernel(
     if a >= 0:
         r_a = tl.load(RANKS + a)
         off = tl.load(OFFS + a).to(tl.int64)
-        scale = tl.load(SCALE + a)
+        scale = tl.load(SCALE + a * stride_scale).to(tl.float32)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < r_a
         n_lo = pid_s * n_per_split
@@ -366,7 +372,8 @@ class Grouping:
 
     def __init__(self, ids: torch.Tensor, n_adapters: int, block: int, with_tiles: bool):
         M = ids.numel()
-        key = torch.where((ids >= 0) & (ids < n_adapters), ids, -1)
+        wide = ids.long()  # any id dtype and stride; a uint8 key could not hold -1
+        key = torch.where((wide >= 0) & (wide < n_adapters), wide, -1)
         _, self.perm = torch.sort(key, stable=True)
         self.block = block
         self.tiles = self.tile_cum = None
@@ -408,7 +415,7 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
     _multi_lora_shrink_kernel[(m_blocks, k_splits)](
         x, ids, perm if perm is not None else ids, a_pool, ranks, offsets, part, M, K, n_adapters, r_max,
         k_per * cfg["BLOCK_K"],
-        x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), stride_sp, part.stride(-2), part.stride(-1),
+        ids.stride(0), x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), stride_sp, part.stride(-2), part.stride(-1),
         PERMUTED=perm is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(r_max),
         **tile_args(cfg), **launch_opts(cfg),
     )
@@ -417,14 +424,15 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
     return s
 
 
-def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int):
+def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int, out=None):
     """out = P·Q + Σ_a scale[a]·L[rows of a, :r_a]·Rm_a + bias, q_t = Qᵀ [N, K], rm_t = pool Rmᵀ [N, R_total].
 
-    scale None means 1 (L already scaled, as dS in backward).
+    scale None means 1 (L already scaled, as dS in backward). out: None or the [M, N] destination (any strides).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
-    out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
+    if out is None:
+        out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, q_t.t() if q_kn else q_t)
     cfg = gemm_config(M, p_mat.dtype, path)
@@ -434,6 +442,7 @@ def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n
         scale if scale is not None else out, ranks, offsets, M, N, K, n_adapters,
         p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
         rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
+        ids.stride(0), bias.stride(0) if bias is not None else 0, scale.stride(0) if scale is not None else 0,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma",
         Q_KN=q_kn, BLOCK_R=gemm_rank_block(r_max, cfg), **tile_args(cfg), **launch_opts(cfg),
     )
@@ -468,7 +477,7 @@ def multi_lora_bwd_dy(dy, b_pool, s, grouping: Grouping, scale, ranks, offsets, 
         dy, b_pool, s, grouping.perm, grouping.tiles, scale, ranks, offsets,
         ds_part if need_ds else dummy, db_part if need_db else dummy, n_tiles, N, r_max, n_per * cfg["BLOCK_N"],
         dy.stride(0), dy.stride(1), b_pool.stride(0), b_pool.stride(1), s.stride(0), s.stride(1),
-        ds_part.stride(0) if need_ds and n_splits > 1 else 0, ds_part.stride(-2) if need_ds else 0,
+        ds_part.stride(0) if need_ds and n_splits > 1 else 0, ds_part.stride(-2) if need_ds else 0, scale.stride(0),
         COMPUTE_DS=need_ds, COMPUTE_DB=need_db, DOT_PRECISION=dot_precision(dy.dtype), BLOCK_R=rank_block(r_max),
         **tile_args(cfg), **launch_opts(cfg),
     )
@@ -498,13 +507,14 @@ def multi_lora_bwd_da(x, ds, a_pool_shape, grouping: Grouping, ranks, offsets, n
     return da
 
 
-def multi_lora_linear_fwd(x, weight, a_pool, b_pool, bias, ids, table, grouping: Grouping | None):
-    """Forward on 2-D x [M, K]; ids [M] (any int dtype). Returns (y [M, N], S [M, r_max])."""
+def multi_lora_linear_fwd(x, weight, a_pool, b_pool, bias, ids, table, grouping: Grouping | None, out):
+    """Forward on 2-D x [M, K] (every tensor at any strides); ids [M] (signed int or uint8). Writes y into
+    out [M, N] and returns S [M, r_max]."""
     n, r_max = table.n_adapters, table.max_rank
     perm = grouping.perm if grouping is not None else None
     s = multi_lora_shrink(x, ids, perm, a_pool, table.ranks, table.offsets, n, r_max)
-    y = multi_lora_gemm(x, weight, s, b_pool, bias, ids, table.scalings, table.ranks, table.offsets, n, r_max)
-    return y, s
+    multi_lora_gemm(x, weight, s, b_pool, bias, ids, table.scalings, table.ranks, table.offsets, n, r_max, out=out)
+    return s
 
 
 def multi_lora_linear_bwd(dy, x, weight, a_pool, b_pool, s, ids, table, grouping: Grouping, needs):

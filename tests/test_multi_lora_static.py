@@ -36,7 +36,8 @@ def _gemm_cases(k, dt, dtype, plan):
         sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}" if fwd else "*fp32", "RM": f"*{dt}", "BIAS": f"*{dt}",
                "OUT": f"*{dt}", "IDS": "*i64", "SCALE": "*fp32", "RANKS": "*i32", "OFFS": "*i32",
                **_i32("M", "N", "K", "n_adapters", "stride_pm", "stride_pk", "stride_qk", "stride_qn", "stride_lm",
-                      "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on")}
+                      "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on", "stride_id", "stride_bias",
+                      "stride_scale")}
         ce = dict(HAS_BIAS=fwd, HAS_SCALE=fwd, EVEN_K=False,
                   DOT_PRECISION="tf32", USE_TMA=path == "tma", Q_KN=not fwd, BLOCK_R=cfg["RANK_CHUNK"], **tile)
         cases.append((f"gemm-{path}-{size}-{direction}-{dt}-sm{arch}", "_multi_lora_gemm_kernel", sig, ce, arch,
@@ -55,15 +56,15 @@ def _skinny_cases(k, dt, dtype, plan):
         if kind == "shrink":
             fn = "_multi_lora_shrink_kernel"
             sig = {"X": f"*{dt}", "IDS": "*i64", "PERM": "*i64", "A": f"*{dt}", "RANKS": "*i32", "OFFS": "*i32",
-                   "S": "*fp32", **_i32("M", "K", "n_adapters", "r_max", "k_per_split", "stride_xm", "stride_xk",
-                                        "stride_ar", "stride_ak", "stride_sp", "stride_sm", "stride_sr")}
+                   "S": "*fp32", **_i32("M", "K", "n_adapters", "r_max", "k_per_split", "stride_id", "stride_xm",
+                                        "stride_xk", "stride_ar", "stride_ak", "stride_sp", "stride_sm", "stride_sr")}
             ce = dict(PERMUTED=True, DOT_PRECISION="tf32")
         elif kind == "dy":
             fn = "_multi_lora_bwd_dy_kernel"
             sig = {"DY": f"*{dt}", "B": f"*{dt}", "S": f"*{dt}", "PERM": "*i64", "TILES": "*i32", "SCALE": "*fp32",
                    "RANKS": "*i32", "OFFS": "*i32", "DS": "*fp32", "DB_PART": "*fp32",
                    **_i32("n_tiles", "N", "r_max", "n_per_split", "stride_dym", "stride_dyn", "stride_bn",
-                          "stride_br", "stride_sm", "stride_sr", "stride_dsp", "stride_dsm")}
+                          "stride_br", "stride_sm", "stride_sr", "stride_dsp", "stride_dsm", "stride_scale")}
             ce = dict(COMPUTE_DS=True, COMPUTE_DB=True, DOT_PRECISION="tf32")
         elif kind == "da":
             fn = "_multi_lora_bwd_da_kernel"

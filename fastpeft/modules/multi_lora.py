@@ -14,6 +14,11 @@ from ..ops.multi_lora import (
 from .lora import LoRALinear
 
 
+def _sync_after_load(module: "MultiLoRALinear", incompatible_keys) -> None:
+    """load_state_dict post hook (a module-level function, so that the module pickles)."""
+    module._sync_host()
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen base layer (`base_layer`) plus `num_adapters` adapter slots of rank up to `r` each.
 
@@ -33,6 +38,9 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
+        if base_layer.in_features < 1 or base_layer.out_features < 1:
+            raise ValueError(f"base_layer: expected in_features >= 1 and out_features >= 1, got "
+                             f"in_features={base_layer.in_features}, out_features={base_layer.out_features}")
         self.num_adapters = check_positive_int("num_adapters", num_adapters)
         self.r = check_positive_int("r", r)
         self.lora_alpha = check_finite_number("alpha", alpha)
@@ -57,7 +65,7 @@ class MultiLoRALinear(nn.Module):
         self._offsets = [i * self.r for i in range(n)]
         self.adapter_names: list[str | None] = [None] * n
         self._context = None  # set by fastpeft.inject_multi_lora's hook for one model call
-        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_host())
+        self.register_load_state_dict_post_hook(_sync_after_load)
         if init_adapters:
             with torch.no_grad():
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # per row block: PEFT's init of each adapter
@@ -121,21 +129,10 @@ class MultiLoRALinear(nn.Module):
         """Copy an adapter (A [r_i, in], B [out, r_i], r_i <= r) into `slot`; returns the slot.
 
         scaling: as given, else alpha / r_i (alpha / sqrt(r_i) with use_rslora), alpha defaulting to the module's.
+        Everything is checked before the slot is written: on an error the module is unchanged.
         """
         slot = self._check_slot(slot)
-        in_f, out_f = self.base_layer.in_features, self.base_layer.out_features
-        for nm, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-                raise TypeError(f"{nm}: expected a 2-D float tensor, got {t!r:.80}")
-        r_i = lora_A.shape[0]
-        if not 1 <= r_i <= self.r or lora_A.shape[1] != in_f:
-            raise ValueError(f"lora_A: expected shape [r_i, {in_f}] with 1 <= r_i <= {self.r} (the pool's rank), "
-                             f"got {tuple(lora_A.shape)}")
-        if tuple(lora_B.shape) != (out_f, r_i):
-            raise ValueError(f"lora_B: expected shape [{out_f}, {r_i}], got {tuple(lora_B.shape)}")
-        if scaling is None:
-            scaling = self.default_scaling(r_i, alpha, use_rslora)
-        scaling = check_finite_number("scaling", scaling)
+        r_i, scaling = self.check_adapter(lora_A, lora_B, alpha=alpha, scaling=scaling, use_rslora=use_rslora)
         o = self._offsets[slot]
         self.lora_A[o:o + self.r].zero_()
         self.lora_B[:, o:o + self.r].zero_()
@@ -144,6 +141,25 @@ class MultiLoRALinear(nn.Module):
         self._set_slot(slot, r_i, scaling)
         self.adapter_names[slot] = name
         return slot
+
+    def check_adapter(self, lora_A, lora_B, *, alpha: float | None = None, scaling: float | None = None,
+                      use_rslora: bool | None = None) -> tuple[int, float]:
+        """Validate an adapter for load_adapter without writing anything; returns (its rank, its scaling)."""
+        in_f, out_f = self.base_layer.in_features, self.base_layer.out_features
+        for nm, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise TypeError(f"{nm}: expected a 2-D float tensor, got {t!r:.80}")
+            if t.is_meta and not self.lora_A.is_meta:
+                raise ValueError(f"{nm}: expected a tensor with data, got a meta tensor of shape {tuple(t.shape)}")
+        r_i = lora_A.shape[0]
+        if not 1 <= r_i <= self.r or lora_A.shape[1] != in_f:
+            raise ValueError(f"lora_A: expected shape [r_i, {in_f}] with 1 <= r_i <= {self.r} (the pool's rank), "
+                             f"got {tuple(lora_A.shape)}")
+        if tuple(lora_B.shape) != (out_f, r_i):
+            raise ValueError(f"lora_B: expected shape [{out_f}, {r_i}], got {tuple(lora_B.shape)}")
+        if scaling is None:
+            scaling = self.default_scaling(r_i, alpha, use_rslora)
+        return r_i, check_finite_number("scaling", scaling)
 
     @torch.no_grad()
     def unload_adapter(self, slot: int) -> None:
@@ -190,6 +206,10 @@ class MultiLoRALinear(nn.Module):
                                  "adapter_names=... after fastpeft.inject_multi_lora), got None")
             adapter_ids, checked = self._context.ids, True  # mapped from names: valid by construction
         w, bias = self.base_layer.weight, self.base_layer.bias
+        if isinstance(x, torch.Tensor) and self.lora_A.is_meta and not x.is_meta:
+            raise ValueError(f"x: the module's parameters are on the meta device (built under torch.device('meta')), "
+                             f"x is on {x.device}: materialise the module first (to_empty(device=...) then "
+                             f"load_state_dict), or pass a meta x for shapes only")
         check_multi_lora_inputs(x, w, self.lora_A, self.lora_B, bias)
         table = self.table()
         name = resolve_multi_backend(self.backend, x.device, table)

@@ -22,7 +22,11 @@ from .lora_linear import check_lora_tensors
 from .multi_lora_torch import multi_lora_linear_bwd_torch, multi_lora_linear_fwd_torch
 
 MAX_TRITON_RANK = 128
-ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+KERNEL_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)  # read as they are
+# uint16/32/64 have almost no torch ops (no comparisons on the CPU): converted to int64 (a [M] copy), where
+# uint64 ids past 2**63 wrap to negative numbers, which are invalid ids as well
+WIDE_UNSIGNED_ID_DTYPES = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+ID_DTYPES = KERNEL_ID_DTYPES + WIDE_UNSIGNED_ID_DTYPES
 BASE_ONLY = -1
 
 
@@ -31,6 +35,8 @@ class AdapterTable:
 
     max_rank bounds every rank and fixes the kernels' specialisation, so loading an adapter of another rank
     (<= max_rank) recompiles nothing.
+    The kernels read ranks and offsets as contiguous int32 vectors (the table makes them so) and scalings as
+    a float vector at any stride (a caller's tensor, not copied).
     """
 
     def __init__(self, ranks: Sequence[int], offsets: Sequence[int], scalings: Sequence[float] | torch.Tensor,
@@ -50,11 +56,14 @@ class AdapterTable:
     @classmethod
     def wrap(cls, ranks: torch.Tensor, offsets: torch.Tensor, scalings: torch.Tensor, host_ranks, host_offsets,
              max_rank: int) -> "AdapterTable":
-        """A table over existing device tensors (a module's buffers), no copies."""
+        """A table over existing device tensors (a module's buffers): no copies unless a buffer was replaced
+        by one of another layout or dtype (a module cast by .half(), say), then an explicit n-element copy."""
         t = cls.__new__(cls)
         t.n_adapters, t.max_rank = len(host_ranks), int(max_rank)
         t.host_ranks, t.host_offsets = host_ranks, host_offsets
-        t.ranks, t.offsets, t.scalings = ranks, offsets, scalings
+        t.ranks = ranks.to(torch.int32).contiguous()
+        t.offsets = offsets.to(torch.int32).contiguous()
+        t.scalings = scalings.detach().to(torch.float32)
         return t
 
     @property
@@ -81,11 +90,41 @@ def _grouping(backend: str, ids: torch.Tensor, table: AdapterTable, need_tiles: 
     return k.Grouping(ids, table.n_adapters, k.seg_block_m(), with_tiles=need_tiles)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the first n tensors through (cloned); differentiating them raises. Used by a backward run with
+    create_graph=True, whose kernels record no graph: a second derivative would otherwise be silently wrong."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "multi_lora_linear: double backward (differentiating its gradients, e.g. after "
+            "torch.autograd.grad(..., create_graph=True)) is not supported; first derivatives are exact")
+
+
+def _first_order_only(grads: tuple, depends_on: tuple) -> tuple:
+    """grads, each made to raise NotImplementedError when differentiated (depends_on: what they depend on)."""
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return grads
+    deps = [t for t in depends_on if t is not None and t.requires_grad]
+    outs = _FirstOrderOnly.apply(len(idx), *(grads[i] for i in idx), *deps)
+    grads = list(grads)
+    for i, g in zip(idx, outs):
+        grads[i] = g
+    return tuple(grads)
+
+
 class MultiLoRALinearFunction(torch.autograd.Function):
     """Autograd Function of the multi-adapter LoRA linear. Use fastpeft.multi_lora_linear, which validates inputs.
 
-    ids: [M] token ids (any int dtype, on x's device); grouped: consecutive tokens mostly share an adapter
-    (per-sequence ids), so the forward may skip the sort.
+    ids: [M] token ids (any id dtype of prepare_ids, any stride, on x's device); grouped: consecutive tokens
+    mostly share an adapter (per-sequence ids), so the forward may skip the sort. The output is allocated in
+    its final shape (not a view made here), so callers may modify it in place (relu_, +=).
+    Meta tensors give outputs and gradients of the right shapes.
     """
 
     @staticmethod
@@ -94,26 +133,44 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_tiles = need_x or need_a or need_b
-        if x2.shape[0] == 0:
-            y2 = x2.new_empty((0, weight.shape[0]))
-            s = x2.new_empty((0, table.max_rank))
-            grouping = None
+        M, N = x2.shape[0], weight.shape[0]
+        y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+        grouping = None
+        if M == 0 or N == 0 or x.is_meta:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
+            s = x2.new_zeros((M, table.max_rank))
         else:
             grouping = _grouping(backend, ids, table, need_tiles, grouped)
-            y2, s = fwd(x2, weight, lora_a, lora_b, bias, ids, table, grouping)
+            s = fwd(x2, weight, lora_a, lora_b, bias, ids, table, grouping, y.view(M, N))
         ctx.save_for_backward(x, weight, lora_a, lora_b, s, ids)
         ctx.table, ctx.grouping, ctx.backend, ctx.grouped = table, grouping, backend, grouped
         ctx.has_bias = bias is not None
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
+        if not torch.is_grad_enabled():
+            return MultiLoRALinearFunction._backward(ctx, dy)
+        # create_graph=True: the kernels (and the torch twin, whose graph would miss the saved S) record no
+        # correct graph of the gradients, so they are made to refuse a second derivative instead
+        with torch.no_grad():
+            grads = MultiLoRALinearFunction._backward(ctx, dy)
+        return _first_order_only(grads, (*ctx.saved_tensors[:4], dy))
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, weight, lora_a, lora_b, s, ids = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         need_dbias = need_dbias and ctx.has_bias
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        M, N = x2.shape[0], weight.shape[0]
+        dy2 = dy.reshape(M, N)
         dx = dw = da = db = dbias = None
-        if x2.shape[0] == 0:
+        if x.is_meta:
+            return (x.new_empty(x.shape) if need_dx else None, weight.new_empty(weight.shape) if need_dw else None,
+                    lora_a.new_empty(lora_a.shape) if need_da else None,
+                    lora_b.new_empty(lora_b.shape) if need_db else None,
+                    weight.new_empty(weight.shape[:1]) if need_dbias else None, None, None, None, None)
+        if M == 0 or N == 0:
             dx = torch.zeros_like(x) if need_dx else None
             da = torch.zeros_like(lora_a) if need_da else None
             db = torch.zeros_like(lora_b) if need_db else None
@@ -126,9 +183,9 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             if dx is not None:
                 dx = dx.view(x.shape)
         if need_dbias:  # a trainable bias (BitFit-style) is rare: one extra read of dY
-            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if x2.shape[0] else torch.zeros_like(weight[:, 0])
+            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
         if need_dw:  # W0 is frozen; a caller who trains it anyway gets its exact gradient
-            dw = (dy2.t() @ x2).to(weight.dtype) if x2.shape[0] else torch.zeros_like(weight)
+            dw = (dy2.t() @ x2).to(weight.dtype)
         return dx, dw, da, db, dbias, None, None, None, None
 
 
@@ -206,10 +263,16 @@ def build_table(lora_a, scalings, ranks, offsets, max_rank, device) -> AdapterTa
 
 def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = True,
                 loaded: Sequence[bool] | None = None) -> tuple[torch.Tensor, bool]:
-    """adapter_ids per token ([M] or x.shape[:-1]) or per sequence ([batch] for x [batch, seq, in]) -> ([M] ids
-    on x's device, grouped). check: raise on ids outside [-1, n_adapters) (and on ids of empty slots when
-    `loaded` is given); on CUDA ids that costs one device sync, skipped while a CUDA graph is being captured
-    (the kernels then treat invalid ids as base only)."""
+    """adapter_ids per token or per sequence -> ([M] ids on x's device, grouped).
+
+    Shapes: x.shape[:-1] or [M] (M = x.numel() // in_features) is one id per token; for x of 3 or more
+    dims, [x.shape[0]] is one id per sequence. The two readings coincide only when every sequence is one
+    token long (then each id is both its sequence's and its token's), so the rule is unambiguous.
+    Dtypes: any integer dtype (int8/16/32/64 and uint8 go to the kernels as they are, at any stride;
+    uint16/32/64 are converted to int64); -1 (base only) needs a signed dtype.
+    check: raise on ids outside [-1, n_adapters) (and on ids of empty slots when `loaded` is given), naming
+    the first bad value and its position; on CUDA ids that costs one device sync, skipped while a CUDA
+    graph is being captured. Unchecked, every invalid id of every dtype means base only."""
     if isinstance(adapter_ids, (list, tuple)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in adapter_ids):
             raise TypeError(f"adapter_ids: expected ints, got {adapter_ids!r}")
@@ -217,7 +280,8 @@ def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = Tru
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids: expected a tensor of ints, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype not in ID_DTYPES:
-        raise TypeError(f"adapter_ids: expected an integer dtype (int32 or int64), got {adapter_ids.dtype}")
+        raise TypeError(f"adapter_ids: expected an integer dtype ({', '.join(str(d)[6:] for d in ID_DTYPES)}), "
+                        f"got {adapter_ids.dtype}")
     if adapter_ids.device != x.device and adapter_ids.device.type != "cpu":
         raise ValueError(f"adapter_ids: expected device {x.device} (the device of x) or cpu, got {adapter_ids.device}")
     lead = tuple(x.shape[:-1])
@@ -230,32 +294,47 @@ def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = Tru
         if x.dim() >= 3:
             expect += f" or [{lead[0]}] (one per sequence)"
         raise ValueError(f"adapter_ids: expected shape {expect}, got {tuple(adapter_ids.shape)}")
-    if check and adapter_ids.numel():
+    if check and adapter_ids.numel() and not adapter_ids.is_meta:
         capturing = adapter_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not capturing:
             _check_id_values(adapter_ids, n_adapters, loaded)
-    ids = adapter_ids.to(x.device, non_blocking=True)
+    ids = adapter_ids if adapter_ids.dtype in KERNEL_ID_DTYPES else adapter_ids.long()
+    ids = ids.to(x.device, non_blocking=True)
     if per_seq:
+        # one sequence: a stride-0 view (the kernels take any id stride); several: a copy of M ids
         seq = M // lead[0]
-        ids = ids[:, None].expand(lead[0], seq).reshape(M)
-        return ids, seq >= 64
+        return ids[:, None].expand(lead[0], seq).reshape(M), seq >= 64
     return ids.reshape(M), False
+
+
+def _position(flat_index: int, shape) -> str:
+    if len(shape) <= 1:
+        return f"position {flat_index}"
+    idx = []
+    for d in reversed(shape):
+        idx.append(flat_index % d)
+        flat_index //= d
+    return f"position {tuple(reversed(idx))}"
 
 
 def _check_id_values(ids: torch.Tensor, n_adapters: int, loaded) -> None:
     flat = ids.reshape(-1)
-    bad = (flat < -1) | (flat >= n_adapters)
+    # int64 holds every id exactly but uint64 ones past 2**63, which wrap negative: invalid for unsigned ids
+    wide = flat.long()
+    lo = -1 if ids.dtype.is_signed else 0
+    bad = (wide < lo) | (wide >= n_adapters)
     if bool(bad.any()):
         i = int(bad.int().argmax())
-        raise ValueError(f"adapter_ids: expected ids in [-1, {n_adapters}) (-1 = base only), got {int(flat[i])} "
-                         f"at position {i}")
+        base = "-1 = base only" if lo == -1 else f"{ids.dtype} cannot hold -1 (base only): use a signed dtype for it"
+        raise ValueError(f"adapter_ids: expected ids in [{lo}, {n_adapters}) ({base}), got {flat[i].item()} "
+                         f"at {_position(i, ids.shape)}")
     if loaded is not None and not all(loaded):
         empty = torch.tensor([not v for v in loaded] + [False], device=flat.device)
-        hit = empty[torch.where(flat >= 0, flat, n_adapters).long()]
+        hit = empty[torch.where(wide >= 0, wide, n_adapters)]
         if bool(hit.any()):
             i = int(hit.int().argmax())
-            raise ValueError(f"adapter_ids: id {int(flat[i])} at position {i} refers to an empty adapter slot "
-                             f"(load an adapter into it first, or use -1 for base only)")
+            raise ValueError(f"adapter_ids: id {flat[i].item()} at {_position(i, ids.shape)} refers to an empty "
+                             f"adapter slot (load an adapter into it first, or use -1 for base only)")
 
 
 def check_multi_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
@@ -279,13 +358,19 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks=No
                       max_rank=None, check_ids=True, backend=None):
     """Many LoRA adapters over one base linear, each token (or sequence) with its own adapter.
 
-    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] in x's dtype.
+    x [..., in] (fp32, fp16 or bf16); weight [out, in] and bias [out] in x's dtype.
     lora_a [R_total, in] and lora_b [out, R_total]: the stacked pool, in x's dtype or fp32.
-    adapter_ids: ints per token ([M] or x.shape[:-1]) or per sequence ([batch] for 3-D x); -1 = base only.
+    Every tensor may have any strides (sliced, expanded, transposed, views); none is copied but x and dY
+    where they cannot be viewed as 2-D rows, per-sequence ids of several sequences and uint16/32/64 ids
+    (each an [M] int copy).
+    adapter_ids: ints per token ([M] or x.shape[:-1]) or per sequence ([batch] for x of 3+ dims; see
+    prepare_ids for the rule), any integer dtype; -1 = base only.
     scalings: one number per adapter (or a 1-D float tensor); their count is the number of adapters n.
     ranks, offsets: per adapter, its rank and first pool rank row (host ints); default n equal ranks, packed.
     max_rank: the kernels' rank bound (default the largest rank). check_ids: raise on ids outside [-1, n)
-    (one device sync for CUDA ids). backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    (one device sync for CUDA ids); unchecked, such ids mean base only. Gradients are first order only
+    (differentiating them raises NotImplementedError).
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
     """
     check_multi_lora_inputs(x, weight, lora_a, lora_b, bias)
     table = build_table(lora_a, scalings, ranks, offsets, max_rank, x.device)

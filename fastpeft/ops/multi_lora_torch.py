@@ -11,8 +11,9 @@ import torch
 
 def _groups(ids: torch.Tensor, n_adapters: int, ranks: tuple):
     """(adapter, token rows) for every adapter of non-zero rank that has tokens, in adapter order."""
-    valid = (ids >= 0) & (ids < n_adapters)
-    key = torch.where(valid, ids, -1)
+    wide = ids.long()  # any id dtype: a uint8 key could not hold -1 (and would sort invalid ids last)
+    valid = (wide >= 0) & (wide < n_adapters)
+    key = torch.where(valid, wide, -1)
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key[valid].long(), minlength=n_adapters).tolist()
     start = int((~valid).sum())
@@ -24,9 +25,12 @@ def _groups(ids: torch.Tensor, n_adapters: int, ranks: tuple):
     return out
 
 
-def multi_lora_linear_fwd_torch(x, weight, a_pool, b_pool, bias, ids, table, grouping=None):
-    """Forward on 2-D x [M, K]; returns (y [M, N], S [M, max_rank]) in x's dtype."""
-    y = torch.nn.functional.linear(x, weight, bias)
+def multi_lora_linear_fwd_torch(x, weight, a_pool, b_pool, bias, ids, table, grouping, out):
+    """Forward on 2-D x [M, K]: writes y into out [M, N] and returns S [M, max_rank], both in x's dtype."""
+    if bias is None:
+        y = torch.mm(x, weight.t(), out=out)
+    else:
+        y = torch.addmm(bias, x, weight.t(), out=out)
     s = x.new_zeros((x.shape[0], table.max_rank))
     for a, rows in _groups(ids, table.n_adapters, table.host_ranks):
         r, o = table.host_ranks[a], table.host_offsets[a]
@@ -34,7 +38,7 @@ def multi_lora_linear_fwd_torch(x, weight, a_pool, b_pool, bias, ids, table, gro
         s[rows, :r] = s_a
         low = (s_a * table.scalings[a].to(x.dtype)) @ b_pool[:, o:o + r].to(x.dtype).t()
         y[rows] += low
-    return y, s
+    return s
 
 
 def multi_lora_linear_bwd_torch(dy, x, weight, a_pool, b_pool, s, ids, table, grouping, needs):
