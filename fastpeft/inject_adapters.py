@@ -61,6 +61,42 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _is_adapter_layer(m: nn.Module) -> bool:
+    """A layer of fastpeft (LoRA, IA3, multi-LoRA, adapter wrappers) or of PEFT."""
+    return type(m).__module__.startswith(("fastpeft.", "peft."))
+
+
+def _refusal(model: nn.Module, name: str, module: nn.Module, aliases: dict) -> str | None:
+    """Why an adapter at `name` would nest inside another adapter or never act, or None."""
+    if isinstance(module, (SeriesAdapterLayer, ParallelAdapterLayer, BottleneckAdapter)):
+        return (f"module {name!r} already is a fastpeft {type(module).__name__}: an adapter there would wrap an "
+                "adapter layer; target a different module")
+    others = [a for a in aliases[id(module)] if a != name]
+    if others:
+        return (f"module {name!r} is the same module as {', '.join(repr(a) for a in others)}: it would be replaced "
+                "in one place only")
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        anc_name = ".".join(parts[:depth])
+        anc = model.get_submodule(anc_name)
+        shown = repr(anc_name) if anc_name else "the model itself"
+        if _is_adapter_layer(anc):
+            owner = "PEFT" if type(anc).__module__.startswith("peft.") else "fastpeft"
+            return (f"module {name!r} is inside {shown}, a {owner} {type(anc).__name__}: adapters would nest (such "
+                    "layers read their base layer's weights or wrap it already); target the layer itself")
+        if isinstance(anc, nn.MultiheadAttention):
+            return (f"module {name!r} is inside {shown}, an nn.MultiheadAttention, which reads its weight directly and "
+                    "never calls it: an adapter there would have no effect and get no gradient; target the attention "
+                    "module itself")
+    return None
+
+
+def _adapter_parameters(model: nn.Module) -> set:
+    """ids of the parameters of adapter layers already in the model (not of the base layers they wrap)."""
+    return {id(p) for m in model.modules() if _is_adapter_layer(m)
+            for n, p in m.named_parameters() if not n.startswith("base_layer.")}
+
+
 def _infer_d_model(model: nn.Module, module: nn.Module, kind: str, name: str) -> int:
     feat = getattr(module, "in_features" if kind == "parallel" else "out_features", None)
     if isinstance(feat, int):
@@ -85,12 +121,17 @@ def inject_adapters(model: nn.Module, after=None, around=None, bottleneck: int =
                     scaling: float = 1.0, activation: str = "gelu", layer_norm: bool = False, bias: bool = True,
                     d_model: int | None = None, backend=None) -> nn.Module:
     """Insert a BottleneckAdapter at every module named in `after` (kind="series": the module's output h
-    becomes h + s·adapter(h)) or `around` (kind="parallel": output = module(x) + s·adapter(x)). Freezes every
-    parameter that is not an adapter's and returns the model (modified in place).
+    becomes h + s·adapter(h)) or `around` (kind="parallel": output = module(x) + s·adapter(x)). The new
+    adapters train; adapters of earlier fastpeft calls keep their requires_grad; every other parameter is
+    frozen. Returns the model (modified in place).
 
     Names match like PEFT's target_modules: equal to a module's qualified name or a suffix after a ".".
     d_model defaults to the module's out_features (in_features for parallel), else model.config.hidden_size.
     Adapters take the dtype and device of the module's parameters.
+    All or nothing: every target is checked, and every adapter built, before the model changes. Refused,
+    naming the module and why: a target that already is an adapter layer, sits inside one (fastpeft's or
+    PEFT's), is registered under several names, or that its parent never calls (nn.MultiheadAttention's
+    out_proj); a width that does not fit the module.
     """
     if kind is None:
         kind = "parallel" if around is not None and after is None else "series"
@@ -111,31 +152,50 @@ def inject_adapters(model: nn.Module, after=None, around=None, bottleneck: int =
     if d_model is not None:
         d_model = check_positive_int("d_model", d_model)
 
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)
-             and not isinstance(m, (SeriesAdapterLayer, ParallelAdapterLayer, BottleneckAdapter))]
+    arg = "after" if kind == "series" else "around"
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     missing = [t for t in targets if not any(_matches(n, [t]) for n, _ in found)]
     if missing:
-        raise ValueError(f"after/around: no module of the model matches {missing} "
+        raise ValueError(f"{arg}: no module of the model matches {missing} "
                          f"(a name matches a module named exactly so or ending in '.' + name)")
+    aliases: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
 
     wrapper = SeriesAdapterLayer if kind == "series" else ParallelAdapterLayer
-    # resolve every parent before replacing anything: a matched module may sit inside another matched one
+    # check every target, resolve every parent and build every adapter before replacing anything: a matched
+    # module may sit inside another matched one, and nothing may change if one of them is refused
     sites = []
     for name, module in found:
-        parent_name, _, child = name.rpartition(".")
+        why = _refusal(model, name, module, aliases)
+        if why is not None:
+            raise ValueError(f"{arg}: {why}")
         width = d_model if d_model is not None else _infer_d_model(model, module, kind, name)
-        sites.append((model.get_submodule(parent_name) if parent_name else model, child, module, width))
-    adapters = []
-    for parent, child, module, width in sites:
+        fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if kind == "parallel" and isinstance(fin, int) and isinstance(fout, int) and fin != fout:
+            raise ValueError(f"around: module {name!r} maps {fin} features to {fout}: a parallel adapter needs the "
+                             "module's output shape to equal its input shape")
+        own = fout if kind == "series" else fin
+        if isinstance(own, int) and width != own:
+            raise ValueError(f"d_model: module {name!r} has {'out' if kind == 'series' else 'in'}_features={own}, "
+                             f"got d_model={width}")
         device, dtype = _param_like(model, module)
-        ad = BottleneckAdapter(width, bottleneck, activation=activation, scaling=scaling, layer_norm=layer_norm,
-                               bias=bias, device=device, dtype=dtype, backend=backend)
-        setattr(parent, child, wrapper(module, ad))
-        adapters.append(ad)
+        try:
+            ad = BottleneckAdapter(width, bottleneck, activation=activation, scaling=scaling, layer_norm=layer_norm,
+                                   bias=bias, device=device, dtype=dtype, backend=backend)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{arg}: module {name!r}: {exc}") from exc
+        parent_name, _, child = name.rpartition(".")
+        sites.append((model.get_submodule(parent_name) if parent_name else model, child, wrapper(module, ad)))
 
-    trainable = {id(p) for ad in adapters for p in ad.parameters()}
+    keep = _adapter_parameters(model)
     for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    for parent, child, layer in sites:
+        setattr(parent, child, layer)
+    for _, _, layer in sites:
+        layer.adapter.requires_grad_(True)
     return model
 
 

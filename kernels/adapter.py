@@ -147,7 +147,7 @@ def _adapter_kernel(
     X, R, Y, Z, WD, BD, WU, BU,
     M, D, A, scaling,
     stride_xm, stride_xd, stride_rm, stride_rd, stride_ym, stride_yd,
-    stride_wd_a, stride_wd_d, stride_wu_d, stride_wu_a,
+    stride_wd_a, stride_wd_d, stride_wu_d, stride_wu_a, stride_bd, stride_bu,
     ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, STORE_Z: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -165,7 +165,7 @@ def _adapter_kernel(
     z = _rows_times_weight(X, WD, rows_ld, offs_a, mask_a, D, stride_xm, stride_xd, stride_wd_d, stride_wd_a,
                            EVEN_D, BLOCK_M, BLOCK_D, BLOCK_A, INPUT_PRECISION)
     if HAS_BD:
-        z += tl.load(BD + offs_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(BD + offs_a * stride_bd, mask=mask_a, other=0.0).to(tl.float32)[None, :]
     rows = offs_m.to(tl.int64)
     if STORE_Z:
         tl.store(Z + rows[:, None] * A + offs_a[None, :], z, mask=mask_m[:, None] & mask_a[None, :])
@@ -175,6 +175,7 @@ def _adapter_kernel(
     wu_ptrs = WU + offs_a[:, None] * stride_wu_a + offs_d[None, :] * stride_wu_d
     r_ptrs = R + rows_ld[:, None] * stride_rm + offs_d[None, :] * stride_rd
     y_ptrs = Y + rows[:, None] * stride_ym + offs_d[None, :] * stride_yd
+    bu_ptrs = BU + offs_d * stride_bu
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:
             wu = tl.load(wu_ptrs, mask=mask_a[:, None], other=0.0)
@@ -188,15 +189,16 @@ def _adapter_kernel(
         u = tl.dot(act, wu.to(cdtype), input_precision=INPUT_PRECISION)
         if HAS_BU:
             if EVEN_D:
-                bu = tl.load(BU + d0 + offs_d)
+                bu = tl.load(bu_ptrs)
             else:
-                bu = tl.load(BU + d0 + offs_d, mask=mask_d, other=0.0)
+                bu = tl.load(bu_ptrs, mask=mask_d, other=0.0)
             u += bu.to(tl.float32)[None, :]
         y = r.to(tl.float32) + scaling * u
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=my)
         wu_ptrs += BLOCK_D * stride_wu_d
         r_ptrs += BLOCK_D * stride_rd
         y_ptrs += BLOCK_D * stride_yd
+        bu_ptrs += BLOCK_D * stride_bu
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,16 +304,18 @@ def _adapter_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers: 2-D inputs [M, D], validated by the caller (fastpeft.ops.adapter)
+# launchers: 2-D inputs [M, D] at any strides (stride 0 included), validated by the caller
+# (fastpeft.ops.adapter); every tensor is addressed through its strides
 
-def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool):
-    """y [M, D] in x's dtype, and Z = x·Wdᵀ + bd [M, A] fp32 when store_z (else None)."""
+def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool, out=None):
+    """y [M, D] in x's dtype (written into `out` when given), and Z = x·Wdᵀ + bd [M, A] fp32 when store_z
+    (else None)."""
     import torch
 
     M, D = x.shape
     A = down_w.shape[0]
     r = x if residual is None else residual
-    y = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, D), device=x.device, dtype=x.dtype) if out is None else out
     z = torch.empty((M, A), device=x.device, dtype=torch.float32) if store_z else y
     if M == 0:
         return y, (z if store_z else None)
@@ -321,6 +325,7 @@ def adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: st
         M, D, A, float(scaling),
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
         down_w.stride(0), down_w.stride(1), up_w.stride(0), up_w.stride(1),
+        down_b.stride(0) if down_b is not None else 0, up_b.stride(0) if up_b is not None else 0,
         ACT=ACT_ID[act], HAS_BD=down_b is not None, HAS_BU=up_b is not None, STORE_Z=store_z,
         EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A), INPUT_PRECISION=dot_precision(x.dtype),
         **tile_args(cfg), **launch_opts(cfg),

@@ -3,14 +3,18 @@
 output scaling (k, v projections):  y = (x·Wᵀ + b) ⊙ l    l in the GEMM epilogue
 input scaling (feed-forward):       y = (x ⊙ l)·Wᵀ + b    l in the GEMM prologue (x ⊙ l rounded to x's
                                                            dtype, as PEFT computes it)
-One GEMM kernel serves both directions (`_ia3_kernel`):
-    C = ((A ⊙ pro[k])·B + bias[n]) ⊙ epi[n],  optionally P[pid_m, n] = Σ_rows E ⊙ (A·B)
+One GEMM kernel serves every product (`_ia3_kernel`):
+    C = ((A ⊙ pro[k])·B + bias[n]) ⊙ epi[n],  optionally P[pid_m, n] = Σ_rows E ⊙ (A·B + bias)
 forward: A = x, B = Wᵀ. backward: A = dY, B = W, so dX = (dY ⊙ l)·W (output scaling, prologue) or
 dX = (dY·W) ⊙ l (input scaling, epilogue); for input scaling the epilogue also reduces
 dl = Σ_m x ⊙ (dY·W) from the tile it already holds: per-row-block partials, summed in a fixed order.
-For output scaling dl = Σ_m dY ⊙ (x·Wᵀ + b) needs the pre-scale output: `_ia3_dscale_kernel` recovers it
-as y / l from the saved output (no second [M, N] tensor is stored) and, only in column blocks where some
-l is exactly 0, recomputes those columns from x and W, so the gradient is exact for every l.
+For output scaling dl = Σ_m dY ⊙ (x·Wᵀ + b) needs the pre-scale product: the backward recomputes it
+(A = x, B = Wᵀ, the bias, E = dY, no C) rather than saving it (an [M, N] tensor per layer) or recovering
+it as y / l (wrong for tiny l, NaN for subnormal l, and it would forbid in-place edits of y): one more
+GEMM of x and W, only when l needs a gradient.
+Matrices are addressed through their strides (any layout, stride 0 included); the vectors (bias, scale)
+are read at unit stride: the launcher copies a strided or expanded one (N elements, next to an M·N·K GEMM),
+because runtime vector strides cost the large GEMM tile the registers it has not got (it spilled).
 
 Two paths, as for the LoRA GEMM (kernels/lora_linear.py): "tma" (Hopper or newer, 16-byte aligned rows)
 moves A, B, C and E through tensor descriptors, which need no address registers; "ptr" uses pointer
@@ -43,11 +47,8 @@ GEMM_CONFIGS = {
         "large_fused": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     },
 }
-# dl for output scaling: a column reduction over M (pointer path only: it is memory-bound).
-DSCALE_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 # Under the interpreter: small tiles, so the tests' small shapes span several tiles and tails.
 INTERPRET_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-INTERPRET_DSCALE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
 
 
 def gemm_config_name(M: int, fused: bool) -> str:
@@ -63,14 +64,6 @@ def gemm_config(M: int, dtype, path: str, fused: bool) -> dict:
     if interpreting():
         return dict(INTERPRET_GEMM_CONFIG)
     return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
-
-
-def dscale_gpu_config(dtype) -> dict:
-    return halve_for_fp32(DSCALE_CONFIG, dtype)
-
-
-def dscale_config(dtype) -> dict:
-    return dict(INTERPRET_DSCALE_CONFIG) if interpreting() else dscale_gpu_config(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -142,7 +135,7 @@ def _ia3_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_RED:  # before the epilogue scales acc: the reduction wants the raw product (never with a bias)
+    if HAS_RED:  # before the epilogue scales acc: the raw product, plus the bias it started from
         if USE_TMA:  # rows and columns past the edges load as 0
             e_desc = tl.make_tensor_descriptor(E, shape=[M, N], strides=[stride_em, 1], block_shape=[BLOCK_M, BLOCK_N])
             e = e_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
@@ -162,70 +155,25 @@ def _ia3_kernel(
                      acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _ia3_dscale_kernel(
-    DY, Y, L, X, W, BIAS, P,
-    M, N, K, rows_per_split,
-    stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    l = tl.load(L + offs_n, mask=mask_n, other=1.0).to(tl.float32)
-    is_zero = l == 0.0
-    any_zero = tl.max(is_zero.to(tl.int32), axis=0) > 0
-    # y / l, with the columns where l == 0 (y holds nothing there) left to the second pass
-    inv_l = tl.where(is_zero, 0.0, 1.0 / tl.where(is_zero, 1.0, l))
-
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mt = (offs_m < m_end)[:, None] & mask_n[None, :]
-        rows = offs_m.to(tl.int64)
-        dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mt, other=0.0)
-        y = tl.load(Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mt, other=0.0)
-        acc += tl.sum(dy.to(tl.float32) * (y.to(tl.float32) * inv_l[None, :]), axis=0)
-    if any_zero:
-        # rare: recompute x·Wᵀ + b for this tile's columns in a loop of its own, so the common loop above
-        # holds no GEMM tiles; only the columns where l == 0 take the recomputed value
-        if HAS_BIAS:
-            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < m_end
-            rows = offs_m.to(tl.int64)
-            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                mk = (k0 + offs_k) < K
-                x = tl.load(X + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mk[None, :], other=0.0)
-                w = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
-                            mask=mask_n[None, :] & mk[:, None], other=0.0)
-                t = tl.dot(x, w, t, input_precision=INPUT_PRECISION)
-            if HAS_BIAS:
-                t += bias[None, :]
-            mt = mask_m[:, None] & mask_n[None, :]
-            dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mt, other=0.0)
-            acc += tl.sum(tl.where(is_zero[None, :], dy.to(tl.float32) * t, 0.0), axis=0)
-    tl.store(P + pid_s.to(tl.int64) * N + offs_n, acc, mask=mask_n)
-
-
 # --------------------------------------------------------------------------------------------------
-# launchers: 2-D x [M, K], weight [N, K], validated by the caller (fastpeft.ops.ia3)
+# launchers: 2-D x [M, K], weight [N, K] at any strides (stride 0 included), validated by the caller
+# (fastpeft.ops.ia3)
+
+
+def _unit_stride(v):
+    """The vector itself when its stride is 1, else a contiguous copy of its N elements (see the module
+    docstring: the GEMM's tiles have no registers to spare for runtime vector strides)."""
+    return v if v is None or v.stride(0) == 1 or v.numel() <= 1 else v.contiguous()
 
 
 def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     """c = ((a ⊙ pro)·B + bias) ⊙ epi for a [M, K], where B = wᵀ (b_kn False: w is [N, K]) or B = w
-    (b_kn True: w is [K, N]). With e [M, N]: returns fp32 per-row-block partials of Σ_rows e ⊙ (a·B)."""
+    (b_kn True: w is [K, N]). With e [M, N]: returns fp32 per-row-block partials of Σ_rows e ⊙ (a·B + bias)."""
     import torch
 
+    bias, pro, epi = _unit_stride(bias), _unit_stride(pro), _unit_stride(epi)
     M = a.shape[0]
+    # path_for sends expanded (stride-0) or overlapping rows through pointers
     path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
     cfg = gemm_config(M, a.dtype, path, fused=pro is not None or e is not None)
     stride_bk, stride_bn = (w.stride(0), w.stride(1)) if b_kn else (w.stride(1), w.stride(0))
@@ -248,13 +196,14 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     return p
 
 
-def ia3_fwd(x, weight, bias, scale, mode: str):
-    """y [M, N] in x's dtype: (x·Wᵀ + b) ⊙ l for mode "output", (x ⊙ l)·Wᵀ + b for mode "input"."""
+def ia3_fwd(x, weight, bias, scale, mode: str, out=None):
+    """y [M, N] in x's dtype (written into `out` when given): (x·Wᵀ + b) ⊙ l for mode "output",
+    (x ⊙ l)·Wᵀ + b for mode "input"."""
     import torch
 
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
         return y
     _gemm(x, weight, b_kn=False, N=N, K=K, c=y, bias=bias,
@@ -262,7 +211,7 @@ def ia3_fwd(x, weight, bias, scale, mode: str):
     return y
 
 
-def ia3_bwd(dy, x, y, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool):
+def ia3_bwd(dy, x, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool):
     """dx [M, K] (x's dtype) or None, and dl (fp32, shape of scale) or None."""
     import torch
 
@@ -276,26 +225,8 @@ def ia3_bwd(dy, x, y, weight, bias, scale, mode: str, need_dx: bool, need_dl: bo
     if mode == "output":
         if need_dx:
             _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, pro=scale)
-        if need_dl:
-            cfg = dscale_config(x.dtype)
-            n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-            if dev.type == "cuda":
-                want = max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count // n_tiles)
-            else:
-                want = 2
-            splits = max(1, min(want, triton.cdiv(M, cfg["BLOCK_M"])))
-            rows_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-            splits = max(1, triton.cdiv(M, rows_per_split))
-            part = torch.empty((splits, N), device=dev, dtype=torch.float32)
-            _ia3_dscale_kernel[(n_tiles, splits)](
-                dy, y, scale, x, weight, bias if bias is not None else scale, part,
-                M, N, K, rows_per_split,
-                dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
-                weight.stride(0), weight.stride(1),
-                HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                INPUT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
-            dl = part.sum(0)
+        if need_dl:  # Σ_m dY ⊙ (x·Wᵀ + b), the pre-scale product recomputed (see the module docstring)
+            dl = _gemm(x, weight, b_kn=False, N=N, K=K, bias=bias, e=dy).sum(0)
     else:
         part = _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, epi=scale, e=x if need_dl else None)
         if need_dl:

@@ -240,6 +240,147 @@ def test_bad_inputs(backend):
 
 
 # --------------------------------------------------------------------------------------------------
+# layouts, in-place edits of the output, double backward, degenerate sizes
+
+# every layout a tensor argument may come in; `with_layout` builds each from contiguous values
+LAYOUTS = ("strided", "narrow", "offset", "transposed", "expanded", "expanded_all")
+
+
+def with_layout(t, kind):
+    """A leaf-free tensor of t's shape and dtype at layout `kind`, with t's values, except the expanded
+    layouts (stride 0), which repeat t's first row ("expanded") or first element ("expanded_all"): compare
+    against a reference computed from the returned tensor. 1-D tensors have no "transposed"/"narrow" form:
+    they get a column of a 2-D tensor (stride 3, offset 1)."""
+    t = t.detach()
+    if kind == "contiguous":
+        return t.clone()
+    if kind == "expanded":
+        return t[:1].clone().expand(t.shape)
+    if kind == "expanded_all":
+        return t.reshape(-1)[:1].clone().expand(t.shape)
+    if kind == "offset":  # contiguous, 5 elements into a larger storage (unaligned)
+        big = torch.zeros(t.numel() + 5, dtype=t.dtype, device=t.device)
+        big[5:] = t.reshape(-1)
+        return big[5:].view(t.shape)
+    if t.dim() == 1 and kind in ("narrow", "transposed"):
+        big = torch.zeros(t.shape[0], 3, dtype=t.dtype, device=t.device)
+        big[:, 1] = t
+        return big[:, 1]
+    if kind == "strided":  # every dim stepped by 2: a view into a larger tensor
+        big = torch.zeros([2 * d for d in t.shape], dtype=t.dtype, device=t.device)
+        idx = tuple(slice(0, 2 * d, 2) for d in t.shape)
+        big[idx] = t
+        return big[idx]
+    if kind == "narrow":  # rows wider than the tensor, starting 2 columns in
+        big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype, device=t.device)
+        big[..., 2:2 + t.shape[-1]] = t
+        return big[..., 2:2 + t.shape[-1]]
+    if kind == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise AssertionError(kind)
+
+
+def _layout_args(kind, parallel, D, seed=0):
+    h, wd, bd, wu, bu, r = make(7, D, 5, torch.float32, parallel=parallel, seed=seed)
+    dy = torch.randn(7, D, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    return [None if t is None else with_layout(t, kind) for t in (h, wd, bd, wu, bu, r, dy)]
+
+
+def check_with_dy(backend, dtype, act, h, wd, bd, wu, bu, r, dy, scaling=0.7, what=""):
+    """Forward and every gradient against float64, with dY given (any layout)."""
+    leaves = [t.requires_grad_(True) for t in (h, wd, bd, wu, bu, r) if t is not None]
+    y = bottleneck_adapter(h, wd, bd, wu, bu, scaling, act, residual=r, backend=backend)
+    y64, g64 = reference(h, wd, bd, wu, bu, scaling, act, r, dy)
+    assert_close(y, y64, dtype, f"y {what}")
+    grads = torch.autograd.grad(y, leaves, dy)
+    for g, e, name in zip(grads, [g for g in g64 if g is not None], ("dh", "dwd", "dbd", "dwu", "dbu", "dr")):
+        assert_close(g, e, dtype, f"{name} {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_every_argument_at_every_layout(backend, kind):
+    """issue 11: the Triton kernels read the bias vectors as if contiguous (a sliced bias gave wrong values,
+    an expanded one read past its storage). Each layout for every argument and dY at once; D = 40 leaves a
+    tile tail, D = 32 takes the unmasked (EVEN_D) loads."""
+    for parallel, D, act in ((True, 40, "gelu"), (False, 32, "silu")):
+        check_with_dy(backend, torch.float32, act, *_layout_args(kind, parallel, D), what=f"({kind}, D={D})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_layouts_3d_input(backend):
+    """A 3-D input whose leading dims cannot merge (copied by the op), fp16 activations with fp32 weights,
+    each argument at a different layout."""
+    h, wd, bd, wu, bu, r = make(6, 24, 5, torch.float16, wdtype=torch.float32, parallel=True, lead=(3,))
+    h = h.transpose(0, 1).contiguous().transpose(0, 1)   # [3, 6, 24] whose rows do not merge into one stride
+    r = with_layout(r, "strided")
+    dy = with_layout(torch.randn(3, 6, 24).half().to(DEVICE), "expanded")
+    check_with_dy(backend, torch.float16, "relu", h, with_layout(wd, "transposed"), with_layout(bd, "expanded"),
+                  with_layout(wu, "narrow"), with_layout(bu, "strided"), r, dy, what="(mixed)")
+
+
+def _relu_or_add(y, how, other):
+    if how == "relu_":
+        y.relu_()
+    else:
+        y += other
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["relu_", "iadd"])
+def test_output_can_be_modified_in_place(backend, how):
+    """issue 11: the output was a view made inside the autograd Function, so relu_() or += on it raised in
+    backward. 3-D input (the case that reshapes), series and parallel, op and module."""
+    other = torch.randn(2, 7, 24, device=DEVICE)
+    for parallel in (False, True):
+        h, wd, bd, wu, bu, r = make(7, 24, 5, torch.float32, parallel=parallel, lead=(2,))
+        leaves = [t.requires_grad_(True) for t in (h, wd, bd, wu, bu, r) if t is not None]
+        y = _relu_or_add(bottleneck_adapter(h, wd, bd, wu, bu, 0.7, "gelu", residual=r, backend=backend), how, other)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, dy)
+        l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        h64, wd64, bd64, wu64, bu64 = l64[:5]
+        y64 = (l64[5] if parallel else h64) + 0.7 * (_act64(h64 @ wd64.t() + bd64, "gelu") @ wu64.t() + bu64)
+        y64 = _relu_or_add(y64.clone(), how, other.double())
+        for g, e in zip(grads, torch.autograd.grad(y64, l64, dy.double())):
+            assert_close(g, e, torch.float32, f"gradient after {how}")
+    ad = BottleneckAdapter(24, 5, backend=backend).to(DEVICE)
+    with torch.no_grad():
+        ad.up_weight.normal_()
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    _relu_or_add(ad(x), how, other).sum().backward()
+    assert ad.up_weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_not_implemented(backend):
+    h, wd, bd, wu, bu, _ = make(5, 16, 3, torch.float32)
+    h.requires_grad_(True)
+    wu.requires_grad_(True)
+    y = bottleneck_adapter(h, wd, bd, wu, bu, 1.0, "gelu", backend=backend)
+    with pytest.raises(NotImplementedError, match="bottleneck_adapter: double backward"):
+        torch.autograd.grad((y * y).sum(), [h], create_graph=True)
+    # first-order gradients are unaffected by the check
+    torch.autograd.grad(bottleneck_adapter(h, wd, bd, wu, bu, 1.0, "gelu", backend=backend).sum(), [h, wu])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_sizes_raise_clearly(backend):
+    with pytest.raises(ValueError, match=r"down_w: expected shape .* d_model >= 1, got \(2, 0\)"):
+        bottleneck_adapter(torch.randn(3, 0), torch.randn(2, 0), None, torch.randn(0, 2), None, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="d_model: expected an int >= 1, got 0"):
+        BottleneckAdapter(0, 4)
+    # an empty batch is fine
+    h, wd, bd, wu, bu, _ = make(0, 16, 3, torch.float32)
+    h.requires_grad_(True)
+    y = bottleneck_adapter(h, wd, bd, wu, bu, 1.0, "gelu", backend=backend)
+    assert y.shape == (0, 16)
+    (gh,) = torch.autograd.grad(y.sum(), [h])
+    assert gh.shape == (0, 16)
+
+
+# --------------------------------------------------------------------------------------------------
 # static compile of every GPU configuration (no GPU needed)
 #
 # Every entry of the kernels' config tables, for sm_90 and sm_80, compiled with its heaviest variant
@@ -280,7 +421,7 @@ def _static_cases():
                  dict(X=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", Z="*fp32", WD=f"*{dt}", BD=f"*{dt}", WU=f"*{dt}", BU=f"*{dt}",
                       **_i32("M", "D", "A"), scaling="fp32",
                       **_i32("stride_xm", "stride_xd", "stride_rm", "stride_rd", "stride_ym", "stride_yd",
-                             "stride_wd_a", "stride_wd_d", "stride_wu_d", "stride_wu_a")),
+                             "stride_wd_a", "stride_wd_d", "stride_wu_d", "stride_wu_a", "stride_bd", "stride_bu")),
                  dict(ACT=1, HAS_BD=True, HAS_BU=True, STORE_Z=True, EVEN_D=False)),
                 ("dz", "_adapter_bwd_dz_kernel",
                  dict(DY=f"*{dt}", Z="*fp32", WU=f"*{dt}", DZ=f"*{dt}", ACTZ=f"*{dt}", PBD="*fp32",

@@ -128,3 +128,106 @@ def test_hf_model_if_available():
     torch.testing.assert_close(model(ids).last_hidden_state, base)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 4 * (6 * 32 + 6 + 32 * 6 + 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 11: refuse what would nest or be bypassed, all or nothing, repeated calls, copies
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_refuses_targets_inside_adapter_layers_and_repeated_targets():
+    model = Toy()
+    inject_adapters(model, after=["attn_out"], bottleneck=3, layer_norm=True, backend="torch")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'layers.0.attn_out.base_layer'.*inside 'layers.0.attn_out', a fastpeft "
+                                         r"SeriesAdapterLayer"):
+        inject_adapters(model, after=["base_layer"], bottleneck=3)
+    with pytest.raises(ValueError, match=r"'layers.0.attn_out.adapter.norm'.*inside"):
+        inject_adapters(model, after=["adapter.norm"], bottleneck=3, d_model=24)
+    with pytest.raises(ValueError, match=r"'layers.0.attn_out' already is a fastpeft SeriesAdapterLayer"):
+        inject_adapters(model, after=["attn_out"], bottleneck=3)
+    assert _snapshot(model) == before
+    import fastpeft
+
+    model = fastpeft.inject_lora(Toy(), ["proj"], r=2)
+    with pytest.raises(ValueError, match=r"'layers.0.pair.proj.base_layer'.*inside 'layers.0.pair.proj', a fastpeft "
+                                         r"LoRALinear"):
+        inject_adapters(model, after=["proj.base_layer"], bottleneck=3)
+
+
+def test_refuses_targets_a_parent_bypasses():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(24, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    model = Attn()
+    with pytest.raises(ValueError, match=r"'mha.out_proj'.*nn.MultiheadAttention.*reads its weight directly"):
+        inject_adapters(model, after=["out_proj"], bottleneck=3)
+    assert isinstance(model.mha.out_proj, nn.Linear) and type(model.mha.out_proj) is not SeriesAdapterLayer
+    inject_adapters(model, after=["mha"], bottleneck=3, d_model=24, backend="torch")  # the attention's output: fine
+    model(torch.randn(2, 5, 24)).sum().backward()
+
+
+def test_all_or_nothing():
+    model = nn.ModuleDict({"a": nn.Linear(6, 6), "b": nn.Linear(6, 0)})
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"module 'b'.*d_model: expected an int >= 1, got 0"):
+        inject_adapters(model, after=["a", "b"], bottleneck=2)
+    assert _snapshot(model) == before
+    model = nn.ModuleDict({"a": nn.Linear(6, 6), "b": nn.Linear(6, 4)})
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"around: module 'b' maps 6 features to 4: a parallel adapter needs"):
+        inject_adapters(model, around=["a", "b"], bottleneck=2)
+    assert _snapshot(model) == before
+    with pytest.raises(ValueError, match="activation"):
+        inject_adapters(model, after=["a", "b"], bottleneck=2, activation="swish")
+    assert _snapshot(model) == before
+
+
+def test_second_call_keeps_the_first_adapters_trainable():
+    model = Toy()
+    inject_adapters(model, after=["attn_out"], bottleneck=3, backend="torch")
+    first = {n for n, p in model.named_parameters() if p.requires_grad}
+    inject_adapters(model, after=["pair"], bottleneck=3, d_model=24, backend="torch")
+    now = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert first < now and all(".adapter." in n for n in now)
+    assert len(now) == 2 * len(first)
+
+
+def test_copy_pickle_save_and_state_dict_round_trips():
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = Toy()
+    inject_adapters(model, after=["attn_out"], around=None, bottleneck=3, layer_norm=True, backend="torch")
+    inject_adapters(model, around=["proj"], bottleneck=2, kind="parallel", backend="torch")
+    _randomise_adapters(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    fresh = Toy()
+    inject_adapters(fresh, after=["attn_out"], bottleneck=3, layer_norm=True, backend="torch")
+    inject_adapters(fresh, around=["proj"], bottleneck=2, kind="parallel", backend="torch")
+    fresh.load_state_dict(model.state_dict())
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False), fresh]
+    x = torch.randn(3, 24)
+    models = [model] + copies
+    for m in models:
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for m in copies:
+        assert [n for n, p in m.named_parameters() if p.requires_grad] == \
+            [n for n, p in model.named_parameters() if p.requires_grad]
+        for (n, p), (_, q) in zip(model.named_parameters(), m.named_parameters()):
+            assert torch.equal(p, q), n

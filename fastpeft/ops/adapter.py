@@ -26,8 +26,19 @@ def _impl(backend: str):
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    # a view whenever the leading dims can be merged; any 2-D strides are fine for the kernels
+    # a view whenever the leading dims can be merged (any 2-D strides, stride 0 included, are fine for the
+    # kernels); a copy only for leading dims that no single stride spans, e.g. a permuted [S, B, D] input
     return t.reshape(-1, t.shape[-1])
+
+
+def _forward(backend, x, residual, down_w, down_b, up_w, up_b, scaling, activation, store_z):
+    """(y, Z): y is allocated here in x's shape and the backend writes it through a 2-D view, so the tensor
+    handed to the caller is not a view (autograd forbids in-place edits of views made inside a Function)."""
+    fwd, _ = _impl(backend)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    _, z = fwd(_rows(x), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
+               scaling, activation, store_z, out=y.view(-1, x.shape[-1]))
+    return y, z
 
 
 class BottleneckAdapterFunction(torch.autograd.Function):
@@ -35,19 +46,23 @@ class BottleneckAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, down_w, down_b, up_w, up_b, scaling, activation, backend):
-        fwd, _ = _impl(backend)
         need = ctx.needs_input_grad
         store_z = any(need[i] for i in (0, 2, 3, 4, 5))
-        y2, z = fwd(_rows(x), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
-                    scaling, activation, store_z)
+        y, z = _forward(backend, x, residual, down_w, down_b, up_w, up_b, scaling, activation, store_z)
+        # the output is not saved: backward needs only x, Z and the weights, so users may edit y in place
         ctx.save_for_backward(x, z, down_w, up_w)
         ctx.scaling, ctx.activation, ctx.backend = scaling, activation, backend
         ctx.series = residual is None
         ctx.bias_dtypes = (None if down_b is None else down_b.dtype, None if up_b is None else up_b.dtype)
-        return y2.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise NotImplementedError(
+                "bottleneck_adapter: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
+                "the fused backward is not differentiable; use torch.func or an eager adapter for higher-order "
+                "gradients")
         x, z, down_w, up_w = ctx.saved_tensors
         need_x, need_r, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
         need_dw = need_wd or need_bd or need_wu or need_bu
@@ -81,8 +96,9 @@ def check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, res
     if h.dim() < 1:
         raise ValueError("h: expected a tensor of shape [..., d_model], got a 0-D tensor")
     a, d = down_w.shape
-    if a < 1:
-        raise ValueError(f"down_w: expected shape [bottleneck, d_model] with bottleneck >= 1, got {tuple(down_w.shape)}")
+    if a < 1 or d < 1:
+        raise ValueError(f"down_w: expected shape [bottleneck, d_model] with bottleneck >= 1 and d_model >= 1, "
+                         f"got {tuple(down_w.shape)}")
     if h.shape[-1] != d:
         raise ValueError(f"h: expected last dimension {d} (down_w is [bottleneck, d_model] = {list(down_w.shape)}), "
                          f"got shape {tuple(h.shape)}")
@@ -111,12 +127,15 @@ def check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, res
 def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="gelu", *, residual=None, backend=None):
     """Bottleneck adapter: residual + scaling·(act(h·down_wᵀ + down_b)·up_wᵀ + up_b), residual = h by default.
 
-    h [..., d] (fp32, fp16 or bf16, any strides); down_w [a, d], up_w [d, a], down_b [a], up_b [d] (biases
-    may be None) in h's dtype or all fp32 (computed in h's dtype with fp32 accumulation; gradients come back
+    h [..., d] (fp32, fp16 or bf16); down_w [a, d], up_w [d, a], down_b [a], up_b [d] (biases may be None)
+    in h's dtype or all fp32 (computed in h's dtype with fp32 accumulation; gradients come back
     in the weights' dtype). activation: "relu", "gelu" (erf), "gelu_tanh" or "silu".
     residual: the tensor the adapter's output is added to; None for a series adapter (h + adapter(h)),
     the sub-layer's output for a parallel one (the gradient of h then excludes the skip path).
     backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    Every tensor (and the gradient of the output) may come at any strides: sliced, transposed, expanded
+    (stride 0), offset views; leading dims of h that no single stride spans are copied once. The output is a
+    new tensor of h's shape that may be modified in place. Double backward raises NotImplementedError.
     """
     scaling = check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual)
     a = down_w.shape[0]
@@ -126,10 +145,7 @@ def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="g
     tensors = (h, residual, down_w, down_b, up_w, up_b)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return BottleneckAdapterFunction.apply(h, residual, down_w, down_b, up_w, up_b, scaling, activation, name)
-    fwd, _ = _impl(name)
-    y2, _ = fwd(_rows(h), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
-                scaling, activation, False)
-    return y2.view(h.shape)
+    return _forward(name, h, residual, down_w, down_b, up_w, up_b, scaling, activation, False)[0]
 
 
 __all__ = ["bottleneck_adapter", "BottleneckAdapterFunction", "check_adapter_inputs", "ACTIVATIONS"]

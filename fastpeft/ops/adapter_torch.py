@@ -38,14 +38,15 @@ def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
     return sig * (1.0 + z * (1.0 - sig))
 
 
-def adapter_fwd_torch(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool):
-    """Forward on 2-D x [M, D]: y [M, D] in x's dtype, and Z [M, A] fp32 when store_z (else None)."""
+def adapter_fwd_torch(x, residual, down_w, down_b, up_w, up_b, scaling: float, act: str, store_z: bool, out=None):
+    """Forward on 2-D x [M, D]: y [M, D] in x's dtype (written into `out` when given), and Z [M, A] fp32 when
+    store_z (else None)."""
     dt = x.dtype
     z = F.linear(x, down_w.to(dt)).float()
     if down_b is not None:
         z = z + down_b.float()
     u = F.linear(activation(z, act).to(dt), up_w.to(dt), None if up_b is None else up_b.to(dt))
-    y = torch.add(x if residual is None else residual, u, alpha=scaling)
+    y = torch.add(x if residual is None else residual, u, alpha=scaling, out=out)
     return y, (z if store_z else None)
 
 

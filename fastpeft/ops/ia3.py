@@ -2,8 +2,9 @@
 
 scale="output": y = (x·Wᵀ + b) ⊙ l (PEFT's IA3 on k/v projections, bias scaled too);
 scale="input":  y = (x ⊙ l)·Wᵀ + b (PEFT's feed-forward IA3).
-Backends: "triton" (kernels/ia3.py) and "torch" (ia3_torch.py). Saved for backward: x, and for output
-scaling the output y (the pre-scale product is recovered from it), never another [M, N] tensor.
+Backends: "triton" (kernels/ia3.py) and "torch" (ia3_torch.py). Saved for backward: x (the caller's
+tensor), W, b and l; never the output (users may edit it in place) and no [M, N] tensor: for output
+scaling the backward recomputes the pre-scale product x·Wᵀ + b when l needs a gradient.
 """
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ def _impl(backend: str):
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
+    # a view whenever the leading dims can be merged (any 2-D strides are fine for the kernels); a copy
+    # only for leading dims that no single stride spans
     return t.reshape(-1, t.shape[-1])
+
+
+def _forward(backend, x, weight, bias, scale, mode):
+    """y is allocated here in its final shape and the backend writes it through a 2-D view, so the tensor
+    handed to the caller is not a view (autograd forbids in-place edits of views made inside a Function)."""
+    fwd, _ = _impl(backend)
+    y = torch.empty((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
+    fwd(_rows(x), weight, bias, scale, mode, out=y.view(-1, weight.shape[0]))
+    return y
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -33,21 +45,24 @@ class IA3LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, mode, backend):
-        fwd, _ = _impl(backend)
-        y2 = fwd(_rows(x), weight, bias, scale, mode)
-        ctx.save_for_backward(x, weight, bias, scale, y2 if mode == "output" else None)
+        y = _forward(backend, x, weight, bias, scale, mode)
+        ctx.save_for_backward(x, weight, bias, scale)
         ctx.mode, ctx.backend = mode, backend
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale, y2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise NotImplementedError(
+                "ia3_linear: double backward (create_graph=True, e.g. a gradient penalty) is not supported: the "
+                "fused backward is not differentiable; use torch.func or an eager IA3 for higher-order gradients")
+        x, weight, bias, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
         x2, dy2 = _rows(x), _rows(dy)
         dx = dw = db = dl = None
         if need_x or need_l:
             _, bwd = _impl(ctx.backend)
-            dx, dl = bwd(dy2, x2, y2, weight, bias, scale, ctx.mode, need_x, need_l)
+            dx, dl = bwd(dy2, x2, weight, bias, scale, ctx.mode, need_x, need_l)
             dx = dx.view(x.shape) if dx is not None else None
             dl = dl.to(scale.dtype) if dl is not None else None
         if need_w or need_b:  # W and b are frozen in IA3; a caller who trains them anyway gets exact gradients
@@ -71,6 +86,9 @@ def check_ia3_inputs(x, weight, bias, scale, mode) -> None:
     if x.dim() < 1:
         raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-D tensor")
     out_f, in_f = weight.shape
+    if out_f < 1 or in_f < 1:
+        raise ValueError("weight: expected shape [out_features, in_features] with both >= 1, "
+                         f"got {tuple(weight.shape)}")
     if x.shape[-1] != in_f:
         raise ValueError(f"x: expected last dimension {in_f} (weight is [out, in] = {list(weight.shape)}), "
                          f"got shape {tuple(x.shape)}")
@@ -92,15 +110,18 @@ def check_ia3_inputs(x, weight, bias, scale, mode) -> None:
 def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     """IA3 linear: (x·weightᵀ + bias) ⊙ scale (mode "output") or (x ⊙ scale)·weightᵀ + bias (mode "input").
 
-    x [..., in] (fp32, fp16 or bf16, any strides); weight [out, in] and bias [out] (or None) in x's dtype;
-    scale [out] or [in] in x's dtype or fp32. backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "torch".
+    x [..., in] (fp32, fp16 or bf16); weight [out, in] and bias [out] (or None) in x's dtype; scale [out] or
+    [in] in x's dtype or fp32. backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "torch".
+    Every tensor (and the gradient of the output) may come at any strides: sliced, transposed, expanded
+    (stride 0), offset views; leading dims of x that no single stride spans are copied once. The output is a
+    new tensor that may be modified in place. The gradient of scale is exact for every value (0, subnormal).
+    Double backward raises NotImplementedError.
     """
     check_ia3_inputs(x, weight, bias, scale, mode)
     name = resolve_backend(backend, x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale)):
         return IA3LinearFunction.apply(x, weight, bias, scale, mode, name)
-    fwd, _ = _impl(name)
-    return fwd(_rows(x), weight, bias, scale, mode).view(*x.shape[:-1], weight.shape[0])
+    return _forward(name, x, weight, bias, scale, mode)
 
 
 __all__ = ["ia3_linear", "IA3LinearFunction", "check_ia3_inputs", "SCALE_MODES"]
