@@ -15,30 +15,33 @@ $(VENV)/.installed: setup.py Makefile
 	# torch first, pinned, so that nothing later can pull a multi-GB CUDA build onto a CPU machine
 	$(PY) -m pip install -q $(TORCH) $(TRITON)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	# galore-torch for the GaLore parity tests; --no-deps, because its requirements pull in bitsandbytes
+	$(PY) -m pip install -q --no-deps galore-torch==1.0
 	touch $@
 
 test: setup
 	$(PY) -m pytest -q tests
 
+# every op: the quick preset on a GPU, the cpu preset without one; BENCH_ARGS="--preset full" etc.
 bench: setup
-	$(PY) -m fastpeft.bench $(BENCH_ARGS)
+	$(PY) -m fastpeft.bench all $(BENCH_ARGS)
 
 bench-cpu: setup
-	$(PY) -m fastpeft.bench --preset cpu --device cpu
+	$(PY) -m fastpeft.bench all --preset cpu --device cpu
 
-# on a GPU machine with the project's dependencies present: CUDA tests + full grid + pytest-benchmark, < 10 min
+# on a GPU machine with the project's dependencies present: CUDA tests + every op's quick preset, < 8 min
 bench-gpu:
 	bash benchmarks/gpu_session.sh
 
 bench-adapters: setup
-	$(PY) benchmarks/bench_adapter.py --out benchmarks/results/adapter.json
-	$(PY) benchmarks/bench_ia3.py --out benchmarks/results/ia3.json
+	$(PY) -m fastpeft.bench adapter $(BENCH_ARGS)
+	$(PY) -m fastpeft.bench ia3 $(BENCH_ARGS)
 
 bench-multi: setup
-	$(PY) benchmarks/bench_multi_lora.py
+	$(PY) -m fastpeft.bench multi-lora $(BENCH_ARGS)
 
 bench-galore: setup
-	$(PY) benchmarks/bench_galore.py --out benchmarks/results/galore.json
+	$(PY) -m fastpeft.bench galore $(BENCH_ARGS)
 
 bench-cuda: setup
 	$(PY) -m pytest benchmarks/bench_cuda_ops.py --benchmark-only --benchmark-json=benchmarks/results/$$(date +%F)_cuda_ops.json

@@ -3,10 +3,16 @@
     model = fastpeft.galore.enable(model, target_modules=["q_proj", "v_proj"], rank=128, update_proj_gap=200, scale=0.25)
     opt = fastpeft.optim.GaLoreAdamW(model.parameters(), lr=1e-3)
 
-The targeted layers' backward accumulates the projected gradient R (see fastpeft.ops.galore_linear) into an
-fp32 buffer attached to the weight (`weight._fastpeft_galore`); the weight's .grad stays None. GaLoreAdamW
-runs Adam on R and applies W <- W - lr·s·P·N in place with a rank-r update kernel. Micro-batches accumulate
-into R exactly as gradients do (R is linear in G).
+The targeted layers become GaLoreLinear (an nn.Linear subclass, same parameters and state_dict keys). Their
+backward accumulates the projected gradient R (see fastpeft.ops.galore_linear) into the fp32 buffer of the
+layer's GaLoreLinearState (`layer.galore`); the weight's .grad stays None. GaLoreAdamW runs Adam on R and
+applies W <- W - lr·s·P·N in place with a rank-r update kernel. Micro-batches accumulate into R exactly as
+gradients do (R is linear in G).
+
+The state belongs to the module, so copy.deepcopy, pickle and torch.save of the model carry it (and
+model.to() moves the basis); the weight only holds a link to it for the optimizer (`_fastpeft_galore`),
+re-made whenever the module is copied, loaded or run. The optimizer's state_dict carries the basis and the
+step count, so model.state_dict() + opt.state_dict() is a complete checkpoint.
 
 The step consumes R, so loops that clear gradients with model.zero_grad() stay correct; to discard an
 accumulated R without stepping call opt.zero_grad() (model.zero_grad() does not see R).
@@ -26,13 +32,16 @@ Projector refresh (when the layer's step count is a multiple of update_proj_gap:
 Moments on a projector change: "keep" (default; galore-torch's behaviour, so trajectories match it),
 "reset" (zero them), or "rotate" (carry them into the new basis, fastpeft.optim.projector.rotate_moments).
 
+Non-finite gradients: on a refresh step a gradient with inf/NaN raises FloatingPointError naming the layer
+before the basis, the moments or the weight change (randomized: in the backward; svd: in opt.step()).
+Checking costs a host sync, which the refresh's SVD makes anyway; other steps are not checked.
+
 Limitations: data-parallel training would need R (and the randomized refresh) reduced across ranks, which
 this mode does not do; use GaLoreAdamW on ordinary gradients there.
 """
 from __future__ import annotations
 
 import re
-import types
 
 import torch
 from torch import nn
@@ -40,7 +49,7 @@ from torch import nn
 from .ops.galore_linear import full_grad_accumulate, galore_linear, kernel_backend, projected_grad_accumulate
 from .optim import projector as pj
 
-__all__ = ["enable", "disable", "GaLoreLinearState", "galore_state"]
+__all__ = ["enable", "disable", "GaLoreLinear", "GaLoreLinearState", "galore_state"]
 
 _ATTR = "_fastpeft_galore"
 
@@ -59,6 +68,7 @@ class GaLoreLinearState:
         self.oversample = pj.check_nonneg_int("oversample", oversample)
         self.power_iters = pj.check_nonneg_int("power_iters", power_iters)
         self.backend = backend
+        self.name = ""  # the layer's name in the model, for error messages
         self.side = pj.projection_side(self.shape, proj_type)
         self.P = self.Q = None
         self.prev = (None, None)  # the basis the moments are expressed in, while a refresh is pending
@@ -96,8 +106,14 @@ class GaLoreLinearState:
         if self.refresh_due and x2.shape[0] > 0:
             gen = torch.Generator(device=x2.device)
             gen.manual_seed(int(torch.randint(0, 2**62, ())))
-            self.set_basis(pj.randomized_basis_factored(x2, dy2, self.rank, self.side, oversample=self.oversample,
-                                                        power_iters=self.power_iters, generator=gen))
+            try:
+                new = pj.randomized_basis_factored(x2, dy2, self.rank, self.side, oversample=self.oversample,
+                                                   power_iters=self.power_iters, generator=gen)
+            except pj.NonFiniteError:
+                raise FloatingPointError(
+                    f"galore: layer {self.name!r}: non-finite gradient (X or dY holds inf/NaN) on a projector refresh "
+                    "step; the weight, its basis and the optimizer are unchanged (opt.zero_grad() and skip the batch)") from None
+            self.set_basis(new)
             self.refresh_due = False
         if self.P is None and self.Q is None:
             return  # an empty first micro-batch: no basis yet, and nothing to project
@@ -109,14 +125,62 @@ class GaLoreLinearState:
         self.has_R = True
         projected_grad_accumulate(x2, dy2, self.P, self.Q, self.R, backend)
 
+    def to_(self, fn) -> None:
+        """Follow the module through Module._apply(fn) (.to, .cuda, .half, ...): the basis takes fn like the
+        weight (it is stored in the weight's dtype); the fp32 accumulators only change device."""
+        def conv(t):
+            return None if t is None else fn(t)
 
-def galore_state(param) -> GaLoreLinearState | None:
-    """The gradient-free GaLore state of a weight, or None."""
-    return getattr(param, _ATTR, None)
+        def move(t):
+            return None if t is None else t.to(fn(t.new_empty(0)).device)
+
+        self.P, self.Q = conv(self.P), conv(self.Q)
+        self.prev = tuple(conv(t) for t in self.prev)
+        self.R, self.G = move(self.R), move(self.G)
 
 
-def _forward(self, x):
-    return galore_linear(x, self.weight, self.bias, getattr(self.weight, _ATTR))
+class GaLoreLinear(nn.Linear):
+    """An nn.Linear in gradient-free GaLore mode; made by enable() (in place, by changing the module's
+    class), turned back by disable(). `galore` is its GaLoreLinearState."""
+
+    galore: GaLoreLinearState
+
+    def _link(self) -> None:
+        # the optimizer only sees the weight: give it the way to the state. A copied, loaded or replaced
+        # Parameter has lost it (Parameter.__deepcopy__ drops attributes): every such path re-makes it.
+        if getattr(self.weight, _ATTR, None) is not self.galore:
+            setattr(self.weight, _ATTR, self.galore)
+
+    def forward(self, x):
+        if not torch.compiler.is_compiling():  # a weight assigned by hand; compiled code sees enable()'s link
+            self._link()
+        return galore_linear(x, self.weight, self.bias, self.galore)
+
+    def __setstate__(self, state):  # pickle, torch.load and copy.deepcopy
+        super().__setstate__(state)
+        self._link()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(assign=True) replaces the weight
+        super()._load_from_state_dict(*args, **kwargs)
+        self._link()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.galore.to_(fn)
+        self._link()
+        return self
+
+    def extra_repr(self) -> str:
+        st = self.galore
+        return (f"{super().extra_repr()}, galore_rank={st.rank}, update_proj_gap={st.update_proj_gap}, "
+                f"scale={st.scale}, proj_type={st.proj_type!r}, projector={st.projector!r}")
+
+
+def galore_state(obj) -> GaLoreLinearState | None:
+    """The gradient-free GaLore state of a weight (or of a GaLoreLinear layer), or None."""
+    if isinstance(obj, GaLoreLinear):
+        return obj.galore
+    return getattr(obj, _ATTR, None) if isinstance(obj, torch.Tensor) else None
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -142,28 +206,36 @@ def enable(model: nn.Module, target_modules, rank: int, update_proj_gap: int = 2
     if not chosen:
         raise ValueError(f"target_modules: {target_modules!r} matched no module of the model")
     states = []
+    owners = {}
     for name, mod in chosen:
+        if isinstance(mod, GaLoreLinear) or (isinstance(mod, nn.Linear) and galore_state(mod.weight) is not None):
+            raise ValueError(f"target_modules: {name!r} is already in gradient-free GaLore mode (or shares its weight with such a layer)")
         if type(mod) is not nn.Linear:
             raise TypeError(f"target_modules: {name!r} is a {type(mod).__name__}, expected an nn.Linear")
-        if galore_state(mod.weight) is not None:
-            raise ValueError(f"target_modules: {name!r} is already in gradient-free GaLore mode")
+        if id(mod.weight) in owners:  # tied weights: one weight, one projected gradient
+            raise ValueError(f"target_modules: {name!r} shares its weight with {owners[id(mod.weight)]!r}; "
+                             "gradient-free GaLore needs a weight used by one layer only")
+        owners[id(mod.weight)] = name
         try:
             st = GaLoreLinearState(mod.weight.shape, rank, update_proj_gap, scale, proj_type, projector, moments,
                                    oversample, power_iters, backend)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
+        st.name = name
         states.append((mod, st))
     for mod, st in states:  # all validated: nothing is changed on an error path
-        setattr(mod.weight, _ATTR, st)
-        mod.forward = types.MethodType(_forward, mod)
+        mod.__class__ = GaLoreLinear  # in place: references to the layer and its weight stay valid
+        mod.galore = st
+        mod._link()
     return model
 
 
 def disable(model: nn.Module) -> nn.Module:
     """Restore the ordinary forward of every gradient-free layer (their GaLore bases and R are dropped)."""
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) and galore_state(mod.weight) is not None:
-            delattr(mod.weight, _ATTR)
-            if "forward" in mod.__dict__:
-                del mod.forward
+        if isinstance(mod, GaLoreLinear):
+            if _ATTR in mod.weight.__dict__:
+                delattr(mod.weight, _ATTR)
+            del mod.galore
+            mod.__class__ = nn.Linear
     return model

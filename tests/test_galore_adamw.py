@@ -199,7 +199,8 @@ def test_galore_torch_parity(proj_type, monkeypatch):
     except Exception as exc:  # its transformers import can fail on some versions
         pytest.skip(f"galore-torch does not import: {exc}")
     if mods is None:
-        pytest.skip("galore-torch is not installed (pip install galore-torch)")
+        pytest.skip("galore-torch is not installed (pip install --no-deps galore-torch: its bitsandbytes dependency is "
+                    "not needed, only torch and transformers)")
     from fastpeft.optim.projector import canonical_signs
 
     proj_cls = mods["galore_projector"].GaLoreProjector
@@ -239,11 +240,76 @@ def test_galore_torch_parity(proj_type, monkeypatch):
     ({"rank": 2, "scale": float("nan")}, "scale"), ({"rank": 2, "moments": "forget"}, "moments"),
     ({"rank": 2, "projector": "qr"}, "projector"), ({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
     ({"eps": -1e-8}, "eps"), ({"weight_decay": -0.1}, "weight_decay"), ({"rank": 2, "power_iters": -1}, "power_iters"),
+    ({"lr": float("inf")}, "lr"), ({"lr": float("nan")}, "lr"), ({"eps": float("inf")}, "eps"),
+    ({"weight_decay": float("inf")}, "weight_decay"),
 ])
 def test_bad_group(group, match):
     w = torch.nn.Parameter(torch.randn(10, 12))
     with pytest.raises((ValueError, TypeError), match=match):
         GaLoreAdamW([{"params": [w], **group}])
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -0.5])
+def test_bad_lr_at_step_changes_nothing(lr):
+    # a scheduler (or a user) may set lr after construction: step() refuses it before touching anything
+    gen = torch.Generator().manual_seed(11)
+    w, b = torch.nn.Parameter(torch.randn(10, 12, generator=gen)), torch.nn.Parameter(torch.randn(10, generator=gen))
+    opt = GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 2}], lr=0.01)
+    w.grad, b.grad = torch.randn(10, 12, generator=gen), torch.randn(10, generator=gen)
+    opt.step()
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt.param_groups[1]["lr"] = lr
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: lr"):
+        opt.step()
+    assert torch.equal(w, w0) and torch.equal(b, b0)  # group 0 (stepped first) unchanged too
+    assert all(opt.state[p]["step"] == 1 for p in (w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projector", ["svd", "randomized"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_on_refresh_step(backend, projector, bad):
+    # refresh at steps 0 and 2; a bad gradient there names the parameter and changes no parameter or state
+    gen = torch.Generator().manual_seed(12)
+    named = [(f"layer{i}.weight", torch.nn.Parameter(torch.randn(9, 13, generator=gen).to(DEV))) for i in range(2)]
+    opt = GaLoreAdamW([{"params": named, "rank": 3, "update_proj_gap": 2}], lr=0.01, projector=projector, backend=backend)
+    ps = [p for _, p in named]
+    for t in range(3):
+        for p in ps:
+            p.grad = torch.randn(9, 13, generator=gen).to(DEV)
+        if t in (0, 2):
+            ps[1].grad[4, 5] = bad
+            before = [p.detach().clone() for p in ps]
+            state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for p in ps}
+            with pytest.raises(FloatingPointError, match=r"'layer1.weight' \(shape \(9, 13\)\): non-finite"):
+                opt.step()
+            for p, b in zip(ps, before):  # layer0, stepped before layer1, unchanged too
+                assert torch.equal(p, b)
+                assert opt.state[p].keys() == state[id(p)].keys()
+                for k, v in state[id(p)].items():
+                    assert torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v
+            ps[1].grad[4, 5] = 0.0
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_step_allocates_nothing_weight_sized_between_refreshes(backend, proj_type):
+    from alloc_recorder import AllocRecorder
+
+    gen = torch.Generator().manual_seed(13)
+    w = torch.nn.Parameter(torch.randn(24, 40, generator=gen).to(DEV))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 3, "proj_type": proj_type}], lr=0.01,
+                      weight_decay=0.1, backend=backend)
+    for t in range(3):
+        w.grad = torch.randn(24, 40, generator=gen).to(DEV)
+        with AllocRecorder() as rec:
+            opt.step()
+        if t == 0:  # the refresh's SVD forms [m, min(m, n)] factors: the recorder must see them
+            assert rec.largest().numel >= 24 * 24
+        else:
+            rec.assert_below(24 * 40, f"step {t}")
 
 
 def test_rank_on_non_matrix():

@@ -2,6 +2,7 @@
 GaLoreAdamW fed the full gradient, gradient accumulation, no [out, in] gradient, state_dict, bad input."""
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -236,6 +237,19 @@ def test_enable_bad_input(kwargs, err, match):
     assert "forward" not in model[0].__dict__
 
 
+def test_enable_refuses_tied_weights():
+    model = _model(15)
+    extra = nn.Linear(20, 33).to(DEV)
+    extra.weight = model[0].weight
+    model.append(extra)
+    with pytest.raises(ValueError, match="shares its weight"):
+        fg.enable(model, ["0", "3"], rank=2)
+    assert type(model[0]) is nn.Linear and fg.galore_state(model[0].weight) is None
+    fg.enable(model, ["0"], rank=2)
+    with pytest.raises(ValueError, match="shares its weight"):
+        fg.enable(model, ["3"], rank=2)
+
+
 def test_enable_twice_and_rank_in_group():
     model = _model(14)
     fg.enable(model, ["0"], rank=2)
@@ -243,3 +257,302 @@ def test_enable_twice_and_rank_in_group():
         fg.enable(model, ["0"], rank=2)
     with pytest.raises(ValueError, match="gradient-free"):
         GaLoreAdamW([{"params": [model[0].weight], "rank": 2}])
+
+
+# -- copies, pickles, checkpoints ----------------------------------------------------------------------------------
+def _train_step(model, opt, t, gen_seed=100):
+    # the randomized refresh draws its sketch seed from torch's generator: seed it per step so a copy can replay
+    gen = torch.Generator().manual_seed(gen_seed + t)
+    x, y = torch.randn(9, 20, generator=gen).to(DEV), torch.randn(9, 17, generator=gen).to(DEV)
+    torch.manual_seed(1000 + t)
+    loss = ((model(x) - y) ** 2).sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def _copy(how, model, opt, backend):
+    """(model copy, optimizer for it carrying opt's state) by `how`."""
+    if how == "deepcopy_pair":
+        return copy.deepcopy((model, opt))
+    if how == "deepcopy":
+        other, sd = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    elif how == "pickle":
+        other, sd = pickle.loads(pickle.dumps((model, opt.state_dict())))
+    else:  # torch.save / torch.load of the full module, the optimizer's state_dict weights-only
+        buf, sbuf = io.BytesIO(), io.BytesIO()
+        torch.save(model, buf)
+        torch.save(opt.state_dict(), sbuf)
+        buf.seek(0)
+        sbuf.seek(0)
+        other, sd = torch.load(buf, weights_only=False), torch.load(sbuf, weights_only=True)
+    opt2 = GaLoreAdamW(other.parameters(), lr=0.01, weight_decay=0.05, backend=backend)
+    opt2.load_state_dict(sd)
+    return other, opt2
+
+
+# copying is backend-independent; one interpreted case checks that the optimizer's backend survives it
+COPY_CASES = [("torch", h, p) for h in ("deepcopy", "deepcopy_pair", "pickle", "torch_save") for p in ("randomized", "svd")]
+COPY_CASES += [("triton", "deepcopy_pair", "randomized")]
+
+
+@pytest.mark.parametrize("backend, how, projector", COPY_CASES)
+def test_copy_trains_identically(backend, how, projector):
+    # a copy made after the first step trains bit for bit like the original, across the refresh at step 2
+    model = _model(20)
+    fg.enable(model, ["0", "2"], rank=3, update_proj_gap=2, scale=0.5, projector=projector, backend=backend)
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, weight_decay=0.05, backend=backend)
+    _train_step(model, opt, 0)
+    other, opt2 = _copy(how, model, opt, backend)
+    assert opt2.backend == backend
+    assert other is not model and other[0].weight is not model[0].weight
+    assert type(other[0]) is type(model[0]) and fg.galore_state(other[0].weight) is not fg.galore_state(model[0].weight)
+    for t in range(1, 4):
+        la, lb = _train_step(model, opt, t), _train_step(other, opt2, t)
+        assert torch.equal(la, lb), (t, la, lb)
+        for (name, pa), pb in zip(model.named_parameters(), other.parameters()):
+            assert torch.equal(pa, pb), f"{name} after step {t}"
+    assert other[0].weight.grad is None and other[2].weight.grad is None
+    # the copy's state is its own: training the copy did not touch the original's basis
+    assert fg.galore_state(other[2].weight).P is not fg.galore_state(model[2].weight).P or \
+        fg.galore_state(other[2].weight).Q is not fg.galore_state(model[2].weight).Q
+
+
+def test_copy_before_training_and_state_dict_keys():
+    # a copy made right after enable() trains like the original; enable() adds no state_dict keys, so a
+    # checkpoint of the plain model loads into the GaLore one and back
+    model = _model(21)
+    keys = list(model.state_dict())
+    fg.enable(model, ["0", "2"], rank=2, update_proj_gap=2, backend="torch")
+    assert list(model.state_dict()) == keys
+    other = copy.deepcopy(model)
+    plain = _model(22)
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+    opts = [GaLoreAdamW(m.parameters(), lr=0.01, backend="torch") for m in (model, other)]
+    for t in range(3):
+        assert torch.equal(_train_step(model, opts[0], t), _train_step(other, opts[1], t))
+    for pa, pb in zip(model.parameters(), other.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_load_state_dict_assign_keeps_gradient_free():
+    # load_state_dict(assign=True) replaces the Parameter objects: the layer must stay gradient-free
+    model = _model(23)
+    fg.enable(model, ["0"], rank=2, backend="torch")
+    model.load_state_dict(_model(24).state_dict(), assign=True)
+    assert fg.galore_state(model[0].weight) is model[0].galore  # linked at once, not at the next forward
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, backend="torch")
+    w0 = model[0].weight.detach().clone()
+    _train_step(model, opt, 0)
+    assert model[0].weight.grad is None and fg.galore_state(model[0].weight) is not None
+    assert not torch.equal(model[0].weight, w0)
+
+
+def test_dtype_conversion_moves_basis():
+    # model.double() after a refresh: the basis follows the weight, training continues
+    model = _model(25)
+    fg.enable(model, ["0", "2"], rank=2, update_proj_gap=5, backend="torch")
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, backend="torch")
+    _train_step(model, opt, 0)
+    model.double()
+    st = fg.galore_state(model[2].weight)
+    assert all(t is None or t.dtype == torch.float64 for t in (st.P, st.Q))
+    gen = torch.Generator().manual_seed(3)
+    model(torch.randn(4, 20, generator=gen, dtype=torch.float64).to(DEV)).sum().backward()
+    assert st.R.dtype == torch.float32 and st.has_R
+
+
+def test_torch_compile():
+    # the backward's refresh has Python side effects (the layer's state, a Generator), so dynamo breaks the
+    # graph at the Function (fullgraph=True is refused) and runs it eagerly: results must be the eager ones
+    model = _model(33)
+    fg.enable(model, ["0", "2"], rank=2, update_proj_gap=2, backend="torch")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opts = [GaLoreAdamW(m.parameters(), lr=0.01, backend="torch") for m in (model, ref)]
+    for t in range(2):  # a refresh step and an ordinary one
+        assert torch.equal(_train_step(compiled, opts[0], t), _train_step(ref, opts[1], t))
+    assert model[0].weight.grad is None
+    for pa, pb in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_disable_after_copy():
+    model = copy.deepcopy(fg.enable(_model(26), ["0"], rank=2))
+    fg.disable(model)
+    assert type(model[0]) is nn.Linear and fg.galore_state(model[0].weight) is None
+    model(torch.randn(3, 20).to(DEV)).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+# -- non-finite gradients on refresh steps -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_randomized_refresh_names_layer(backend):
+    model = _model(27)
+    fg.enable(model, ["0", "2"], rank=2, update_proj_gap=2, projector="randomized", backend=backend)
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(5, 20).to(DEV)
+    x[2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'2'.*non-finite.*unchanged"):  # the backward reaches layer 2 first
+        model(x).sum().backward()
+    opt.zero_grad()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    for i in (0, 2):
+        st = fg.galore_state(model[i].weight)
+        assert st.P is None and st.Q is None and st.refresh_due and not st.has_R
+    _train_step(model, opt, 0)  # a good batch afterwards refreshes and trains normally
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_svd_refresh_names_layer_all_or_nothing(backend):
+    model = _model(28)
+    fg.enable(model, ["0", "2"], rank=2, update_proj_gap=2, projector="svd", backend=backend)
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 20).to(DEV)).sum().backward()
+    fg.galore_state(model[2].weight).G[1, 4] = float("inf")  # layer 2 only: layer 0 would step first
+    with pytest.raises(FloatingPointError, match=r"'2'.*non-finite"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):  # layer 0 (stepped first) is unchanged too
+        assert torch.equal(p, b)
+    opt.zero_grad()
+    _train_step(model, opt, 0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- memory: no [out, in]-sized tensor in the gradient-free backward and step -------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projector", ["randomized", "svd"])
+def test_no_weight_sized_allocation(backend, projector):
+    from alloc_recorder import AllocRecorder
+
+    out_f, in_f, m = 24, 40, 7
+    torch.manual_seed(29)
+    model = nn.Sequential(nn.Linear(in_f, out_f)).to(DEV)
+    fg.enable(model, ["0"], rank=3, update_proj_gap=2, projector=projector, backend=backend)
+    opt = GaLoreAdamW(model.parameters(), lr=0.01, backend=backend)
+    gen = torch.Generator().manual_seed(30)
+    for t in range(3):  # refresh at steps 0 and 2, step 1 is not
+        x = torch.randn(m, in_f, generator=gen).to(DEV)
+        y = model(x)
+        dy = torch.randn(m, out_f, generator=gen).to(DEV)
+        with AllocRecorder() as rec:
+            y.backward(dy)
+            opt.step()
+        if projector == "randomized" or t % 2 == 1:
+            rec.assert_below(out_f * in_f, f"{projector} step {t}")
+        else:  # the exact-SVD refresh forms G by design (documented): it must be the only such tensor
+            big = [a for a in rec.allocations if a.numel >= out_f * in_f]
+            assert big, "the SVD refresh step should form G; is the test measuring anything?"
+
+
+def test_saves_nothing_activation_sized_but_x():
+    from alloc_recorder import SavedRecorder
+
+    x = torch.randn(7, 40).to(DEV).requires_grad_()
+    w = torch.randn(24, 40).to(DEV).requires_grad_()
+    st = fg.GaLoreLinearState(w.shape, 3, 10, 1.0, "std", "randomized", "keep", 8, 2, "torch")
+    with SavedRecorder() as saved:
+        y = galore_linear(x, w, None, st)
+    saved.assert_none_shaped_like(x.shape, allow=[x, w], what="galore_linear")
+    assert saved.saved, "nothing recorded: is the recorder measuring anything?"
+    y.sum().backward()
+
+
+# -- layouts ---------------------------------------------------------------------------------------------------------
+def _layouts(t):
+    """t and views of it with the same values at other layouts: sliced, transposed, expanded where t allows."""
+    out = {"contiguous": t}
+    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    big[..., 1::2] = t
+    out["sliced"] = big[..., 1::2]
+    out["transposed"] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_layout", ["contiguous", "sliced", "transposed", "expanded", "view3d"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "sliced", "transposed"])
+def test_layouts_against_float64(backend, x_layout, w_layout):
+    gen = torch.Generator().manual_seed(31)
+    out_f, in_f, rank, m = 11, 9, 3, 7
+    if x_layout == "expanded":
+        x = torch.randn(1, in_f, generator=gen).to(DEV).expand(m, in_f)
+    elif x_layout == "view3d":  # [B, S, in] sliced in S: rows that cannot be flattened without a copy
+        x = torch.randn(2, 2 * m, in_f, generator=gen).to(DEV)[:, ::2]
+    else:
+        x = _layouts(torch.randn(m, in_f, generator=gen).to(DEV))[x_layout]
+    x.requires_grad_()  # a leaf view: its .grad has the view's shape
+    w = _layouts(torch.randn(out_f, in_f, generator=gen).to(DEV))[w_layout].requires_grad_()
+    b = torch.randn(2 * out_f, generator=gen).to(DEV)[::2].requires_grad_()
+    st = fg.GaLoreLinearState(w.shape, rank, 10, 1.0, "full", "svd", "keep", 8, 2, backend)
+    p, q = pj.svd_basis(torch.randn(out_f, in_f, generator=gen), rank, "full")
+    st.P, st.Q = p.to(DEV), q.to(DEV)
+    st.refresh_due = False
+    y = galore_linear(x, w, b, st)
+    dy_full = torch.randn(*y.shape[:-1], 2 * out_f, generator=gen).to(DEV)
+    dy = dy_full[..., ::2]  # a sliced dY
+    y.backward(dy)
+    xd, wd, bd, dyd = (t.detach().double().cpu() for t in (x, w, b, dy))
+    assert_close(y, xd @ wd.t() + bd, torch.float32, "y")
+    assert_close(b.grad, dyd.reshape(-1, out_f).sum(0), torch.float32, "dbias")
+    assert w.grad is None
+    g = dyd.reshape(-1, out_f).t() @ xd.reshape(-1, in_f)
+    assert_close(st.R, pj.project(g, p.double(), q.double()), torch.float32, "R")
+    assert_close(x.grad, dyd @ wd, torch.float32, "dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_dy_from_sum(backend):
+    # y.sum().backward() hands the backward a stride-0 dY
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(2, 5, 9, generator=gen).to(DEV)
+    w = torch.randn(11, 9, generator=gen).to(DEV).requires_grad_()
+    st = fg.GaLoreLinearState(w.shape, 2, 10, 1.0, "left", "svd", "keep", 8, 2, backend)
+    p, _ = pj.svd_basis(torch.randn(11, 9, generator=gen), 2, "left")
+    st.P, st.refresh_due = p.to(DEV), False
+    galore_linear(x, w, None, st).sum().backward()
+    g = torch.ones(10, 11, dtype=torch.float64).t() @ x.double().cpu().reshape(-1, 9)
+    assert_close(st.R, p.double().t() @ g, torch.float32, "R")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(7,), (2, 3)])
+def test_output_may_be_modified_in_place(backend, lead):
+    # y.relu_() and y += ... (ReLU(inplace=True), residual adds) must work in training
+    gen = torch.Generator().manual_seed(34)
+    x = torch.randn(*lead, 9, generator=gen).to(DEV).requires_grad_()
+    w = torch.randn(11, 9, generator=gen).to(DEV).requires_grad_()
+    b = torch.randn(11, generator=gen).to(DEV).requires_grad_()
+    st = fg.GaLoreLinearState(w.shape, 2, 10, 1.0, "right", "svd", "keep", 8, 2, backend)
+    _, q = pj.svd_basis(torch.randn(11, 9, generator=gen), 2, "right")
+    st.Q, st.refresh_due = q.to(DEV), False
+    extra = torch.randn(*lead, 11, generator=gen).to(DEV)
+    y = galore_linear(x, w, b, st)
+    y += extra
+    y.relu_()
+    dy = torch.randn(y.shape, generator=gen).to(DEV)
+    y.backward(dy)
+    xd, wd, bd, dyd = (t.detach().double().cpu() for t in (x, w, b, dy))
+    pre = xd @ wd.t() + bd + extra.double().cpu()
+    assert_close(y, pre.relu(), torch.float32, "y")
+    dpre = (dyd * (pre > 0)).reshape(-1, 11)
+    assert_close(x.grad, (dpre @ wd).reshape(x.shape), torch.float32, "dx")
+    assert_close(b.grad, dpre.sum(0), torch.float32, "dbias")
+    assert_close(st.R, dpre.t() @ xd.reshape(-1, 9) @ q.double().t(), torch.float32, "R")
+
+
+def test_double_backward_refused():
+    x = torch.randn(5, 9).to(DEV).requires_grad_()
+    w = torch.randn(11, 9).to(DEV).requires_grad_()
+    st = fg.GaLoreLinearState(w.shape, 2, 10, 1.0, "right", "svd", "keep", 8, 2, "torch")
+    st.Q, st.refresh_due = pj.svd_basis(torch.randn(11, 9), 2, "right")[1].to(DEV), False
+    y = galore_linear(x, w, None, st)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert not st.has_R  # refused before the projected gradient was accumulated

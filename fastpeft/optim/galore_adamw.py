@@ -20,7 +20,12 @@ Deliberate differences from galore-torch:
 - extra group keys: "projector" ("svd" or "randomized" range finder), "moments" on a refresh ("keep", the
   reference's behaviour and the default so that trajectories match it; "reset"; or "rotate" into the new
   basis), "oversample" and "power_iters" for the range finder;
-- the state is plain tensors and ints (no pickled projector object): state_dict loads with weights_only.
+- the state is plain tensors and ints (no pickled projector object): state_dict loads with weights_only;
+- hyperparameters must be finite (lr=inf is a ValueError, at construction and at each step, where a
+  scheduler may have set it); a gradient with inf/NaN on a projector refresh step raises FloatingPointError
+  naming the parameter before any parameter or state changes (galore-torch's SVD fails on it, or returns
+  NaN on a GPU). Checking costs a host sync that the refresh's SVD makes anyway; other steps are not checked,
+  as in torch.optim.AdamW.
 
 Parameters of nn.Linear layers put into gradient-free mode by fastpeft.galore.enable are recognised and
 stepped from their accumulated projected gradient; their GaLore settings come from enable().
@@ -45,8 +50,8 @@ def _triton():
 
 
 def _check_number(name, value, lo=None, lo_open=False, hi=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or abs(value) == math.inf:
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ValueError(f"{name}: expected {'>' if lo_open else '>='} {lo}, got {value!r}")
     if hi is not None and value >= hi:
@@ -108,13 +113,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
             pj.check_positive_int("update_proj_gap", group["update_proj_gap"])
             group["scale"] = pj.check_scale(group["scale"])
             for i, p in enumerate(params):
+                p = p[1] if isinstance(p, tuple) else p  # (name, parameter) from named_parameters()
                 if _galore_state(p) is not None:
                     raise ValueError(f"params[{i}]: this weight is in gradient-free GaLore mode (fastpeft.galore.enable), "
                                      "which sets its rank; put it in a group without 'rank'")
                 pj.check_rank(group["rank"], tuple(p.shape), what=f"rank (params[{i}])")
         super().add_param_group(group)
 
-    # -- state_dict -------------------------------------------------------------------------------------
+    # -- pickle, deepcopy, state_dict --------------------------------------------------------------------
+    def __getstate__(self):
+        return {**super().__getstate__(), "backend": self.backend}  # torch's keeps defaults, state, groups only
+
+    def __setstate__(self, state):  # also called by load_state_dict, with state and param_groups only
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", None)
+
     def load_state_dict(self, state_dict):
         # torch casts every floating state tensor to the parameter's dtype: that would round the fp32
         # moments of a bf16 parameter. Take our tensors out, let torch map the rest, put them back.
@@ -151,12 +164,43 @@ class GaLoreAdamW(torch.optim.Optimizer):
         reason = None if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else f"dtype {p.dtype} is not supported by the kernels"
         return resolve_backend(self.backend, p.device, triton_ok=reason)
 
+    @staticmethod
+    def _param_name(group, gi, i, p) -> str:
+        names = group.get("param_names")  # torch >= 2.6: an optimizer built from named_parameters()
+        name = repr(names[i]) if names is not None and i < len(names) else f"param_groups[{gi}]['params'][{i}]"
+        return f"{name} (shape {tuple(p.shape)})"
+
+    def _refresh_due(self, p, group) -> bool:
+        state = self.state.get(p, {})
+        return state.get("step", 0) % group["update_proj_gap"] == 0 or (state.get("proj_p") is None and state.get("proj_q") is None)
+
+    def _check_before_step(self) -> None:
+        """Everything that can fail, before anything changes: hyperparameters (a scheduler may have set lr to
+        inf), and gradients that a refresh step would take an SVD of."""
+        for gi, group in enumerate(self.param_groups):
+            try:
+                self._validate_hyper(group)
+            except ValueError as exc:
+                raise ValueError(f"param_groups[{gi}]: {exc}") from None
+            for i, p in enumerate(group["params"]):
+                st = _galore_state(p)
+                if st is not None:
+                    dense, what = st.G, f"layer {st.name!r} (gradient-free GaLore)"
+                elif p.grad is not None and not p.grad.is_sparse and "rank" in group and self._refresh_due(p, group):
+                    dense, what = p.grad, self._param_name(group, gi, i, p)
+                else:
+                    continue
+                if dense is not None and not pj.all_finite(dense):
+                    raise FloatingPointError(f"GaLoreAdamW: {what}: non-finite gradient (inf/NaN) on a projector refresh "
+                                             "step; no parameter or optimizer state was changed")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_before_step()
         for group in self.param_groups:
             for p in group["params"]:
                 st = _galore_state(p)

@@ -30,6 +30,15 @@ DEFAULT_OVERSAMPLE = 8
 DEFAULT_POWER_ITERS = 2
 
 
+class NonFiniteError(FloatingPointError):
+    """The matrix a basis is computed from holds inf/NaN (callers re-raise naming the parameter)."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Host sync: only on refresh steps, whose SVD syncs anyway (it checks LAPACK/cuSOLVER's info)."""
+    return bool(torch.isfinite(t).all())
+
+
 def check_proj_type(proj_type) -> str:
     if proj_type not in PROJ_TYPES:
         raise ValueError(f"proj_type: expected one of {PROJ_TYPES}, got {proj_type!r}")
@@ -107,6 +116,8 @@ def svd_basis(g: torch.Tensor, rank: int, side: str, dtype=None):
     """(P, Q) from the exact SVD of g (computed in fp32, or fp64 for fp64 input); bases stored in `dtype`."""
     dtype = dtype or g.dtype
     work = g if g.dtype in (torch.float32, torch.float64) else g.float()
+    if not all_finite(work):  # linalg.svd would fail with a bare "failed to converge" (or return NaN on GPU)
+        raise NonFiniteError("the gradient holds inf/NaN")
     u, _, vh = torch.linalg.svd(work, full_matrices=False)
     return _finish(u[:, :rank], vh[:rank].t(), side, dtype)
 
@@ -138,6 +149,9 @@ def randomized_basis(apply: Callable, apply_t: Callable, shape, rank: int, side:
         y = apply(_orth(z.float()).to(work_dtype))
     qy = _orth(y.float())
     bt = apply_t(qy.to(work_dtype)).float()  # Bᵀ = Gᵀ·Q, [n, k]
+    # inf/NaN anywhere in G reaches Bᵀ through every product and QR: one small check before the SVD
+    if not all_finite(bt):
+        raise NonFiniteError("the gradient holds inf/NaN")
     vb, _, ubh = torch.linalg.svd(bt, full_matrices=False)  # Bᵀ = vb·S·ubh, so B = ubhᵀ·S·vbᵀ
     u_cols = qy @ ubh[:rank].t()
     return _finish(u_cols, vb[:, :rank], side, dtype)
