@@ -6,8 +6,10 @@ fastpeft saves (PeftModel.from_pretrained) and fastpeft loads what PEFT saves (s
 
 Saving is atomic: everything is written and fsynced in a temporary directory beside the target, which then
 takes the target's place in one rename (Linux: an atomic exchange with an existing directory), so a crash
-never leaves a half-written adapter where the old one was. Loading validates the config and every key,
-shape and value against the model before touching it, and names what does not match.
+never leaves a half-written adapter where the old one was; the next save removes what a killed one left.
+A target that is a symlink is followed, and the directory keeps its mode. Loading validates the config and
+every key, shape, dtype and value of every layer against the model before touching it (all or nothing), and
+names the file, layer and key that do not match.
 """
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ import math
 import numbers
 import os
 import re
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
 
 import torch
 from torch import nn
 
-from .inject import inject_lora, matches_target
+from .inject import find_target_linears, inject_lora, matches_target
 from .modules.lora import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -160,24 +163,113 @@ def _replace_dir(tmp: str, target: str) -> None:
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # tmp now holds the old adapter
+        _rmtree(tmp)  # tmp now holds the old adapter
     else:  # two renames; between them the old adapter is complete under the backup name
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(backup)
+        backup = _scratch_name(parent, os.path.basename(target), "old")
         os.rename(target, backup)
         try:
             os.rename(tmp, target)
         except BaseException:
             os.rename(backup, target)
             raise
-        shutil.rmtree(backup)
+        _rmtree(backup)
     _fsync_path(parent)
+
+
+def _rmtree(path: str) -> None:
+    """Delete a directory tree of ours even if it is read-only (an adapter directory saved with mode 0o555);
+    what cannot be deleted stays, for the stale-scratch cleanup of a later save."""
+    for root, _, _ in os.walk(path):  # top-down: each directory is made writable before it is emptied
+        try:
+            os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | stat.S_IRWXU)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# Scratch directories beside the target are named .<target>.<tmp|old>-<pid>-<random>: a later save removes
+# those whose process is gone (and that no process holds locked), so a killed save leaves nothing for good.
+
+
+def _scratch_name(parent: str, base: str, kind: str) -> str:
+    return os.path.join(parent, f".{base}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _make_scratch_dir(parent: str, base: str) -> tuple[str, int | None]:
+    """A new directory for the save in progress (mode as mkdir makes it), and an fd holding a lock on it."""
+    while True:
+        path = _scratch_name(parent, base, "tmp")
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            continue
+    try:
+        import fcntl
+    except ImportError:
+        return path, None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without locks: the process id alone marks the directory as in use
+        os.close(fd)
+        return path, None
+    return path, fd
+
+
+def _process_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a save in progress in another thread of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: it exists, as another user's process
+        return False
+    return False
+
+
+def _unlocked(path: str) -> bool:
+    """True unless some process (on this machine or, over a network filesystem, another) holds `path` locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_scratch(parent: str, base: str) -> None:
+    """Remove the scratch directories that saves to `base` killed mid-write left in `parent`."""
+    if os.name != "posix":  # os.kill(pid, 0) is no liveness probe elsewhere
+        return
+    pattern = re.compile(rf"\.{re.escape(base)}\.(?:tmp|old)-(\d+)-[0-9a-f]+")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if m and _process_gone(int(m.group(1))) and not os.path.islink(path) and os.path.isdir(path) \
+                and _unlocked(path):
+            _rmtree(path)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> str:
     """Write the LoRA adapter of a fastpeft model in PEFT's format: `directory`/adapter_model.safetensors and
-    adapter_config.json, atomically (other files already in `directory` are kept). Returns the directory.
+    adapter_config.json, atomically (other files already in `directory` are kept, and its mode; a symlink is
+    followed). Returns the directory written (the link's target for a symlink).
 
     base_model_name_or_path defaults to model.config._name_or_path when the model has one; task_type is
     PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS") or None.
@@ -187,11 +279,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     tensors = adapter_state_dict(model)
     target = os.path.abspath(os.fspath(directory))
+    if os.path.islink(target):  # save where the link points; the link itself stays
+        target = os.path.realpath(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ValueError(f"directory: {target} exists and is not a directory")
-    parent = os.path.dirname(target)
+    parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else None
+    tmp, lock = _make_scratch_dir(parent, base)
     try:
         weights = os.path.join(tmp, WEIGHTS_NAME)
         save_file(tensors, weights, metadata={"format": "pt"})
@@ -204,11 +299,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
             os.fsync(f.fileno())
         if os.path.isdir(target):  # a stale adapter_model.bin would hold the old weights: not carried over
             _carry_over(target, tmp, {WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME})
+        if mode is not None:  # last: the old mode may not let us write into it
+            os.chmod(tmp, mode)
         _fsync_path(tmp)
         _replace_dir(tmp, target)
     finally:
         if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp)
+        if lock is not None:
+            os.close(lock)
+    _remove_stale_scratch(parent, base)
     return target
 
 
@@ -220,7 +320,7 @@ def _read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"directory: {directory} has no {CONFIG_NAME}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark, as Windows editors write, is skipped
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
@@ -257,8 +357,15 @@ def _check_config(cfg: dict, path: str) -> dict:
     elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
         raise ValueError(f"{path}: target_modules: expected a regex string or a non-empty list of names, got {target!r}")
     exclude = cfg.get("exclude_modules")
-    if exclude is not None and not isinstance(exclude, (str, list)):
-        raise ValueError(f"{path}: exclude_modules: expected a regex string, a list or null, got {exclude!r}")
+    if exclude is not None and not (isinstance(exclude, str) or (
+            isinstance(exclude, list) and all(isinstance(t, str) for t in exclude))):
+        raise ValueError(f"{path}: exclude_modules: expected a regex string, a list of names or null, got {exclude!r}")
+    for field, value in (("target_modules", target), ("exclude_modules", exclude)):
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{path}: {field}: {value!r} is not a valid regex ({exc})") from exc
     return {"r": r, "lora_alpha": float(alpha), "lora_dropout": float(p), "use_rslora": rslora,
             "target_modules": target, "exclude_modules": exclude or None}
 
@@ -289,8 +396,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
 
     If `model` has fastpeft LoRALinear layers, they must be exactly the layers the config targets, with its
     r, lora_alpha, lora_dropout and use_rslora. If it has none, they are injected first (fastpeft.inject_lora,
-    with `backend`). Every key and shape is checked before anything changes: on any mismatch this raises
-    ValueError naming it and the model is left as it was. Returns the model.
+    with `backend`). Every key, shape, dtype and value of every layer is checked before anything changes: on
+    any mismatch this raises ValueError naming the file, layer and key, and the model is left as it was.
+    Returns the model.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -328,7 +436,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
         if not_linear:
             raise ValueError(f"{cfg_path}: target_modules={cfg['target_modules']!r} matches modules that are not "
                              f"nn.Linear: {_listing(not_linear)}")
+        pattern = "(?:" + "|".join(re.escape(n) for n in sorted(targets)) + ")"
+        try:  # inject_lora's own checks (nested adapters, bypassed layers, hooks), before anything changes
+            find_target_linears(model, pattern)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{cfg_path}: the adapter's layers cannot be injected into {type(model).__name__}: "
+                             f"{exc}") from exc
         shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets}
+    # the dtype and device each tensor is copied to: the LoRA layer's, or the base weight's for a layer to inject
+    homes = {n: (lora[n].lora_A if lora else model.get_submodule(n).weight) for n in shapes}
 
     weights_path, tensors = _read_tensors(directory)
     r = cfg["r"]
@@ -342,25 +458,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
                  f"unexpected keys: {_listing(unexpected)}" if unexpected else ""]
         raise ValueError(f"{weights_path}: the keys do not match the model's LoRA layers; "
                          + "; ".join(p for p in parts if p))
-    for key, (_, _, shape) in expected.items():
-        t = tensors[key]
+    # every tensor of every layer checked and converted before the first write: all or nothing
+    ready = {}
+    for key, (name, which, shape) in expected.items():
+        t, home = tensors[key], homes[name]
+        where = f"{weights_path}: layer {name}: {key}"
         if tuple(t.shape) != shape:
-            raise ValueError(f"{weights_path}: {key}: expected shape {list(shape)}, got {list(t.shape)}")
+            dims = "[r, in_features]" if which == "A" else "[out_features, r]"
+            raise ValueError(f"{where}: expected shape {list(shape)}, got {list(t.shape)} (lora_{which} is {dims})")
         if not t.is_floating_point():
-            raise ValueError(f"{weights_path}: {key}: expected a floating-point tensor, got {t.dtype}")
+            raise ValueError(f"{where}: expected a floating-point tensor, got {t.dtype}")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{weights_path}: {key}: contains NaN or infinite values")
+            raise ValueError(f"{where}: contains NaN or infinite values")
+        converted = t.to(device=home.device, dtype=home.dtype)
+        if not torch.isfinite(converted).all():
+            raise ValueError(f"{where}: does not fit {home.dtype}, the layer's dtype (largest magnitude "
+                             f"{t.abs().max().item():g} becomes infinite)")
+        ready[key] = (name, which, converted)
 
-    # everything checked: only now is the model changed
+    # only now is the model changed; inject_lora is all or nothing, and copies of checked tensors cannot fail
     if not lora:
-        pattern = "(?:" + "|".join(re.escape(n) for n in sorted(targets)) + ")"
         inject_lora(model, target_modules=pattern, r=r, alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                     use_rslora=cfg["use_rslora"], backend=backend)
         lora = _lora_layers(model)
     with torch.no_grad():
-        for key, (name, which, _) in expected.items():
-            param = lora[name].lora_A if which == "A" else lora[name].lora_B
-            param.copy_(tensors[key])
+        for name, which, value in ready.values():
+            (lora[name].lora_A if which == "A" else lora[name].lora_B).copy_(value)
     return model
 
 

@@ -49,6 +49,7 @@ def _fused_class():
     base = _peft_linear_cls()
     return type(_PATCHED_NAME, (base,), {
         "forward": _fused_forward, "__module__": __name__, "__qualname__": _PATCHED_NAME,
+        "_get_name": lambda self: base.__name__,  # repr prints `lora.Linear(...)` as PEFT's own layer does
         "__doc__": f"PEFT's LoRA Linear with its forward run by fastpeft.lora_linear (made by fastpeft.patch_peft).",
     })
 

@@ -4,6 +4,7 @@ Small randomly initialised transformers models, no downloads. PEFT references ru
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -301,5 +302,152 @@ def test_crash_mid_save_leaves_old_adapter_in_place(tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert _tree(d) == before
     leftovers = [n for n in os.listdir(tmp_path) if n != "a"]
-    assert all(n.startswith(".a.tmp-") for n in leftovers)  # a crash may leave its hidden scratch directory
+    assert len(leftovers) == 1 and leftovers[0].startswith(".a.tmp-")  # the killed save's scratch directory
     load_adapter(_fastpeft_model(dropout=0.1), d)
+    save_adapter(_fastpeft_model(), d)  # the next save removes it
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+# ------------------------------------------------------------------------------------------ all or nothing
+
+
+LAST = "model.layers.1.self_attn.v_proj"
+LAST_KEY = f"base_model.model.{LAST}.lora_B.weight"
+
+
+def _int_last(t):
+    t[LAST_KEY] = torch.ones(t[LAST_KEY].shape, dtype=torch.int32)
+
+
+def _shape_last(t):
+    t[LAST_KEY] = torch.randn(t[LAST_KEY].shape[0] + 1, t[LAST_KEY].shape[1])
+
+
+def _huge_last(t):
+    t[LAST_KEY] = t[LAST_KEY].clone()
+    t[LAST_KEY][3, 1] = 1e6  # finite in the file's fp32, inf in the model's fp16
+
+
+LAST_LAYER_BAD = {
+    "dtype": (_int_last, r"expected a floating-point tensor, got torch\.int32"),
+    "shape": (_shape_last, r"expected shape \[24, 4\], got \[25, 4\]"),
+    "overflow": (_huge_last, r"does not fit torch\.float16.*1e\+06"),
+}
+
+
+@pytest.mark.parametrize("case", LAST_LAYER_BAD)
+@pytest.mark.parametrize("pre_injected", [False, True], ids=["plain", "lora"])
+def test_malformed_last_layer_changes_nothing_and_is_named(tmp_path, case, pre_injected):
+    fn, message = LAST_LAYER_BAD[case]
+    d = _saved(tmp_path)
+    _rewrite_weights(d, fn)
+    model = (_fastpeft_model(dropout=0.1) if pre_injected else _tiny_llama()).half()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        load_adapter(model, d)
+    msg = str(info.value)
+    assert str(d / WEIGHTS_NAME) in msg and f"layer {LAST}" in msg and LAST_KEY in msg, msg
+    assert re.search(message, msg), msg
+    _assert_unchanged(model, snap)
+
+
+def test_load_into_a_model_with_bypassed_targets_changes_nothing(tmp_path):
+    d = _saved(tmp_path)
+    model = _tiny_llama()
+    model.model.layers[1].self_attn.v_proj.register_forward_hook(lambda m, i, o: o)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj.*hooks"):
+        load_adapter(model, d)
+    _assert_unchanged(model, snap)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+
+def test_config_with_utf8_bom_loads(tmp_path):
+    d = _saved(tmp_path)
+    text = (d / CONFIG_NAME).read_text(encoding="utf-8")
+    (d / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Windows editors save it
+    model = load_adapter(_tiny_llama(), d)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_invalid_regex_in_config_names_the_file(tmp_path, field):
+    d = _saved(tmp_path)
+    bad = r"model\.(layers"
+    _rewrite_config(d, **{field: bad})
+    model = _tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"{d / CONFIG_NAME}: {field}: {bad!r} is not a valid regex")):
+        load_adapter(model, d)
+    _assert_unchanged(model, snap)
+
+
+# ------------------------------------------------------------------------------------------ directories
+
+
+def test_save_into_symlinked_directory_follows_the_link(tmp_path):
+    real = tmp_path / "store" / "real"
+    real.mkdir(parents=True)
+    (real / "README.md").write_text("notes")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    model = _fastpeft_model()
+    save_adapter(model, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert sorted(os.listdir(real)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    assert sorted(os.listdir(tmp_path / "store")) == ["real"] and sorted(os.listdir(tmp_path)) == ["link", "store"]
+    loaded = load_adapter(_tiny_llama(), link)  # loading through the link
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), n
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "store" / "later", target_is_directory=True)
+    save_adapter(model, dangling)  # a link to a directory not made yet: it is made where the link points
+    assert dangling.is_symlink() and (tmp_path / "store" / "later" / WEIGHTS_NAME).is_file()
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_save_keeps_the_directory_mode(tmp_path):
+    model = _fastpeft_model()
+    umask = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "new")
+        assert _mode(tmp_path / "new") == 0o755  # a new directory: as mkdir makes it
+        d = tmp_path / "shared"
+        d.mkdir()
+        os.chmod(d, 0o2751)
+        save_adapter(model, d)
+        assert _mode(d) == 0o2751
+        os.chmod(d, 0o555)  # read-only for everyone: still replaced whole (the parent is writable), mode kept
+        save_adapter(model, d)
+        assert _mode(d) == 0o555
+    finally:
+        os.umask(umask)
+
+
+def test_next_save_removes_only_stale_scratch_directories(tmp_path):
+    d = _saved(tmp_path)
+    dead = 2 ** 22 + 1  # above Linux's largest pid: no such process
+    stale = [tmp_path / f".a.tmp-{dead}-0123abcd", tmp_path / f".a.old-{dead}-4567cdef"]
+    for s in stale:
+        (s / "sub").mkdir(parents=True)
+        (s / "sub" / WEIGHTS_NAME).write_bytes(b"x" * 1000)
+    os.chmod(stale[1], 0o555)  # a read-only leftover is removed as well
+    live = tmp_path / f".a.tmp-{os.getpid()}-89abcdef"  # a save in progress in a live process: kept
+    other = tmp_path / f".b.tmp-{dead}-0123abcd"  # another adapter's: not this save's business
+    locked = tmp_path / f".a.tmp-{dead}-fedcba98"  # a save run by a process we cannot see (another pid namespace)
+    for s in (live, other, locked):
+        s.mkdir()
+    fcntl = pytest.importorskip("fcntl")
+    fd = os.open(locked, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ... which holds its scratch directory locked
+        save_adapter(_fastpeft_model(), d)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", live.name, other.name, locked.name])

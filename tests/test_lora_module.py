@@ -131,3 +131,57 @@ def test_count_parameters_counts_shared_once():
     assert total == 64 + 8 + 8 and trainable == total
     model[0].bias.requires_grad_(False)
     assert fastpeft.count_parameters(model) == (72, 80)
+
+
+@pytest.mark.parametrize("in_f,out_f", [(0, 24), (40, 0)])
+def test_empty_base_layer_is_refused(in_f, out_f):
+    with pytest.raises(ValueError, match=rf"base_layer: expected an nn.Linear with in_features >= 1 and "
+                                         rf"out_features >= 1, got in_features={in_f}, out_features={out_f}"):
+        LoRALinear(nn.Linear(in_f, out_f), r=2)
+
+
+def _round_trips(layer):
+    """Copies of `layer` made every way a user makes them."""
+    import copy
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    fresh = LoRALinear(_linear(layer.in_features, layer.out_features, seed=99), r=layer.r, alpha=layer.lora_alpha,
+                       dropout=layer.lora_dropout, use_rslora=layer.use_rslora, backend=layer.backend)
+    fresh.load_state_dict(layer.state_dict())
+    return {"deepcopy": copy.deepcopy(layer), "pickle": pickle.loads(pickle.dumps(layer)),
+            "torch.save": torch.load(buf, weights_only=False), "state_dict": fresh}
+
+
+def _train_steps(layer, x, steps=3):
+    """Outputs and gradients of a few SGD steps, with dropout drawn from the global generator."""
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    record = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        y = layer(x)
+        y.square().sum().backward()
+        record.append((y.detach().clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return record
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copies_train_identically(backend):
+    layer = LoRALinear(_linear(), r=3, alpha=7, dropout=0.2, use_rslora=True, backend=backend).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 40, device=DEVICE)
+    copies = _round_trips(layer)
+    expected = _train_steps(layer, x)
+    for how, clone in copies.items():
+        assert type(clone) is LoRALinear and clone.backend == backend and clone.scaling == layer.scaling, how
+        assert not clone.base_layer.weight.requires_grad and clone.lora_A.requires_grad, how
+        got = _train_steps(clone.train(), x)
+        for step, (a, b) in enumerate(zip(got, expected)):
+            for name, u, v in zip(("y", "dA", "dB"), a, b):
+                assert torch.equal(u, v), f"{how}: step {step}: {name} differs from the original's"

@@ -326,3 +326,100 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend: expected one of"):
         patch_peft(pm, backend="bogus")
     assert _n_patched(pm) == 0
+
+
+def test_repr_keeps_peft_class_names():
+    pm = _peft(_tiny_llama())
+    expected = repr(pm)
+    assert "lora.Linear(" in expected
+    patch_peft(pm, backend="torch")
+    assert _n_patched(pm) == 6
+    assert repr(pm) == expected  # a patched model prints exactly as PEFT's does
+
+
+class _InPlaceAfterLoRA(nn.Module):
+    """Model code that edits a LoRA layer's output in place, as AdaLoRA (`result += ...`) and nn.ReLU(inplace=True) do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(29, 37)
+        self.skip = nn.Linear(29, 37)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(37, 11)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h += self.skip(x)
+        h = self.act(h)
+        y = self.out(x.new_zeros(()) + h)  # read h after the in-place edits
+        y *= 2
+        return y
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_outputs_can_be_modified_in_place(backend):
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(_InPlaceAfterLoRA().to(DEVICE),
+                             peft.LoraConfig(r=3, lora_alpha=5, target_modules=["lin", "out"], lora_dropout=0.0))
+    _randomize_lora(pm)
+    ref = copy.deepcopy(pm).double()
+    patch_peft(pm, backend=backend)
+    assert _n_patched(pm) == 2
+    pm.train()
+    ref.train()
+    x = torch.randn(2, 5, 29, device=DEVICE)
+    dy = torch.randn(2, 5, 11, device=DEVICE)
+    outs = {}
+    for name, model in (("patched", pm), ("ref", ref)):
+        xi = x.detach().to(next(model.parameters()).dtype).requires_grad_(True)
+        y = model(xi)
+        y.backward(dy.to(y.dtype))
+        outs[name] = (y, xi.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (y, gx, grads), (ry, rgx, rgrads) = outs["patched"], outs["ref"]
+    assert_close(y, ry, torch.float32, "y")
+    assert_close(gx, rgx, torch.float32, "dx")
+    assert grads.keys() == rgrads.keys() and len(grads) == 4
+    for n, g in grads.items():
+        assert_close(g, rgrads[n], torch.float32, f"grad of {n}")
+
+
+def test_patched_model_copies_train_identically():
+    import io
+
+    def build():
+        pm = _peft(_tiny_llama(), lora_dropout=0.1)
+        patch_peft(pm, backend="torch")
+        return pm
+
+    pm = build()
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    buf.seek(0)
+    other = build()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)  # so that only load_state_dict can make it equal
+    other.load_state_dict(pm.state_dict())
+    copies = {"deepcopy": copy.deepcopy(pm), "pickle": pickle.loads(pickle.dumps(pm)),
+              "torch.save": torch.load(buf, weights_only=False), "state_dict": other}
+    ids = _ids()
+
+    def train(model, steps=2):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        record = []
+        model.train()
+        for step in range(steps):
+            torch.manual_seed(70 + step)
+            logits, grads = _loss_and_grads(model, ids)
+            record.append((logits.detach(), {n: g.clone() for n, g in grads.items()}))
+            opt.step()
+        return record
+
+    expected = train(pm)
+    for how, clone in copies.items():
+        assert _n_patched(clone) == 6 and repr(clone) == repr(pm), how
+        for step, ((logits, grads), (ref_logits, ref_grads)) in enumerate(zip(train(clone), expected)):
+            assert torch.equal(logits, ref_logits), f"{how}: step {step}: logits"
+            assert grads.keys() == ref_grads.keys(), how
+            for n, g in grads.items():
+                assert torch.equal(g, ref_grads[n]), f"{how}: step {step}: grad of {n}"

@@ -10,6 +10,8 @@ from torch import nn
 from .._checks import check_finite_number, check_positive_int, check_probability
 from ..autocast import lora_linear_amp as lora_linear  # honours torch.autocast like nn.Linear
 
+_MERGE_CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row block of a mixed-precision merge (4 MiB)
+
 
 class LoRALinear(nn.Module):
     """Wraps an existing nn.Linear (kept as `base_layer`, frozen) with adapters `lora_A` [r, in] and `lora_B` [out, r].
@@ -24,6 +26,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
+        if base_layer.in_features < 1 or base_layer.out_features < 1:  # an empty layer has nothing to adapt
+            raise ValueError(f"base_layer: expected an nn.Linear with in_features >= 1 and out_features >= 1, got "
+                             f"in_features={base_layer.in_features}, out_features={base_layer.out_features}")
         self.r = check_positive_int("r", r)
         self.lora_alpha = check_finite_number("alpha", alpha)
         self.lora_dropout = check_probability("dropout", dropout)
@@ -70,7 +75,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 += scaling·B·A in place (one fused GEMM into W0, no [out, in] temporary); forward is then the plain linear."""
+        """W0 += scaling·B·A in place, no [out, in] temporary (fp32 adapters over a 16-bit W0: in row blocks);
+        forward is then the plain linear."""
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
@@ -87,11 +93,18 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _add_delta(self, coeff: float) -> None:
-        w = self.base_layer.weight
-        if w.dtype == self.lora_A.dtype:
-            w.addmm_(self.lora_B, self.lora_A, alpha=coeff)
-        else:  # fp32 adapters over a 16-bit W0: accumulate in fp32, round into W0 once
-            w.copy_(torch.addmm(w.float(), self.lora_B, self.lora_A, alpha=coeff))
+        w, a, b = self.base_layer.weight, self.lora_A, self.lora_B
+        if w.dtype == a.dtype:
+            w.addmm_(b, a, alpha=coeff)  # the GEMM accumulates straight into W0
+            return
+        # fp32 adapters over a 16-bit W0: accumulate in fp32 and round into W0 once per element, a block of rows
+        # at a time so that the fp32 temporary stays far below W0's size
+        rows = max(1, min((w.shape[0] + 1) // 2, _MERGE_CHUNK_ELEMENTS // max(1, w.shape[1])))
+        for i in range(0, w.shape[0], rows):
+            block = w[i:i + rows]
+            acc = block.float()
+            acc.addmm_(b[i:i + rows], a, alpha=coeff)
+            block.copy_(acc)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
