@@ -16,6 +16,8 @@ from .galore_linear_torch import full_grad_accumulate_torch, projected_grad_accu
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
+    # a view for every layout whose leading dims flatten (contiguous, sliced or expanded rows, transposed
+    # matrices: the kernels take strides); only a [B, S, d] sliced in S is copied, as matmul would need
     return t.reshape(-1, t.shape[-1])
 
 
@@ -54,15 +56,25 @@ class GaLoreLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.state = state
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        if y._is_view():
+            # F.linear with a bias on [..., in] returns a view of its 2-D product, and autograd forbids in-place
+            # edits (relu_, +=) of views made inside a Function: the same memory as a non-view, no copy
+            y = torch.ops.aten._unsafe_view(y, y.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: refuse before the projected gradient is accumulated
+            raise NotImplementedError(
+                "galore_linear: double backward (create_graph=True, e.g. a gradient penalty) is not supported: the "
+                "weight's gradient is consumed as its projection, which is not differentiable")
         x, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy2 = _rows(dy)
         dx = dbias = None
         if need_dx:
+            # a no-op without autocast; under it (16-bit dY, fp32 W) a transient [out, in] copy, as in the forward
             dx = (dy2 @ weight.to(dy2.dtype)).to(x.dtype).view(x.shape)
         if need_db and ctx.has_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
@@ -75,7 +87,11 @@ class GaLoreLinearFunction(torch.autograd.Function):
 
 
 def galore_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state) -> torch.Tensor:
-    """y = x·Wᵀ + b; backward accumulates W's projected gradient into `state` instead of W.grad."""
+    """y = x·Wᵀ + b; backward accumulates W's projected gradient into `state` instead of W.grad.
+
+    x [..., in], weight [out, in], bias [out] or None, fp32/fp16/bf16 (the torch backend any float dtype), at
+    any strides (sliced, transposed, expanded, offset views; dY too). y is a new tensor that may be modified
+    in place. Double backward raises NotImplementedError."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {tuple(weight.shape)}), got {tuple(x.shape)}")
     return GaLoreLinearFunction.apply(x, weight, bias, state)
