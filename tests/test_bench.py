@@ -1,5 +1,7 @@
-"""The benchmark harness: the CLI end to end on a tiny CPU case, the saved-activation counter, the check,
-the ratios and the presets. No timing figure is asserted here (performance claims come from benchmarks)."""
+"""The benchmark harness on the CPU, for every op: the CLI end to end (schema, metadata, ceilings, rates),
+the correctness check refusing a wrong result, the torch.compile baseline, presets and the measurement
+primitives. No timing figure is asserted here (performance claims come from benchmarks)."""
+import dataclasses
 import json
 import math
 import os
@@ -10,13 +12,25 @@ import sys
 import pytest
 import torch
 
-from fastpeft.bench import harness, report
-from fastpeft.bench import lora_cases as lc
+from fastpeft.bench import OPS, common, core, get_op, presets, report, schema, timing
+from fastpeft.bench import lora as lb
 from fastpeft.bench.__main__ import main as bench_main
+from fastpeft.bench.ceilings import Ceilings
+from fastpeft.bench.memory import SavedTensors, measure
+from fastpeft.bench.tolerances import TOLERANCES, error_ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--m", "3", "--shape", "24x40", "--r", "4", "--dropout", "0", "0.1"]
-FAST = ["--rep-ms", "1", "--min-reps", "2", "--max-reps", "3", "--warmup-ms", "0"]
+CPU = torch.device("cpu")
+FAST = presets.Settings.for_preset("smoke")
+OUTPUTS = {  # every result each op's fastpeft implementation is checked on, per kind of case
+    ("lora", None): ("y", "dx", "da", "db"),
+    ("adapter", None): ("y", "dh", "d_down_w", "d_down_b", "d_up_w", "d_up_b"),
+    ("ia3", None): ("y", "dx", "dl"),
+    ("multi-lora", None): ("y", "dx", "da", "db"),
+    ("galore", "layer"): ("y", "dx", "r"),
+    ("galore", "step"): ("dw", "exp_avg", "exp_avg_sq"),
+    ("galore", "refresh"): ("energy",),
+}
 
 
 def _strict_json(path):
@@ -29,81 +43,250 @@ def _strict_json(path):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One run of `python -m fastpeft.bench --preset cpu` on a tiny case (peft left out: its import alone
-    takes ~10 s here; test_peft_layer covers it)."""
+    """One `python -m fastpeft.bench all --preset smoke` run (peft left out: its import alone takes ~10 s
+    here; test_peft_baselines covers it)."""
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "fastpeft.bench", "--preset", "cpu", "--device", "cpu", *TINY, *FAST,
-           "--impl", "floor", "eager", "addmm", "fastpeft", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fastpeft.bench", "all", "--preset", "smoke", "--device", "cpu", "--exclude", "peft",
+           "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(os.listdir(out))
-    jsons = [f for f in files if f.endswith(".json")]
-    assert len(jsons) == 1, files
-    return out, jsons[0], _strict_json(out / jsons[0]), proc.stdout
+    docs = {}
+    for op in OPS:
+        names = [f for f in os.listdir(out) if re.fullmatch(rf"\d{{4}}-\d{{2}}-\d{{2}}_cpu_{op}\.json", f)]
+        assert len(names) == 1, (op, sorted(os.listdir(out)))
+        docs[op] = _strict_json(out / names[0])
+    return out, docs, proc.stdout
 
 
-def test_cli_writes_valid_json_with_metadata(cli_run):
-    out, name, doc, stdout = cli_run
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_cpu\.json", name), name
-    assert "CPU figures" in stdout
-    assert doc["schema"] == report.SCHEMA
-    meta = doc["meta"]
-    for key in ("date", "command", "device_type", "device_name", "torch", "triton", "cuda", "peft", "git_commit"):
-        assert key in meta, key
-    assert meta["device_type"] == "cpu" and meta["device_name"]
-    assert meta["torch"] == torch.__version__ and meta["cuda"] is None
-    assert "fastpeft.bench" in meta["command"] and "--preset cpu" in meta["command"]
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", meta["date"])
-    assert meta["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["git_commit"])
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        assert os.path.getsize(out / name.replace(".json", ".png")) > 1000
+def test_cli_writes_one_schema_for_every_op(cli_run):
+    out, docs, stdout = cli_run
+    assert "CPU figures" in stdout and "ceilings measured in this run" in stdout
+    for op, doc in docs.items():
+        assert doc["schema"] == schema.SCHEMA and doc["op"] == op
+        meta = doc["meta"]
+        for key in ("date", "command", "device_type", "device_name", "torch", "triton", "cuda", "peft", "git_commit"):
+            assert key in meta, (op, key)
+        assert meta["device_type"] == "cpu" and meta["torch"] == torch.__version__ and meta["cuda"] is None
+        assert "fastpeft.bench all" in meta["command"] and "--preset smoke" in meta["command"]
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", meta["date"])
+        assert meta["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["git_commit"])
+        ceil = doc["ceilings"]
+        assert ceil["gemm_tflops"]["fp32"] > 0 and ceil["copy_gbps"] > 0
+        assert doc["settings"]["preset"] == "smoke" and doc["settings"]["main_impl"] == "fastpeft[torch]"
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            continue
+        png = [f for f in os.listdir(out) if f.endswith(f"_cpu_{op}.png")]
+        assert len(png) == 1 and os.path.getsize(out / png[0]) > 1000, (op, png)
 
 
-def test_cli_results_are_checked_timed_and_measured(cli_run):
-    _, _, doc, _ = cli_run
+def test_cli_results_are_checked_timed_and_rated(cli_run):
+    _, docs, _ = cli_run
+    for op, doc in docs.items():
+        ceil = doc["ceilings"]
+        for label, impls in schema.by_case(doc["results"]).items():
+            main = impls.get("fastpeft[torch]") or impls["fastpeft[randomized]"]
+            assert main["status"] == "ok", (op, label, main["reason"])
+            if "fastpeft[triton]" in impls:
+                assert impls["fastpeft[triton]"]["status"] == "skip" and impls["fastpeft[triton]"]["reason"]
+            assert sum(r["status"] == "ok" and not n.startswith("fastpeft") for n, r in impls.items()) >= 1, (op, label)
+            if "compiled" in impls:
+                assert impls["compiled"]["status"] == "skip" and "torch.compile" in impls["compiled"]["reason"]
+            for name, r in impls.items():
+                assert r["status"] in ("ok", "skip"), (op, label, name, r["reason"])
+                if r["status"] != "ok":
+                    continue
+                assert r["check"]["ok"] and r["check"]["worst"] <= 1.0 and r["check"]["compared"], (op, name)
+                assert r["main_metric"] in r["times_ms"], (op, name)
+                for m, t in r["times_ms"].items():
+                    assert math.isfinite(t) and t > 0
+                    rt, w = r["rates"][m], r["work"][m]
+                    assert w["flops"] > 0 and w["bytes"] > 0
+                    assert rt["tflops"] == pytest.approx(w["flops"] / (t * 1e-3) / 1e12)
+                    assert rt["gbps"] == pytest.approx(w["bytes"] / (t * 1e-3) / 1e9)
+                    assert rt["gemm_frac"] == pytest.approx(rt["tflops"] / ceil["gemm_tflops"]["fp32"])
+                    assert rt["copy_frac"] == pytest.approx(rt["gbps"] / ceil["copy_gbps"])
+
+
+def test_cli_lora_memory_and_ratios(cli_run):
+    _, docs, _ = cli_run
+    doc = docs["lora"]
     by = {(r["impl"], r["case"]["dropout"]): r for r in doc["results"]}
-    m, k, r_ = 3, 24, 4
-    for name in ("floor", "eager", "addmm", "fastpeft[torch]"):
-        for p in (0.0, 0.1):
-            res = by[(name, p)]
-            assert res["status"] == "ok", (name, p, res["reason"])
-            assert res["check"]["ok"] and res["check"]["worst"] <= 1.0
-            assert set(res["times_ms"]) == set(lc.METRICS)
-            assert all(math.isfinite(t) and t > 0 for t in res["times_ms"].values())
-    assert by[("fastpeft[triton]", 0.0)]["status"] == "skip" and by[("fastpeft[triton]", 0.0)]["reason"]
-    # the floor saves nothing of its own; eager PEFT saves its dropout mask and dropout(x) at p > 0
+    m, k, r_ = 7, 40, 3
     assert by[("floor", 0.1)]["saved_beyond_inputs_bytes"] == 0
-    assert by[("eager", 0.0)]["saved_beyond_inputs_bytes"] == m * r_ * 4  # x·Aᵀ, fp32
-    assert by[("eager", 0.1)]["saved_beyond_inputs_bytes"] >= 2 * m * k + m * r_ * 4
+    assert by[("eager", 0.1)]["saved_beyond_inputs_bytes"] >= 2 * m * k + m * r_ * 4  # dropout mask and dropout(x)
     # the issue's target for fastpeft: nothing [M, in]-sized beyond x itself
     big = [t for t in by[("fastpeft[torch]", 0.1)]["saved_beyond_inputs"] if math.prod(t["shape"]) >= m * k]
     assert big == [], big
-    ratio = {(e["impl"], e["case"]): e for e in doc["ratios"]}
     res, floor = by[("fastpeft[torch]", 0.1)], by[("floor", 0.1)]
-    e = ratio[("fastpeft[torch]", res["case"]["label"])]
+    e = {(e["impl"], e["case"]): e for e in doc["ratios"]}[("fastpeft[torch]", res["case"]["label"])]
     assert e["vs_floor"]["fwd_bwd"] == pytest.approx(res["times_ms"]["fwd_bwd"] / floor["times_ms"]["fwd_bwd"])
     assert e["speedup"]["eager"]["fwd"] == pytest.approx(by[("eager", 0.1)]["times_ms"]["fwd"] / res["times_ms"]["fwd"])
+    assert "floor" not in e["speedup"] and "fastpeft[triton]" not in e["speedup"]
 
 
-def test_summarize_prints_markdown(cli_run, capsys):
-    out, name, _, _ = cli_run
+def test_summarize_prints_markdown_of_new_and_old_files(cli_run, capsys):
+    out, docs, _ = cli_run
+    name = [f for f in os.listdir(out) if f.endswith("_galore.json")][0]
     assert bench_main(["--summarize", str(out / name), "--markdown"]) == 0
     text = capsys.readouterr().out
-    assert "| impl | check |" in text and "fastpeft[torch]" in text and "CPU figures" in text
+    assert "| impl | check |" in text and "step TFLOP/s (GEMM)" in text and "fastpeft[randomized]" in text
+    old = os.path.join(ROOT, "benchmarks", "results", "2026-11-22_cpu.json")  # schema 1, kept readable
+    assert bench_main(["--summarize", old]) == 0
+    text = capsys.readouterr().out
+    assert "ceilings: not measured (old schema)" in text and "fastpeft[torch]" in text
+
+
+def _smoke_case(op, kind=None):
+    return next(c for c in op.cases("smoke") if kind is None or c.kind == kind)
+
+
+def _fastpeft(op, case) -> str:
+    """The fastpeft implementation that runs on the CPU for a case."""
+    return next(n for n in op.impl_names(case) if n in ("fastpeft[torch]", "fastpeft[randomized]"))
+
+
+_GOOD: dict = {}
+
+
+@pytest.mark.parametrize("op_name,kind,key", [(o, k, key) for (o, k), keys in OUTPUTS.items() for key in keys])
+def test_check_refuses_a_wrong_result(monkeypatch, op_name, kind, key):
+    """Every result of every op is compared: a 5% error in any one of them fails the check, and a failing
+    implementation is not timed. The unperturbed run passes (so the test can fail both ways)."""
+    op = get_op(op_name)
+    case = _smoke_case(op, kind)
+    name = _fastpeft(op, case)
+    if (op_name, kind) not in _GOOD:  # once per op and kind of case
+        _GOOD[(op_name, kind)] = core.run_case(op, case, [name], CPU, FAST, Ceilings(CPU))[0]
+    good = _GOOD[(op_name, kind)]
+    assert good["status"] == "ok" and key in good["check"]["compared"], good
+    real = op.build
+
+    def wrong(name, inp, opts):
+        impl = real(name, inp, opts)
+        run = impl.run
+        impl.run = lambda: {k: v * 1.05 if k == key else v for k, v in run().items()}
+        return impl
+
+    monkeypatch.setattr(op, "build", wrong)
+    bad = core.run_case(op, case, [name], CPU, FAST, Ceilings(CPU))[0]
+    assert bad["status"] == "fail" and bad["check"]["what"] == key, bad
+    assert "times_ms" not in bad
+
+
+def test_check_catches_a_wrong_baseline(monkeypatch):
+    """A realistic bug (a LoRA scaling off by 1.5x) is caught in the baseline, and the floor still runs."""
+    case = lb.Case(5, 24, 40, 4, "fp32", 0.0)
+    real = lb.EagerLoRA.forward
+    monkeypatch.setattr(lb.EagerLoRA, "forward",
+                        lambda self, x: real(self, x) + 0.5 * (real(self, x) - self.base_layer(x)))
+    by = {r["impl"]: r for r in core.run_case(lb, case, ["floor", "eager"], CPU, FAST, Ceilings(CPU))}
+    assert by["floor"]["status"] == "ok"
+    assert by["eager"]["status"] == "fail" and by["eager"]["check"]["worst"] > 1.0
+
+
+@pytest.mark.parametrize("op_name,kind", [("lora", None), ("adapter", None), ("ia3", None), ("multi-lora", None),
+                                          ("galore", "step")])
+def test_compiled_baseline_runs_and_passes_the_check(op_name, kind):
+    """torch.compile of the eager version for every op (aot_eager here: inductor takes ~20 s a graph on this CPU)."""
+    op = get_op(op_name)
+    case = dataclasses.replace(_smoke_case(op, kind), tags=("headline",))
+    st = dataclasses.replace(FAST, compile="headline", compile_backend="aot_eager")
+    res = core.run_case(op, case, ["compiled"], CPU, st, Ceilings(CPU), first_compiled=True)[0]
+    assert res["status"] == "ok" and res["check"]["ok"], res
+    assert set(res["times_ms"]) == set(core.run_case(op, case, ["eager"], CPU, st, Ceilings(CPU))[0]["times_ms"])
+    skip = core.run_case(op, case, ["compiled"], CPU, st, Ceilings(CPU))[0]
+    assert skip["status"] == "skip" and "first case only" in skip["reason"]
+
+
+def test_peft_baselines():
+    pytest.importorskip("peft", reason="peft is not installed: the HF PEFT baselines are skipped")
+    for case in lb.cases("smoke"):  # p = 0.1 and p = 0
+        res = core.run_case(lb, case, ["peft"], CPU, FAST, Ceilings(CPU))[0]
+        assert res["status"] == "ok" and res["check"]["ok"], res
+        if case.dropout > 0:  # PEFT's dropout stores dropout(x) (and a mask): more than x·Aᵀ
+            assert res["saved_beyond_inputs_bytes"] > case.m * case.in_features * 4
+    ml = get_op("multi-lora")
+    res = core.run_case(ml, _smoke_case(ml), ["peft"], CPU, FAST, Ceilings(CPU))[0]
+    assert res["status"] == "ok" and res["check"]["compared"] == ["y"] and set(res["times_ms"]) == {"infer"}, res
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    for argv in (["--shape", "4096"], ["--dropout", "1.0"], ["--m", "0"], ["--preset", "huge"]):
+    for argv in (["--preset", "huge"], ["lora2"], ["--case", "m"], ["--m", "0"]):
         with pytest.raises(SystemExit) as exc:
             bench_main(argv + ["--list"])
         assert exc.value.code == 2, argv
-    with pytest.raises(SystemExit, match="--impl"):
-        bench_main(["--impl", "lora2", "--list"])
+    for argv, msg in ((["lora", "--case", "width=3"], "--case width"), (["lora", "--case", "m=x"], "--case m"),
+                      (["--impl", "lora2"], "--impl"), (["--exclude", "nope"], "--exclude"),
+                      (["lora", "--min-reps", "5", "--max-reps", "2"], "max")):
+        with pytest.raises(SystemExit, match=msg):
+            bench_main(argv + ["--list"])
+
+
+def test_list_and_case_overrides(capsys):
+    assert bench_main(["lora", "--list", "--preset", "full", "--case", "m=1,16", "--case", "r=8,64", "--dtype",
+                       "fp16"]) == 0
+    text = capsys.readouterr().out
+    labels = re.findall(r"M=(\d+) 4096x4096 r=(\d+) fp16 p=0.1", text)
+    assert sorted(labels) == [("1", "64"), ("1", "8"), ("16", "64"), ("16", "8")], text
+
+
+def test_quick_presets_fit_the_gpu_session():
+    """gpu_session.sh runs every op's quick preset in one call next to the CUDA tests: the modelled time
+    (timing, checks, compilation) must leave room for imports and Triton compilation."""
+    st = presets.Settings.for_preset("quick")
+    total = 0.0
+    for name in OPS:
+        op = get_op(name)
+        total += core.estimate_seconds(op, op.cases("quick"), lambda c, op=op: op.impl_names(c), st,
+                                       torch.device("cuda"))
+    assert total < 210, total
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_presets_of_every_op(name):
+    op = get_op(name)
+    for preset in presets.PRESETS:
+        cases = op.cases(preset)
+        assert cases and "headline" in cases[0].tags, (name, preset)
+        assert len({c.key for c in cases}) == len(cases) and len({c.label for c in cases}) == len(cases)
+        dt = presets.PRESETS[preset]["dtype"]
+        assert all(c.dtype == dt for c in cases), (name, preset)
+        for c in cases:
+            assert set(op.work(c)) >= {op.main_metric(c)} and op.bytes_needed(c) > 0
+            assert all(n in op.DESCRIPTIONS for n in op.impl_names(c))
+
+
+def test_lora_full_preset_covers_the_issue_grid():
+    full = lb.cases("full")
+    head = full[0]
+    assert head.key == (8192, 4096, 4096, 16, "bf16", 0.1)
+    assert full[1].key == (1, 4096, 4096, 16, "bf16", 0.0) and "decode" in full[1].tags
+    assert {c.m for c in full} == {1, 16, 128, 2048, 8192, 16384}
+    assert {(c.in_features, c.out_features) for c in full} == set(lb._WIDTHS)
+    assert {c.r for c in full} == {8, 16, 64, 128} and {c.dropout for c in full} == {0.0, 0.1}
+
+
+def test_tolerance_table_is_the_tests_table():
+    """One table: tests/tolerances.py must agree with the harness's (until it imports it)."""
+    import tolerances as tests_tol  # tests/ is on sys.path (rootdir conftest), as for every test module
+
+    assert tests_tol.TOLERANCES == TOLERANCES
+
+
+def test_error_ratio():
+    e = torch.randn(5, 7, dtype=torch.float64)
+    assert error_ratio(e.float(), e, torch.float32) < 1e-3
+    assert error_ratio(e * 1.01, e, torch.float32) > 1.0 and error_ratio(e * 1.01, e, torch.bfloat16) < 1.0
+    assert error_ratio(e[:4], e, torch.float32) == math.inf
+    assert error_ratio(torch.full_like(e, math.nan), e, torch.float32) == math.inf
+
+
+def test_memory_bound_flags_small_m_only():
+    assert core.memory_bound(lb, lb.Case(1, 4096, 4096, 16)) and core.memory_bound(lb, lb.Case(16, 4096, 4096, 16))
+    assert not core.memory_bound(lb, lb.Case(8192, 4096, 4096, 16))
 
 
 class _Saver(torch.autograd.Function):
@@ -116,128 +299,38 @@ class _Saver(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, xv, w, t, tv, t2, b = ctx.saved_tensors
         return 2 * g, g
 
 
 def test_saved_tensor_counter_on_a_toy_graph():
     x = torch.randn(4, 6, requires_grad=True)
     w = torch.randn(4, 6, requires_grad=True)
-    with harness.SavedTensors(inputs=[x, w]) as saved:
+    with SavedTensors(inputs=[x, w]) as saved:
         y = _Saver.apply(x, w).exp()  # exp saves its result: another new storage
     y.sum().backward()
     nb = 4 * 6 * 4
     assert sorted(e["bytes"] for e in saved.entries) == sorted([nb, nb, nb, 200, nb])  # x, w, t, buf, exp(...)
-    assert saved.total_bytes == 4 * nb + 200
     assert saved.beyond_inputs_bytes == 2 * nb + 200
-    assert sorted(e["input"] for e in saved.entries) == [False, False, False, True, True]
     expected = torch.exp(2 * x.detach() + w.detach())
     torch.testing.assert_close(x.grad, 2 * expected)  # the hooks change nothing
-    torch.testing.assert_close(w.grad, expected)
-
-
-def test_saved_tensor_counter_sees_a_dropout_mask():
-    x = torch.randn(8, 16, requires_grad=True)
-    with harness.SavedTensors(inputs=[x]) as saved:
-        torch.nn.functional.dropout(x, 0.5, True)
-    assert saved.beyond_inputs_bytes >= 8 * 16  # the mask, at least a byte per element
-    with harness.SavedTensors(inputs=[x]) as none:
-        with torch.no_grad():
-            torch.nn.functional.dropout(x, 0.5, True)
-    assert none.entries == []
-
-
-def _tiny_inputs(p=0.0, dtype="fp32"):
-    case = lc.Case(5, 24, 40, 4, dtype, p)
-    return lc.make_inputs(case, "cpu", seed=1)
-
-
-FAST_SETTINGS = lc.Settings(warmup_ms=0, rep_ms=1, min_reps=2, max_reps=2, metrics=("fwd_bwd",))
-
-
-@pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("name", ["eager", "addmm"])
-def test_baselines_pass_the_check(name, p):
-    inp = _tiny_inputs(p)
-    res = lc.run_impl(name, inp, FAST_SETTINGS, {})
-    assert res["status"] == "ok" and res["check"]["ok"], res
-    assert res["times_ms"]["fwd_bwd"] > 0
-
-
-def test_check_catches_a_wrong_implementation(monkeypatch):
-    inp = _tiny_inputs(0.0)
-    real = lc.build_eager
-
-    def wrong_scaling(inp, p):
-        impl = real(inp, p)
-        impl.forward.scaling *= 1.5
-        return impl
-
-    monkeypatch.setattr(lc, "build_eager", wrong_scaling)
-    res = lc.run_case(inp.case, ["floor", "eager"], torch.device("cpu"), FAST_SETTINGS)
-    by = {r["impl"]: r for r in res}
-    assert by["floor"]["status"] == "ok"
-    assert by["eager"]["status"] == "fail" and "times_ms" not in by["eager"]  # a wrong implementation is not timed
-    assert by["eager"]["check"]["worst"] > 1.0
-
-
-def test_addmm_recipe_saves_x_and_xa_only():
-    inp = _tiny_inputs(0.0)
-    impl = lc.build("addmm", inp, 0.0)
-    fp = harness.fwd_bwd_footprint(impl.forward, inp.x, inp.dy, inputs=impl.inputs, grads=impl.grads)
-    assert [tuple(e["shape"]) for e in fp.saved.beyond_inputs] == [(5, 4)]
-    assert any(tuple(e["shape"]) == (5, 24) and e["input"] for e in fp.saved.entries)
-
-
-def test_peft_layer():
-    pytest.importorskip("peft", reason="peft is not installed: the HF PEFT baseline is skipped")
-    for p in (0.0, 0.1):
-        inp = _tiny_inputs(p)
-        res = lc.run_impl("peft", inp, FAST_SETTINGS, {})
-        assert res["status"] == "ok" and res["check"]["ok"], res
-        if p > 0:  # PEFT's dropout stores dropout(x) (and a mask): more than x·Aᵀ
-            assert res["saved_beyond_inputs_bytes"] > 5 * 24 * 4
+    fp = measure(lambda: torch.nn.functional.dropout(x, 0.5, True), CPU, [x])
+    assert fp.saved.beyond_inputs_bytes >= 4 * 6 and fp.peak_bytes is None  # the mask; no allocator stats on CPU
 
 
 def test_time_fn_runs_setup_before_every_timed_call():
     calls = {"setup": 0, "fn": 0}
-    t = harness.time_fn(lambda: calls.__setitem__("fn", calls["fn"] + 1), torch.device("cpu"),
-                        setup=lambda: calls.__setitem__("setup", calls["setup"] + 1),
-                        warmup_ms=0, rep_ms=1e9, min_reps=4, max_reps=7)
+    t = timing.time_fn(lambda: calls.__setitem__("fn", calls["fn"] + 1), CPU,
+                       setup=lambda: calls.__setitem__("setup", calls["setup"] + 1),
+                       warmup_ms=0, rep_ms=1e9, min_reps=4, max_reps=7)
     assert t.reps == 7 and calls["fn"] == calls["setup"] >= 7 + 4
     assert 0 < t.min_ms <= t.p20_ms <= t.median_ms <= t.p80_ms
     with pytest.raises(ValueError, match="min_reps"):
-        harness.time_fn(lambda: None, torch.device("cpu"), min_reps=3, max_reps=2)
+        timing.time_fn(lambda: None, CPU, min_reps=3, max_reps=2)
 
 
-def test_presets_cover_the_issue_grid():
-    full = lc.preset_cases("full")
-    head = full[0]
-    assert head.key == (8192, 4096, 4096, 16, "bf16", 0.1) and "headline" in head.tags
-    assert full[1].key == (1, 4096, 4096, 16, "bf16", 0.0) and "decode" in full[1].tags
-    assert len({c.key for c in full}) == len(full)
-    assert {c.m for c in full} == set(lc.AXES["m"])
-    assert {(c.in_features, c.out_features) for c in full} == set(lc.AXES["shape"])
-    assert {c.r for c in full} == set(lc.AXES["r"]) and {c.dropout for c in full} == set(lc.AXES["dropout"])
-    for c in full:  # one axis at a time around the headline (decode cases: M, width and p=0)
-        if "decode" not in c.tags:
-            diffs = [a != b for a, b in zip(c.key, head.key)]
-            assert diffs[0] + any(diffs[1:3]) + sum(diffs[3:]) <= 1, c.label
-    # the modelled part of the full grid leaves most of the 10-minute GPU session to compilation and tests
-    n = len(lc.impl_names(torch.device("cuda")))
-    st = lc.Settings(**lc.PRESETS["full"]["timing"])
-    assert lc.estimate_seconds(full, n, st, torch.device("cuda")) < 150
-    quick = lc.preset_cases("quick")
-    assert quick[0].key == head.key and any("decode" in c.tags for c in quick)
-    assert {c.dtype for c in lc.preset_cases("full", ["fp16", "fp32"])} == {"fp16", "fp32"}
-
-
-def test_explicit_axes_form_a_cross_product():
-    cases = lc.grid_cases("full", m=[1, 16], r=[8, 64], dtypes=["fp16"])
-    assert sorted((c.m, c.r) for c in cases) == [(1, 8), (1, 64), (16, 8), (16, 64)]
-    assert all((c.in_features, c.out_features, c.dropout, c.dtype) == (4096, 4096, 0.1, "fp16") for c in cases)
-
-
-def test_memory_bound_flags_small_m_only():
-    assert lc.memory_bound(lc.Case(1, 4096, 4096, 16)) and lc.memory_bound(lc.Case(16, 4096, 4096, 16))
-    assert not lc.memory_bound(lc.Case(8192, 4096, 4096, 16))
+def test_report_handles_a_case_where_everything_skipped():
+    case = lb.Case(3, 8, 8, 2, "fp32")
+    res = [core.result(case, n, "skip", "why") for n in ("floor", "fastpeft[torch]")]
+    text = report.format_case(case.label, {r["impl"]: r for r in res}, "floor")
+    assert "skip" in text and "why" in text
+    assert common.main_impl(CPU) == "fastpeft[torch]"

@@ -1,9 +1,25 @@
-"""Latency and memory benchmarks of fastpeft against the baselines users would pick instead.
+"""Benchmarks of every fastpeft op against the baselines users would pick instead, with one harness.
 
-Run `python -m fastpeft.bench --help`. The modules: harness (timing, peak memory, saved activations, run
-metadata), lora_cases (cases, implementations, correctness check), report (tables, JSON, plot).
+    python -m fastpeft.bench {lora,adapter,ia3,galore,multi-lora,all} [--preset quick|full|cpu|smoke]
+
+Modules: presets (timing and presets), timing, memory (peak, saved tensors), ceilings (measured GEMM and
+copy rates), tolerances (the one tolerance table), common and core (implementations, check, run loop),
+schema (JSON and metadata), report (tables, markdown, plot), suite (pytest-benchmark), and one module per
+op giving its cases, inputs, float64 reference, implementations and FLOP/byte counts: lora, adapter, ia3,
+galore, multi_lora.
 """
-from .harness import SavedTensors, environment, time_fn
-from .lora_cases import PRESETS, Case, Settings, preset_cases, run_case
+from __future__ import annotations
 
-__all__ = ["SavedTensors", "environment", "time_fn", "PRESETS", "Case", "Settings", "preset_cases", "run_case"]
+import importlib
+
+OPS = {"lora": "lora", "adapter": "adapter", "ia3": "ia3", "galore": "galore", "multi-lora": "multi_lora"}
+
+
+def get_op(name: str):
+    """The module of an op by its CLI name (lora, adapter, ia3, galore, multi-lora)."""
+    if name not in OPS:
+        raise ValueError(f"op: expected one of {list(OPS)}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{OPS[name]}")
+
+
+__all__ = ["OPS", "get_op"]

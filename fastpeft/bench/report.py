@@ -1,101 +1,19 @@
-"""Tables, ratios, the JSON result file and the PNG plot of a benchmark run.
-
-The JSON document: {"schema", "meta" (device, versions, git commit, date, command), "settings",
-"results" (one record per case and implementation), "ratios" (per case and fastpeft implementation)}.
-"""
+"""Tables, summaries, markdown and the PNG plot of a result document: one style for every op."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import sys
 from collections import OrderedDict
 
-from .lora_cases import BASELINES, METRICS
+from .schema import by_case, is_fastpeft, ratios, time_of
 
-SCHEMA = "fastpeft-bench/1"
-METRIC_TITLES = {"fwd": "fwd ms", "bwd": "bwd ms", "fwd_bwd": "fwd+bwd ms", "infer": "infer ms"}
+METRIC_ORDER = ("fwd", "bwd", "fwd_bwd", "infer", "step", "refresh")
+TITLES = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd", "infer": "infer", "step": "step", "refresh": "refresh"}
 MIB = 2.0**20
-
-
-def _by_case(results: list[dict]) -> "OrderedDict[str, dict[str, dict]]":
-    out: OrderedDict = OrderedDict()
-    for r in results:
-        out.setdefault(r["case"]["label"], OrderedDict())[r["impl"]] = r
-    return out
-
-
-def _time(r: dict | None, metric: str) -> float | None:
-    if not r or r.get("status") != "ok":
-        return None
-    return (r.get("times_ms") or {}).get(metric)
 
 
 def _div(a, b):
     return a / b if (a is not None and b not in (None, 0)) else None
-
-
-def ratios(results: list[dict]) -> list[dict]:
-    """Per case and fastpeft implementation: time / floor and the speed-up over each baseline, per metric;
-    peak memory / floor's; saved activations beyond the inputs."""
-    out = []
-    for label, impls in _by_case(results).items():
-        floor = impls.get("floor")
-        for name, r in impls.items():
-            if not name.startswith("fastpeft") or r.get("status") != "ok":
-                continue
-            entry = {"case": label, "tags": r["case"].get("tags", []), "impl": name, "vs_floor": {}, "speedup": {}}
-            for m in METRICS:
-                t = _time(r, m)
-                if t is None:
-                    continue
-                entry["vs_floor"][m] = _div(t, _time(floor, m))
-                for b in BASELINES:
-                    tb = _time(impls.get(b), m)
-                    if tb is not None:
-                        entry["speedup"].setdefault(b, {})[m] = _div(tb, t)
-            entry["peak_vs_floor"] = _div(r.get("peak_bytes"), (floor or {}).get("peak_bytes"))
-            entry["saved_beyond_inputs_bytes"] = r.get("saved_beyond_inputs_bytes")
-            out.append(entry)
-    return out
-
-
-def document(meta: dict, settings: dict, results: list[dict]) -> dict:
-    return {"schema": SCHEMA, "meta": meta, "settings": settings, "results": results, "ratios": ratios(results)}
-
-
-def device_slug(meta: dict) -> str:
-    if meta.get("device_type") != "cuda":
-        return meta.get("device_type") or "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", meta.get("device_name", "gpu").lower()).strip("-") or "gpu"
-
-
-def file_stem(meta: dict, tag: str | None = None) -> str:
-    """<date>_<device>[_tag], e.g. 2025-11-22_nvidia-h100-80gb-hbm3 or 2025-11-22_cpu."""
-    stem = f"{meta['date'][:10]}_{device_slug(meta)}"
-    return f"{stem}_{re.sub(r'[^A-Za-z0-9.-]+', '-', tag)}" if tag else stem
-
-
-def _clean(obj):
-    """JSON without NaN/inf (strict parsers reject them): non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(doc: dict, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_clean(doc), f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)  # a run killed mid-write leaves the previous complete file
-    return path
 
 
 def _fmt(v, nd=3) -> str:
@@ -103,9 +21,13 @@ def _fmt(v, nd=3) -> str:
         return "-"
     if abs(v) >= 100:
         return f"{v:.1f}"
-    if abs(v) >= 1:
-        return f"{v:.{nd}g}" if abs(v) < 10 else f"{v:.2f}"
+    if abs(v) >= 10:
+        return f"{v:.2f}"
     return f"{v:.{nd}g}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def _mib(b) -> str:
@@ -114,127 +36,178 @@ def _mib(b) -> str:
 
 def device_banner(meta: dict) -> str:
     if meta.get("device_type") == "cuda":
-        return f"GPU figures: {meta.get('device_name')} (CUDA {meta.get('cuda')}, torch {meta.get('torch')}, triton {meta.get('triton')})"
+        return (f"GPU figures: {meta.get('device_name')} (CUDA {meta.get('cuda')}, torch {meta.get('torch')}, "
+                f"triton {meta.get('triton')})")
     return (f"CPU figures (not GPU performance): {meta.get('device_name')}, {meta.get('cpu_threads')} threads, "
             f"torch {meta.get('torch')}")
 
 
-def case_rows(impls: dict) -> list[list[str]]:
-    floor_fb = _time(impls.get("floor"), "fwd_bwd")
+def ceilings_line(ceilings: dict | None) -> str:
+    if not ceilings:
+        return "ceilings: not measured (old schema)"
+    gemm = ", ".join(f"{k} {_fmt(v)} TFLOP/s" for k, v in (ceilings.get("gemm_tflops") or {}).items())
+    return f"ceilings measured in this run: GEMM {gemm}; copy {_fmt(ceilings.get('copy_gbps'))} GB/s"
+
+
+def _case_metrics(impls: dict) -> tuple[list[str], str]:
+    present = {m for r in impls.values() for m in (r.get("times_ms") or {})}
+    main = next((r.get("main_metric") for r in impls.values() if r.get("main_metric")), "fwd_bwd")
+    return [m for m in METRIC_ORDER if m in present or m == main], main
+
+
+def _rate_metrics(metrics: list[str], main: str) -> list[str]:
+    return list(dict.fromkeys(m for m in (main, "infer") if m in metrics))
+
+
+def header(impls: dict, floor: str | None) -> list[str]:
+    metrics, main = _case_metrics(impls)
+    h = ["impl", "check", *[f"{TITLES[m]} ms" for m in metrics]]
+    for m in _rate_metrics(metrics, main):
+        h += [f"{TITLES[m]} TFLOP/s (GEMM)", f"{TITLES[m]} GB/s (copy)"]
+    h += ["peak MiB", "saved+ MiB"]
+    if floor and floor in impls:
+        h.append(f"{TITLES[main]}/floor")
+    return h
+
+
+def case_rows(impls: dict, floor: str | None) -> list[list[str]]:
+    metrics, main = _case_metrics(impls)
+    rate = _rate_metrics(metrics, main)
+    floor_t = time_of(impls.get(floor), main) if floor else None
     rows = []
     for name, r in impls.items():
         st = r.get("status")
+        chk = st
         if st == "ok":
-            chk = "ok"
             worst = (r.get("check") or {}).get("worst")
-            if worst is not None:
-                chk = f"ok {worst:.2g}"
-        else:
-            chk = st
-        times = [_fmt(_time(r, m)) for m in METRICS]
-        ratio = _div(_time(r, "fwd_bwd"), floor_fb)
-        rows.append([name, chk, *times, _mib(r.get("peak_bytes")), _mib(r.get("saved_beyond_inputs_bytes")),
-                     "-" if ratio is None else f"{ratio:.3f}"])
+            chk = "ok" if worst is None else f"ok {worst:.2g}"
+        row = [name, chk, *[_fmt(time_of(r, m)) for m in metrics]]
+        for m in rate:
+            rt = (r.get("rates") or {}).get(m) if st == "ok" else None
+            row += ["-", "-"] if not rt else [f"{_fmt(rt['tflops'])} ({_pct(rt.get('gemm_frac'))})",
+                                              f"{_fmt(rt['gbps'])} ({_pct(rt.get('copy_frac'))})"]
+        row += [_mib(r.get("peak_bytes")), _mib(r.get("saved_beyond_inputs_bytes"))]
+        if floor and floor in impls:
+            ratio = _div(time_of(r, main), floor_t)
+            row.append("-" if ratio is None else f"{ratio:.3f}")
+        rows.append(row)
         if st != "ok" and r.get("reason"):
-            rows.append(["", f"  {r['reason'][:150]}"])
+            rows.append(["", f"  {r['reason'][:160]}"])
     return rows
 
 
-HEADER = ["impl", "check", *[METRIC_TITLES[m] for m in METRICS], "peak MiB", "saved+ MiB", "f+b/floor"]
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    full = [r for r in rows if len(r) == len(header)]
-    widths = [max(len(str(r[i])) for r in [header, *full]) for i in range(len(header))]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    full = [r for r in rows if len(r) == len(head)]
+    widths = [max(len(str(r[i])) for r in [head, *full]) for i in range(len(head))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(head, widths))]
     for r in rows:
-        if len(r) != len(header):
-            lines.append("  ".join(r))
-        else:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) if len(r) == len(head) else "  ".join(r))
     return "\n".join(lines)
 
 
-def format_case(label: str, impls: dict, main_impl: str | None = None) -> str:
-    tags = next(iter(impls.values()))["case"].get("tags", [])
-    head = f"== {label}" + (f"  [{', '.join(tags)}]" if tags else "")
-    text = head + "\n" + _table(case_rows(impls), HEADER)
-    for e in ratios(list(impls.values())):
-        if main_impl and e["impl"] != main_impl:
-            continue
-        sp = e["speedup"]
-        parts = [f"{b} {sp[b]['fwd_bwd']:.2f}x" for b in BASELINES if b in sp and sp[b].get("fwd_bwd")]
+def main_entries(entries: list[dict], main_impl: str | None) -> list[dict]:
+    """The ratio entries of the implementation a user gets by default; in a case without it (a GaLore
+    refresh), every fastpeft entry of that case."""
+    cases_with_main = {e["case"] for e in entries if e["impl"] == main_impl}
+    return [e for e in entries if not main_impl or e["impl"] == main_impl or e["case"] not in cases_with_main]
+
+
+def _speedups(e: dict, m: str) -> list[str]:
+    """"<baseline> <x>x" on the main metric; baselines timed on inference only (PEFT's mixed batch) on that."""
+    out = []
+    for b, sp in e["speedup"].items():
+        if sp.get(m):
+            out.append(f"{b} {sp[m]:.2f}x")
+        elif sp.get("infer"):
+            out.append(f"{b} (infer) {sp['infer']:.2f}x")
+    return out
+
+
+def _speedup_line(impls: dict, floor: str | None, main_impl: str | None) -> str:
+    text = ""
+    for e in main_entries(ratios(list(impls.values()), floor), main_impl):
+        m = e.get("main_metric") or "fwd_bwd"
+        parts = _speedups(e, m)
         if parts:
-            text += f"\n  {e['impl']} fwd+bwd speed-up over " + ", ".join(parts)
+            text += f"\n  {e['impl']} {TITLES.get(m, m)} speed-up over " + ", ".join(parts)
     return text
 
 
-def print_case(label: str, impls: dict, main_impl: str | None = None, file=None) -> None:
-    print(format_case(label, impls, main_impl), file=file or sys.stdout, flush=True)
+def format_case(label: str, impls: dict, floor: str | None, main_impl: str | None = None) -> str:
+    if not impls:
+        return f"== {label}: no implementation ran"
+    tags = next(iter(impls.values()))["case"].get("tags", [])
+    head = f"== {label}" + (f"  [{', '.join(tags)}]" if tags else "")
+    return head + "\n" + _table(case_rows(impls, floor), header(impls, floor)) + _speedup_line(impls, floor, main_impl)
 
 
-def print_report(doc: dict, main_impl: str | None = None, file=None) -> None:
-    file = file or sys.stdout
-    print(device_banner(doc["meta"]), file=file)
-    for label, impls in _by_case(doc["results"]).items():
-        print(format_case(label, impls, main_impl), file=file)
-    print(file=file)
-    print(summary_text(doc, main_impl), file=file, flush=True)
-
-
-def _headline_entries(doc: dict, main_impl: str | None):
-    for e in doc.get("ratios") or ratios(doc["results"]):
-        if main_impl and e["impl"] != main_impl:
-            continue
-        if "headline" in e["tags"] or "decode" in e["tags"]:
-            yield e
+def print_case(label: str, impls: dict, floor: str | None, main_impl: str | None = None, file=None) -> None:
+    print(format_case(label, impls, floor, main_impl), file=file or sys.stdout, flush=True)
 
 
 def summary_text(doc: dict, main_impl: str | None = None) -> str:
-    lines = ["Headline ratios (time / floor; speed-up = baseline time / fastpeft time):"]
-    for e in _headline_entries(doc, main_impl):
-        vf, sp = e["vs_floor"], e["speedup"]
-        parts = [f"fwd+bwd/floor {_fmt(vf.get('fwd_bwd'))}", f"infer/floor {_fmt(vf.get('infer'))}"]
-        parts += [f"vs {b} {_fmt(sp[b].get('fwd_bwd'))}x" for b in BASELINES if b in sp]
+    """Headline and decode cases of the main fastpeft implementation, then skips, failures and errors."""
+    lines = [f"{doc.get('op', 'lora')}: headline figures (time / floor; speed-up = baseline time / fastpeft time; "
+             "% of the measured ceilings):"]
+    recs = {(r["case"]["label"], r["impl"]): r for r in doc["results"]}
+    for e in main_entries(doc.get("ratios") or [], main_impl):
+        if not {"headline", "decode"} & set(e["tags"]):
+            continue
+        m = e.get("main_metric") or "fwd_bwd"
+        parts = [f"{TITLES.get(k, k)}/floor {_fmt(v)}" for k, v in e["vs_floor"].items() if k in (m, "infer")]
+        parts += [f"vs {p}" for p in _speedups(e, m)]
+        rt = (recs.get((e["case"], e["impl"]), {}).get("rates") or {}).get(m)
+        if rt:
+            parts.append(f"{TITLES.get(m, m)} at {_pct(rt.get('gemm_frac'))} of GEMM, "
+                         f"{_pct(rt.get('copy_frac'))} of copy")
         parts.append(f"saved+ {_mib(e.get('saved_beyond_inputs_bytes'))} MiB")
         lines.append(f"  {e['case']} {e['impl']}: " + ", ".join(parts))
     skips: dict = {}
     for r in doc["results"]:
         if r["status"] == "skip":
-            skips[r["reason"]] = skips.get(r["reason"], 0) + 1
-    for reason, n in skips.items():
-        lines.append(f"  skipped x{n}: {reason}")
-    bad = [r for r in doc["results"] if r["status"] in ("fail", "error")]
-    for r in bad:
-        lines.append(f"  {r['status'].upper()}: {r['impl']} at {r['case']['label']}: {r['reason']}")
+            skips.setdefault(r["reason"], []).append(r["impl"])
+    for reason, impls in skips.items():
+        lines.append(f"  skipped x{len(impls)} ({', '.join(dict.fromkeys(impls))}): {reason}")
+    for r in doc["results"]:
+        if r["status"] in ("fail", "error"):
+            lines.append(f"  {r['status'].upper()}: {r['impl']} at {r['case']['label']}: {r['reason']}")
     return "\n".join(lines)
+
+
+def print_report(doc: dict, main_impl: str | None = None, file=None) -> None:
+    file = file or sys.stdout
+    floor = doc.get("settings", {}).get("floor")
+    print(device_banner(doc["meta"]), file=file)
+    print(ceilings_line(doc.get("ceilings")), file=file)
+    for label, impls in by_case(doc["results"]).items():
+        print(format_case(label, impls, floor, main_impl), file=file)
+    print(file=file)
+    print(summary_text(doc, main_impl), file=file, flush=True)
 
 
 def markdown(doc: dict, main_impl: str | None = None, only_tags=None) -> str:
     """Markdown tables for RESULTS.md: one per case (optionally only cases with one of `only_tags`)."""
-    md = [f"*{device_banner(doc['meta'])}; commit `{(doc['meta'].get('git_commit') or 'unknown')[:12]}`, "
-          f"{doc['meta'].get('date')}, command `{doc['meta'].get('command')}`*", ""]
-    for label, impls in _by_case(doc["results"]).items():
+    meta, floor = doc["meta"], doc.get("settings", {}).get("floor")
+    md = [f"*{doc.get('op', 'lora')}: {device_banner(meta)}; {ceilings_line(doc.get('ceilings'))}; commit "
+          f"`{(meta.get('git_commit') or 'unknown')[:12]}`, {meta.get('date')}, command `{meta.get('command')}`*", ""]
+    for label, impls in by_case(doc["results"]).items():
         tags = next(iter(impls.values()))["case"].get("tags", [])
         if only_tags and not set(tags) & set(only_tags):
             continue
-        md.append(f"**{label}**" + (f" ({', '.join(tags)})" if tags else ""))
+        head = header(impls, floor)
+        md += [f"**{label}**" + (f" ({', '.join(tags)})" if tags else ""), "", "| " + " | ".join(head) + " |",
+               "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(row) + " |" for row in case_rows(impls, floor) if len(row) == len(head)]
         md.append("")
-        md.append("| " + " | ".join(HEADER) + " |")
-        md.append("|" + "---|" * len(HEADER))
-        for row in case_rows(impls):
-            if len(row) == len(HEADER):
-                md.append("| " + " | ".join(row) + " |")
-        md.append("")
-    md.append("```")
-    md.append(summary_text(doc, main_impl))
-    md.append("```")
+    md += ["```", summary_text(doc, main_impl), "```"]
     return "\n".join(md)
 
 
 def plot(doc: dict, path: str) -> str | None:
-    """PNG: fwd+bwd and inference time relative to the floor, and saved activations beyond the inputs,
-    per case and implementation. Returns the path, or None when matplotlib is not installed."""
+    """PNG, one style for every op: per case and implementation, the main metric's time relative to the
+    floor (or, in a case without one, to its first baseline), its fraction of the binding ceiling (max of the
+    GEMM and copy fractions), and the saved activations beyond the inputs. Returns the path, or None without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -242,36 +215,56 @@ def plot(doc: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    cases = _by_case(doc["results"])
+    floor = doc.get("settings", {}).get("floor")
+    cases = by_case(doc["results"])
     labels = list(cases)
-    names = [n for n in OrderedDict.fromkeys(r["impl"] for r in doc["results"] if r["status"] == "ok") if n != "floor"]
+    names = list(OrderedDict.fromkeys(r["impl"] for r in doc["results"] if r["status"] == "ok" and r["impl"] != floor))
     if not labels or not names:
         return None
-    fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.75 * len(labels) * max(1, len(names)) / 3 + 3), 11), sharex=True)
+
+    def main_of(impls):
+        return _case_metrics(impls)[1]
+
+    def baseline_of(impls):  # the floor, or where a case has none its first baseline that ran
+        if floor in impls and impls[floor].get("status") == "ok":
+            return impls[floor]
+        return next((r for n, r in impls.items() if not is_fastpeft(n) and r.get("status") == "ok"), None)
+
+    def time_panel(r, impls):
+        return _div(time_of(r, main_of(impls)), time_of(baseline_of(impls), main_of(impls)))
+
+    def roof_panel(r, impls):
+        rt = ((r or {}).get("rates") or {}).get(main_of(impls)) if (r or {}).get("status") == "ok" else None
+        fr = [v for v in ((rt or {}).get("gemm_frac"), (rt or {}).get("copy_frac")) if v is not None]
+        return max(fr) if fr else None
+
+    def saved_panel(r, impls):
+        v = (r or {}).get("saved_beyond_inputs_bytes") if (r or {}).get("status") == "ok" else None
+        return None if v is None else v / MIB
+
+    panels = [(time_panel, "main metric time / floor\n(no floor: / first baseline)", "log"),
+              (roof_panel, "fraction of the binding ceiling", "linear"),
+              (saved_panel, "saved beyond inputs (MiB)", "symlog")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.6 * len(labels) * max(1, len(names)) / 3 + 3), 11),
+                             sharex=True)
     width = 0.8 / len(names)
-    panels = [("fwd_bwd", "fwd+bwd time / floor"), ("infer", "inference fwd time / floor"), (None, "saved beyond inputs (MiB)")]
-    for ax, (metric, title) in zip(axes, panels):
+    for ax, (fn, title, scale) in zip(axes, panels):
         for j, n in enumerate(names):
-            vals = []
-            for lab in labels:
-                impls = cases[lab]
-                r = impls.get(n)
-                if metric is None:
-                    v = (r or {}).get("saved_beyond_inputs_bytes")
-                    vals.append(v / MIB if v is not None else math.nan)
-                else:
-                    v = _div(_time(r, metric), _time(impls.get("floor"), metric))
-                    vals.append(v if v is not None else math.nan)
-            ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))], vals, width, label=n)
-        ax.set_ylabel(title)
-        if metric is not None:
+            vals = [fn(cases[lab].get(n), cases[lab]) for lab in labels]
+            ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))],
+                   [math.nan if v is None else v for v in vals], width, label=n)
+        ax.set_ylabel(title, fontsize=8)
+        if scale == "log":
             ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_yscale("log")  # ratios from ~1 to tens on one axis
-        else:
+            ax.set_yscale("log")
+        elif scale == "symlog":
             ax.set_yscale("symlog", linthresh=1 / 1024)  # linear below 1 KiB, so that 0 has a place
+            ax.set_ylim(bottom=0)
+        else:
+            ax.axhline(1.0, color="k", lw=0.8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=min(len(names), 3))
-    axes[0].set_title(device_banner(doc["meta"]), fontsize=9)
+    axes[0].legend(fontsize=7, ncol=min(len(names), 4))
+    axes[0].set_title(f"{doc.get('op', 'lora')}: {device_banner(doc['meta'])}", fontsize=9)
     axes[-1].set_xticks(range(len(labels)))
     axes[-1].set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
@@ -280,5 +273,5 @@ def plot(doc: dict, path: str) -> str | None:
     return path
 
 
-__all__ = ["SCHEMA", "ratios", "document", "file_stem", "device_slug", "write_json", "print_report", "print_case",
-           "format_case", "summary_text", "markdown", "plot", "device_banner"]
+__all__ = ["device_banner", "ceilings_line", "header", "case_rows", "format_case", "print_case", "summary_text",
+           "print_report", "markdown", "plot", "is_fastpeft"]
