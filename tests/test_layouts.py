@@ -37,7 +37,7 @@ ID_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 
 LAYOUTS = {
     1: ("contiguous", "strided", "offset", "expanded"),
-    2: ("contiguous", "strided", "narrow", "offset", "transposed", "expand_rows", "expand_cols"),
+    2: ("contiguous", "strided", "narrow", "offset", "transposed", "expand_rows", "expand_cols", "overlapping"),
     3: ("contiguous", "strided", "narrow", "offset", "transposed", "permuted", "expand_rows", "expand_cols"),
 }
 
@@ -85,6 +85,13 @@ def place(values: torch.Tensor, layout: str, gen: torch.Generator, requires_grad
     elif layout in ("expanded", "expand_rows"):  # stride 0 along dim 0: every row equal
         base = values[:1].clone()
         view = lambda t: t.expand(shape)  # noqa: E731
+    elif layout == "overlapping":  # rows 4 elements apart (16-byte aligned in fp32) but longer: they share memory
+        rows, cols = shape
+        step = 4 if cols > 4 else 1
+        base = filler((rows - 1) * step + cols)
+        for i in range(rows):  # later rows overwrite the shared part: arg holds values' entries only
+            base[i * step:i * step + cols] = values[i]
+        view = lambda t: t.as_strided(shape, (step, 1))  # noqa: E731
     elif layout == "expand_cols":  # stride 0 along the last dim
         base = values[..., :1].clone()
         view = lambda t: t.expand(shape)  # noqa: E731

@@ -5,16 +5,14 @@ because the interpreter computes bf16 dots wrongly. Shapes are small and odd so 
 partial tiles; (40, 64, 96, 16)-like shapes are 16-byte aligned and take the tensor-descriptor path.
 """
 import math
-import os
 
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
 
 import fastpeft
 from fastpeft import lora_linear
 from reference_lora import reference_with_grads
-from tolerances import assert_close, tol
+from tolerances import assert_close
 
 from conftest import DEVICE
 
@@ -189,183 +187,8 @@ def test_rank_beyond_triton_limit_is_explicit():
     assert_close(y, reference_with_grads(x, w, a, b, None, 1.0, torch.ones(3, 8).to(DEVICE))[0], torch.float32, "y")
 
 
-# ------------------------------------------------------------------------------------ layouts (property test)
-# Every tensor argument is a differentiable view of a contiguous leaf with the layout drawn; the float64
-# reference applies the same view to the same values. Gradients are compared where the op returns them: for
-# the argument itself (retain_grad), before autograd folds them into the leaf in the argument's dtype.
-MATRIX_LAYOUTS = ["contiguous", "transposed", "cols[::2]", "rows[::2]", "offset-view", "expanded-rows",
-                  "expanded-cols", "overlapping-rows"]
-VECTOR_LAYOUTS = ["contiguous", "[::2]", "expanded", "offset-view"]
-
-
-def _matrix_layout(kind, r, c):
-    """(leaf shape, view of the leaf with shape [r, c] and the layout `kind`)."""
-    if kind == "contiguous":
-        return (r, c), lambda t: t
-    if kind == "transposed":
-        return (c, r), lambda t: t.t()
-    if kind == "cols[::2]":
-        return (r, 2 * c), lambda t: t[:, ::2]
-    if kind == "rows[::2]":
-        return (2 * r, c), lambda t: t[::2]
-    if kind == "offset-view":  # a view into a larger tensor, base not 16-byte aligned
-        return (r + 1, c + 3), lambda t: t[1:, 3:]
-    if kind == "expanded-rows":  # stride 0 between rows
-        return (1, c), lambda t: t.expand(r, c)
-    if kind == "expanded-cols":
-        return (r, 1), lambda t: t.expand(r, c)
-    if kind == "overlapping-rows":  # rows 4 elements apart (16-byte aligned in fp32) but c long: they overlap
-        return ((r - 1) * 4 + c,), lambda t: t.as_strided((r, c), (4, 1))
-    raise AssertionError(kind)
-
-
-def _vector_layout(kind, n):
-    if kind == "contiguous":
-        return (n,), lambda t: t
-    if kind == "[::2]":
-        return (2 * n,), lambda t: t[::2]
-    if kind == "expanded":
-        return (1,), lambda t: t.expand(n)
-    if kind == "offset-view":
-        return (n + 1,), lambda t: t[1:]
-    raise AssertionError(kind)
-
-
-def _x_layout(kind, lead, k):
-    """x [*lead, k]: the matrix layouts on 2-D x, plus 1-D x and 3-D x whose leading dims cannot be merged."""
-    if kind == "1-D":
-        return (k,), lambda t: t
-    if kind == "3-D permuted":  # [b, s, k] from a [s, k, b] tensor: reshape(-1, k) must copy
-        b, s = lead
-        return (s, k, b), lambda t: t.permute(2, 0, 1)
-    if kind == "3-D batch-expanded":  # stride 0 along the batch
-        b, s = lead
-        return (1, s, k), lambda t: t.expand(b, s, k)
-    if kind == "3-D contiguous":
-        return (*lead, k), lambda t: t
-    m = 1
-    for d in lead:
-        m *= d
-    shape, fn = _matrix_layout(kind, m, k)
-    return shape, (lambda t: fn(t).view(*lead, k)) if len(lead) != 1 else fn
-
-
-X_LAYOUTS = MATRIX_LAYOUTS + ["1-D", "3-D permuted", "3-D batch-expanded", "3-D contiguous"]
-# activations' dtype, then the adapters' (bf16 only where the kernels are compiled: the interpreter's bf16 is wrong)
-LAYOUT_DTYPES = ["fp32", "fp16", "fp16+fp32-adapters"] + (["bf16", "bf16+fp32-adapters"] if DEVICE == "cuda" else [])
-
-
-@st.composite
-def _layout_cases(draw):
-    x_kind = draw(st.sampled_from(X_LAYOUTS))
-    if x_kind == "1-D":
-        lead = ()
-    elif x_kind.startswith("3-D"):
-        lead = (draw(st.integers(1, 3)), draw(st.integers(1, 5)))
-    elif x_kind == "overlapping-rows":
-        lead = (draw(st.integers(1, 9)),)
-    else:
-        lead = (draw(st.sampled_from([1, 2, 7, 19])),)
-    return dict(
-        lead=lead, k=draw(st.sampled_from([5, 24, 40])), n=draw(st.sampled_from([1, 3, 24, 33])),
-        r=draw(st.sampled_from([1, 3, 17])), x=x_kind, w=draw(st.sampled_from(MATRIX_LAYOUTS)),
-        a=draw(st.sampled_from(MATRIX_LAYOUTS)), b=draw(st.sampled_from(MATRIX_LAYOUTS)),
-        bias=draw(st.sampled_from(VECTOR_LAYOUTS + ["none"])), dy=draw(st.sampled_from(MATRIX_LAYOUTS + ["sum"])),
-        dtype=draw(st.sampled_from(LAYOUT_DTYPES)), p=draw(st.sampled_from([0.0, 0.3])),
-        train_w=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 2)),
-    )
-
-
-def _reference(views64, dy64, lead, k, p, seed):
-    """Float64 y and the gradient for each argument (retained on the views), written from the math."""
-    x64 = views64["x"]
-    xd = x64
-    if p > 0:
-        keep = fastpeft.dropout.dropout_keep_mask(seed, math.prod(lead), k, p).reshape(x64.shape)
-        xd = x64 * keep / (1 - p)
-    y64 = x64 @ views64["w"].t() + 1.5 * (xd @ views64["a"].t()) @ views64["b"].t()
-    if "bias" in views64:
-        y64 = y64 + views64["bias"]
-    y64.backward(dy64)
-    return y64.detach(), {name: v.grad for name, v in views64.items() if v.requires_grad}
-
-
-def _assert_close_bounded(got, exp, bound, dtype, what):
-    """assert_close's test, with each element's rtol applied to the magnitude of its terms (the reference run
-    on absolute values) rather than to its value: a result whose terms cancel (one output element, say) is
-    held to the rounding of those terms, the forward-error bound of a sum."""
-    atol_rel, rtol = tol(dtype)
-    assert got.shape == exp.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exp.shape)}"
-    got = got.detach().to(torch.float64).cpu()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = exp.pow(2).mean().sqrt().item() if exp.numel() else 0.0
-    excess = (got - exp).abs() - (atol_rel * scale + rtol * bound)
-    worst = int(excess.argmax()) if excess.numel() else 0
-    assert excess.numel() == 0 or excess.max() <= 0, (
-        f"{what} ({dtype}): element {worst} is {got.flatten()[worst].item():.6g}, expected "
-        f"{exp.flatten()[worst].item():.6g} (terms of magnitude {bound.flatten()[worst].item():.3g})")
-
-
-def _check_layout_case(backend, case):
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["dtype"][:4]]
-    adapter_dtype = torch.float32 if case["dtype"].endswith("fp32-adapters") else dtype
-    lead, k, n, r = case["lead"], case["k"], case["n"], case["r"]
-    g = torch.Generator().manual_seed(case["seed"])
-    specs = {"x": (_x_layout(case["x"], lead, k), dtype, 1.0),
-             "w": (_matrix_layout(case["w"], n, k), dtype, k ** -0.5),
-             "a": (_matrix_layout(case["a"], r, k), adapter_dtype, k ** -0.5),
-             "b": (_matrix_layout(case["b"], n, r), adapter_dtype, r ** -0.5)}  # B non-zero: the low-rank term counts
-    if case["bias"] != "none":
-        specs["bias"] = (_vector_layout(case["bias"], n), dtype, 1.0)
-    leaves, views, views64, views_abs = {}, {}, {}, {}
-    for name, ((shape, fn), dt, scale) in specs.items():
-        base = (torch.randn(*shape, generator=g) * scale).to(dt)
-        needs = name != "w" or case["train_w"]
-        leaves[name] = base.to(DEVICE).clone().requires_grad_(needs)
-        views[name] = fn(leaves[name])
-        views64[name] = fn(base.double().requires_grad_(needs))
-        views_abs[name] = fn(base.double().abs().requires_grad_(needs))
-        for v in (views[name], views64[name], views_abs[name]):
-            if needs:  # the gradient the op returns for the argument itself (autograd then folds it into the leaf)
-                v.retain_grad()
-    m = math.prod(lead)
-    if case["dy"] == "sum":
-        dy = torch.ones(()).to(DEVICE, dtype).expand(*lead, n)  # what y.sum().backward() passes: stride 0
-    else:
-        dshape, dfn = _matrix_layout(case["dy"], m, n)
-        dy = dfn((torch.randn(*dshape, generator=g)).to(DEVICE, dtype)).reshape(*lead, n)
-    p, seed = case["p"], 4321
-    y = lora_linear(views["x"], views["w"], views["a"], views["b"], 1.5, bias=views.get("bias"), dropout_p=p,
-                    seed=seed, backend=backend)
-    y64, grads64 = _reference(views64, dy.double().cpu(), lead, k, p, seed)
-    y_abs, grads_abs = _reference(views_abs, dy.double().cpu().abs(), lead, k, p, seed)
-    assert y.dtype == dtype and (y.dim() != 2 or not y._is_view())
-    _assert_close_bounded(y, y64, y_abs, dtype, f"{case} y")
-    if case["dy"] == "sum":
-        y.sum().backward()
-    else:
-        y.backward(dy)
-    for name, leaf in leaves.items():
-        if leaf.requires_grad:
-            assert leaf.grad is not None and views[name].grad.dtype == leaf.dtype, name
-            _assert_close_bounded(views[name].grad, grads64[name], grads_abs[name], dtype, f"{case} d{name}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-# 30 fixed draws in CI; FASTPEFT_LAYOUT_EXAMPLES=400 for a deeper search (about 6 minutes on 2 CPU cores)
-@settings(max_examples=int(os.environ.get("FASTPEFT_LAYOUT_EXAMPLES", 30)), deadline=None, derandomize=True,
-          database=None)
-@given(case=_layout_cases())
-# the layouts that were silently wrong in the Triton GEMM before it honoured the bias stride
-@example(case=dict(lead=(7,), k=40, n=24, r=3, x="contiguous", w="contiguous", a="contiguous", b="contiguous",
-                   bias="[::2]", dy="contiguous", dtype="fp32", p=0.0, train_w=False, seed=1))
-@example(case=dict(lead=(7,), k=40, n=24, r=3, x="contiguous", w="contiguous", a="contiguous", b="contiguous",
-                   bias="expanded", dy="sum", dtype="fp32", p=0.0, train_w=False, seed=2))
-@example(case=dict(lead=(1,), k=40, n=33, r=17, x="overlapping-rows", w="overlapping-rows", a="expanded-rows",
-                   b="transposed", bias="offset-view", dy="expanded-rows", dtype="fp16+fp32-adapters", p=0.3,
-                   train_w=True, seed=3))
-def test_every_argument_layout_matches_float64(backend, case):
-    _check_layout_case(backend, case)
+# ------------------------------------------------------------------------------------ layouts
+# Every layout of every argument: tests/test_layouts.py (the one property test for every op).
 
 
 def test_tensor_descriptors_only_for_rows_that_do_not_overlap():
