@@ -77,7 +77,7 @@ setup(
     packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.kernels", "fastpeft.bench", "fastpeft.optim"],
     package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
     # torch is deliberately unpinned from above so that an installed CPU or CUDA build satisfies it.
-    install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system=='Linux'"],
+    install_requires=["torch>=2.4", "numpy", "triton>=3.4; platform_system=='Linux'"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "safetensors"],
         "bench": ["pytest-benchmark", "matplotlib", "peft"],

@@ -16,34 +16,41 @@ Backward, two kernels:
   once: dX = dZ·Wd (+ dY for a series adapter), and per-split fp32 partials of dWu = s·dYᵀ·act(Z),
   dWd = dZᵀ·x, dbu = s·Σ dY. The partials are summed afterwards in a fixed order: deterministic, no
   float atomics. The math needs dY twice (dZ must be complete before dX and dWd can start), x once.
+
+Argument legend: X, R, Y as above; WD / BD the down-projection and its bias, WU / BU the up-projection and
+its bias; Z the pre-activation bottleneck, ACTZ act(Z); DY, DZ, DX the gradients; PBD, PWU, PWD, PBU fp32
+partials of the bias and weight gradients; D the model width, A the bottleneck width (BLOCK_A its padded
+tile); stride_<t>_<d> tensor t's stride along dimension d.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .common import dot_precision, halve_for_fp32, interpreting, launch_opts, tile_args
+from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON
+from .common import dot_precision, fma_dots, interpreting, launch_opts, tile_args, tiles_for
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
-MAX_BOTTLENECK = 256  # widest bottleneck the kernels' register tiles are laid out for
+MAX_BOTTLENECK = ADAPTER_MAX_BOTTLENECK_TRITON  # fastpeft/limits.py
 
 # constants inline in the jit functions: 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2*pi) = 0.3989422804014327,
 # sqrt(2/pi) = 0.7978845608028654, and the tanh-GELU cubic coefficient 0.044715
 
 # GPU configurations per kernel and bottleneck bucket (padded width <= 64, or <= 256). Every entry is
 # compiled by tests/test_adapter.py for sm_90 and sm_80 (no spills, tensor cores); fp32 inputs halve the
-# D tile (`gpu_config`). Untuned beyond that: measured tuning on a GPU is owed. Register budget: the dots
-# of one kernel share one warp layout with every warp along M, so each warp holds a dot's whole B operand
-# ([K, N]); the tiles keep those operands small rather than the accumulators.
+# D tile (`gpu_config`), and fp32 with FMA dots ("ieee", whose operands take registers over the whole
+# reduction tile) takes the entry's "ieee" tiles. Untuned beyond that: measured tuning on a GPU is owed.
+# Register budget: the dots of one kernel share one warp layout with every warp along M, so each warp holds
+# a dot's whole B operand ([K, N]); the tiles keep those operands small rather than the accumulators.
 CONFIGS = {
     "fwd": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=2),
             256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=2)},
     "dz": {64: dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3),
-           256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=3)},
+           256: dict(BLOCK_M=32, BLOCK_D=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_D=16))},
     # A_CHUNK: the bottleneck chunk of dX = dZ·Wd (see the kernel)
-    "bwd": {64: dict(BLOCK_M=32, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2),
-            256: dict(BLOCK_M=16, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2)},
+    "bwd": {64: dict(BLOCK_M=32, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2, ieee=dict(BLOCK_D=16)),
+            256: dict(BLOCK_M=16, BLOCK_D=32, A_CHUNK=64, num_warps=8, num_stages=2, ieee=dict(BLOCK_D=16))},
 }
 # Under the interpreter: small tiles so that the tests' small shapes cover several tiles and tails.
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_D=16, A_CHUNK=16, num_warps=1, num_stages=1)
@@ -58,11 +65,16 @@ def bucket(a: int) -> int:
     return 64 if block_a(a) <= 64 else 256
 
 
-def gpu_config(kernel: str, bucket_: int, dtype) -> dict:
+def gpu_config(kernel: str, bucket_: int, dtype, precision: str | None = None) -> dict:
     """The GPU configuration of `kernel` for a bottleneck bucket; D is the streamed dimension, so 4-byte
-    inputs halve it as the LoRA kernels halve theirs."""
-    cfg = CONFIGS[kernel][bucket_]
-    return dict(cfg, BLOCK_D=halve_for_fp32({"BLOCK_K": cfg["BLOCK_D"]}, dtype)["BLOCK_K"])
+    inputs halve it as the LoRA kernels halve theirs, and fp32 with FMA dots ("ieee", `fma_dots`) takes the
+    entry's "ieee" tiles."""
+    cfg = dict(CONFIGS[kernel][bucket_])
+    ieee = cfg.pop("ieee", None)
+    cfg["BLOCK_D"] = tiles_for({"BLOCK_K": cfg["BLOCK_D"]}, dtype)["BLOCK_K"]
+    if ieee is not None and fma_dots(dtype, precision):
+        cfg.update(ieee)
+    return cfg
 
 
 def config_for(kernel: str, a: int, dtype) -> dict:

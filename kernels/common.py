@@ -1,13 +1,18 @@
-"""Pieces shared by the Triton kernels' launchers and kernels: path and precision choice, config helpers,
-grid splits, and the grouped tile order of the GEMMs."""
+"""Pieces shared by the Triton kernels' launchers and kernels: interpreter and precision helpers, path
+choice, config helpers, grid splits, and the grouped tile order of the GEMMs. Every kernel module imports
+this one, so a Triton too old for the kernels fails here, on import, with the reason."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._env import interpreter_enabled
+from . import require_triton
+
+require_triton()
 
 
 @triton.jit
@@ -22,30 +27,53 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Kernels run under Triton's interpreter (TRITON_INTERPRET=1): launchers pick its small test configs."""
+    return interpreter_enabled()
 
 
 def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def halve_for_fp32(cfg: dict, dtype: torch.dtype) -> dict:
-    """4-byte tiles: halve the streamed dimension so the pipeline stages fit shared memory and registers,
-    unless the config names its fp32 tile explicitly (the compiler's register use is not monotone in it)."""
+def tiles_for(cfg: dict, dtype: torch.dtype, precision: str | None = None) -> dict:
+    """A config-table entry resolved for operands of `dtype` whose dots run at `precision` (default:
+    `dot_precision(dtype)`, what the launchers pass to tl.dot).
+
+    16-bit: the entry as listed. fp32: the entry's "fp32" tiles, else the streamed dimension halved, so the
+    pipeline stages of 4-byte tiles fit shared memory and registers (the compiler's register use is not
+    monotone in it, hence the explicit entries). fp32 with "ieee" dots (torch's default precision 'highest':
+    FMA instructions, no tensor cores): an FMA dot holds each thread's rows and columns of both operands over
+    the whole reduction tile in registers, so GEMM entries take the fp32 minimum reduction tile of tl.dot (8,
+    main loop and rank chunk) and at most 128 columns, and every entry then its own "ieee" tiles if listed.
+    """
     cfg = dict(cfg)
-    override = cfg.pop("fp32", None)
-    if dtype == torch.float32:
-        if override is not None:
-            cfg.update(override)
-        else:
-            for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
-                if key in cfg and cfg[key] > 32:
-                    cfg[key] //= 2
+    fp32, ieee = cfg.pop("fp32", None), cfg.pop("ieee", None)
+    if dtype != torch.float32:
+        return cfg
+    if fp32 is not None:
+        cfg.update(fp32)
+    else:
+        for key in ("BLOCK_K", "BLOCK_N") if "GROUP_M" not in cfg else ("BLOCK_K",):
+            if key in cfg and cfg[key] > 32:
+                cfg[key] //= 2
+    if fma_dots(dtype, precision):
+        if "GROUP_M" in cfg:
+            cfg.update(BLOCK_K=8, BLOCK_N=min(cfg["BLOCK_N"], 128))
+            if "RANK_CHUNK" in cfg:
+                cfg["RANK_CHUNK"] = 8
+        cfg.update(ieee or {})
     return cfg
 
 
+def fma_dots(dtype: torch.dtype, precision: str | None = None) -> bool:
+    """Dots of `dtype` operands at `precision` (default `dot_precision(dtype)`) run on FMA units, not tensor
+    cores: fp32 at "ieee". They need their own, smaller reduction tiles (`tiles_for`)."""
+    return dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul precision setting: 'highest' means no TF32, as in torch.mm."""
+    """tl.dot's input_precision for operands of `dtype`: fp32 follows torch's matmul precision setting
+    ('highest', torch's default, means no TF32, as in torch.mm: "ieee"); 16-bit operands ignore it."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"

@@ -12,10 +12,16 @@ _galore_adam_kernel: the Adam epilogue alone, for an R accumulated by the gradie
 
 A and B may be any strided views (Pᵀ is P with swapped strides). Tiles are cast to DOT_DTYPE before tl.dot
 (the 16-bit dtype of the matrices, or fp32 when either is fp32), accumulation is fp32.
+
+Argument legend: a_ptr [M, K], b_ptr [K, N] the product's operands; c_ptr the [M, N] fp32 result (or the
+normalised Adam update); m_ptr / v_ptr Adam's first and second moments; w_ptr the weight updated in place;
+r_ptr / n_ptr the Adam kernel's input and output. stride_<t><d> is tensor t's stride along dimension d.
 """
 import torch
 import triton
 import triton.language as tl
+
+from .common import dot_precision, interpreting
 
 EPI_STORE, EPI_ACC, EPI_ADAM = 0, 1, 2
 
@@ -124,10 +130,6 @@ def _galore_adam_kernel(r_ptr, m_ptr, v_ptr, n_ptr, numel, beta1, beta2, eps, BL
     tl.store(n_ptr + offs, mom / (tl.sqrt(var) + eps), mask=mask)
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 def dot_dtype(*dtypes):
     """The tl.dot operand dtype for matrices of these dtypes: fp32 if any is fp32, else the 16-bit one."""
     if torch.float32 in dtypes:
@@ -135,20 +137,16 @@ def dot_dtype(*dtypes):
     return next(d for d in dtypes if d in (torch.float16, torch.bfloat16))
 
 
-def input_precision() -> str:
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _dtype_class(dot: torch.dtype) -> str:
     return "fp32" if dot == torch.float32 else "16bit"
 
 
-def pick_project_config(dot: torch.dtype, device: torch.device):
-    return INTERPRET_PROJECT if device.type != "cuda" else PROJECT_CONFIGS[_dtype_class(dot)]
+def pick_project_config(dot: torch.dtype):
+    return INTERPRET_PROJECT if interpreting() else PROJECT_CONFIGS[_dtype_class(dot)]
 
 
-def pick_update_config(dot: torch.dtype, device: torch.device):
-    return INTERPRET_UPDATE if device.type != "cuda" else UPDATE_CONFIGS[_dtype_class(dot)]
+def pick_update_config(dot: torch.dtype):
+    return INTERPRET_UPDATE if interpreting() else UPDATE_CONFIGS[_dtype_class(dot)]
 
 
 def galore_project(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int = EPI_STORE,
@@ -167,14 +165,14 @@ def galore_project(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue
         if epilogue == EPI_ACC:
             return out
     dot = dot_dtype(a.dtype, b.dtype)
-    bm, bn, bk, warps, stages = pick_project_config(dot, a.device)
+    bm, bn, bk, warps, stages = pick_project_config(dot)
     if exp_avg is None:
         exp_avg = exp_avg_sq = out  # unused by the non-Adam epilogues
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _galore_project_kernel[grid](
         a, b, out, exp_avg, exp_avg_sq, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         float(beta1), float(beta2), float(eps),
-        EPILOGUE=epilogue, DOT_DTYPE=_TL[dot], INPUT_PRECISION=input_precision(),
+        EPILOGUE=epilogue, DOT_DTYPE=_TL[dot], INPUT_PRECISION=dot_precision(dot),
         EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
@@ -188,13 +186,13 @@ def galore_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
     # 16-bit weights: the fp32 N is rounded to the weight's dtype for the tensor cores (2**-9 relative on an
     # update that is itself rounded into a 16-bit W); fp32 weights keep an fp32 product
     dot = w.dtype if w.dtype != torch.float32 else dot_dtype(a.dtype, b.dtype)
-    bm, bn, bk, warps, stages = pick_update_config(dot, w.device)
+    bm, bn, bk, warps, stages = pick_update_config(dot)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _galore_update_kernel[grid](
         w, a, b, M, N, K, w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         float(alpha), float(decay),
         DOT_DTYPE=_TL[dot],
-        INPUT_PRECISION=input_precision(), EVEN_K=K % bk == 0,
+        INPUT_PRECISION=dot_precision(dot), EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return w
 
@@ -205,7 +203,7 @@ def galore_adam(r: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
     numel = r.numel()
     if numel == 0:
         return out
-    block, warps = INTERPRET_ADAM if _interpreting(r) else ADAM_CONFIGS["fp32"]
+    block, warps = INTERPRET_ADAM if interpreting() else ADAM_CONFIGS["fp32"]
     _galore_adam_kernel[(triton.cdiv(numel, block),)](r, exp_avg, exp_avg_sq, out, numel, float(beta1), float(beta2),
                                                       float(eps), BLOCK=block, num_warps=warps)
     return out

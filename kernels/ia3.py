@@ -12,9 +12,14 @@ For output scaling dl = Σ_m dY ⊙ (x·Wᵀ + b) needs the pre-scale product: t
 (A = x, B = Wᵀ, the bias, E = dY, no C) rather than saving it (an [M, N] tensor per layer) or recovering
 it as y / l (wrong for tiny l, NaN for subnormal l, and it would forbid in-place edits of y): one more
 GEMM of x and W, only when l needs a gradient.
-Matrices are addressed through their strides (any layout, stride 0 included); the vectors (bias, scale)
-are read at unit stride: the launcher copies a strided or expanded one (N elements, next to an M·N·K GEMM),
-because runtime vector strides cost the large GEMM tile the registers it has not got (it spilled).
+Matrices and the bias and prologue scale are addressed through their strides (any layout, stride 0
+included). The epilogue scale alone is read at unit stride: the launcher copies a strided or expanded one
+(N elements, next to an M·N·K GEMM), because its runtime stride costs the 128x128 pointer tile on sm_90
+the registers it has not got (8 bytes of spills, tests/test_ia3.py's static cases).
+
+Kernel argument legend: A [M, K] and B [K, N] the GEMM operands (B_KN: B stored [K, N], else read from
+Bᵀ [N, K]); C [M, N] the output; BIAS [N]; PRO [K] the prologue scale of A's columns; EPI [N] the epilogue
+scale; E [M, N] the reduction's weights and P [cdiv(M, BLOCK_M), N] its fp32 per-row-block partials.
 
 Two paths, as for the LoRA GEMM (kernels/lora_linear.py): "tma" (Hopper or newer, 16-byte aligned rows)
 moves A, B, C and E through tensor descriptors, which need no address registers; "ptr" uses pointer
@@ -25,11 +30,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, tile_args
+from .common import dot_precision, grouped_tile, interpreting, launch_opts, path_for, tile_args, tiles_for
+from .gemm_loop import gemm_k_loop
 
 # ----------------------------------------------------------------------------------------------- configs
 # Every configuration a launcher can pick; tests/test_ia3.py compiles each ("tma" for sm_90, "ptr" for
-# sm_80 and sm_90) and requires no spills and tensor cores. fp32 inputs halve BLOCK_K (`halve_for_fp32`).
+# sm_80 and sm_90) and requires no spills and tensor cores. fp32 inputs halve BLOCK_K, and fp32 with "ieee"
+# dots (FMA, no tensor cores) takes the smallest reduction tile (`tiles_for`).
 # "large_fused": the variants that hold a second [BM, *] tile in registers beside the accumulator (the
 # prologue's scaled A operand, the reduction's E tile) take a narrower tile than the plain epilogue.
 # Untuned beyond that: measured tuning on a GPU is owed.
@@ -63,7 +70,7 @@ def gemm_config_name(M: int, fused: bool) -> str:
 def gemm_config(M: int, dtype, path: str, fused: bool) -> dict:
     if interpreting():
         return dict(INTERPRET_GEMM_CONFIG)
-    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
+    return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -74,6 +81,7 @@ def _ia3_kernel(
     A, B, C, BIAS, PRO, EPI, E, P,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_em, stride_en,
+    stride_bias, stride_pro,
     HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, HAS_EPI: tl.constexpr, HAS_RED: tl.constexpr,
     STORE_C: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -83,57 +91,20 @@ def _ia3_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    cdtype = A.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_BIAS:  # the bias starts the accumulator, so the epilogue holds one [BN] vector, not two
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if USE_TMA:
-        # B_KN: B is stored [K, N] with unit stride along N (backward's W); else as Bᵀ [N, K] (forward's W)
-        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if B_KN:
-            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
-        else:
-            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, k0])
-            if B_KN:
-                b = b_desc.load([k0, pid_n * BLOCK_N])
-            else:
-                b = b_desc.load([pid_n * BLOCK_N, k0]).T
-            if HAS_PRO:  # columns past K are zero-filled, so the scale's tail never matters
-                if EVEN_K:
-                    pro = tl.load(PRO + k0 + offs_k)
-                else:
-                    pro = tl.load(PRO + k0 + offs_k, mask=offs_k < K - k0, other=0.0)
-                a = (a.to(tl.float32) * pro.to(tl.float32)[None, :]).to(cdtype)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    else:
-        # wrapped (not masked) row/column indices for loads: the K loop carries no M/N masks
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
-        a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = B + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                mask_k = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-            if HAS_PRO:
-                if EVEN_K:
-                    pro = tl.load(PRO + k0 + offs_k)
-                else:
-                    pro = tl.load(PRO + k0 + offs_k, mask=mask_k, other=0.0)
-                a = (a.to(tl.float32) * pro.to(tl.float32)[None, :]).to(cdtype)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc += tl.load(BIAS + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # B_KN: B is stored [K, N] with unit stride along N (backward's W); else as Bᵀ [N, K] (forward's W).
+    # Pointer loads use wrapped (not masked) rows and columns, so the K loop carries no M/N masks.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    acc = gemm_k_loop(acc, A, B, PRO, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                      stride_am, stride_ak, stride_bk, stride_bn, stride_pro,
+                      P_DESC=USE_TMA, Q_DESC=USE_TMA, Q_KN=B_KN, HAS_PRO=HAS_PRO, EVEN_K=EVEN_K,
+                      DOT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
     if HAS_RED:  # before the epilogue scales acc: the raw product, plus the bias it started from
         if USE_TMA:  # rows and columns past the edges load as 0
@@ -162,7 +133,7 @@ def _ia3_kernel(
 
 def _unit_stride(v):
     """The vector itself when its stride is 1, else a contiguous copy of its N elements (see the module
-    docstring: the GEMM's tiles have no registers to spare for runtime vector strides)."""
+    docstring: the epilogue scale's runtime stride would spill)."""
     return v if v is None or v.stride(0) == 1 or v.numel() <= 1 else v.contiguous()
 
 
@@ -171,7 +142,7 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     (b_kn True: w is [K, N]). With e [M, N]: returns fp32 per-row-block partials of Σ_rows e ⊙ (a·B + bias)."""
     import torch
 
-    bias, pro, epi = _unit_stride(bias), _unit_stride(pro), _unit_stride(epi)
+    epi = _unit_stride(epi)
     M = a.shape[0]
     # path_for sends expanded (stride-0) or overlapping rows through pointers
     path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
@@ -189,6 +160,7 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
         epi if epi is not None else dummy, ee, p if p is not None else dummy,
         M, N, K,
         a.stride(0), a.stride(1), stride_bk, stride_bn, cc.stride(0), cc.stride(1), ee.stride(0), ee.stride(1),
+        bias.stride(0) if bias is not None else 0, pro.stride(0) if pro is not None else 0,
         HAS_BIAS=bias is not None, HAS_PRO=pro is not None, HAS_EPI=epi is not None, HAS_RED=e is not None,
         STORE_C=c is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, USE_TMA=path == "tma", B_KN=b_kn,
         INPUT_PRECISION=dot_precision(a.dtype), **tile_args(cfg), **launch_opts(cfg),

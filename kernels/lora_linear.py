@@ -9,6 +9,12 @@ Kernels (x [M, K], W0 [N, K], A [R, K], B [N, R]):
 
 Reductions across programs (dB over rows, dS over column splits, dA over row splits) go to fp32 partial
 buffers summed afterwards, so results are deterministic. Saved for backward: x, S and the seed only.
+
+Argument legend: P [M, K] and Q [K, N] the main product's operands (Q_KN: Q stored
+[K, N], else read from Qᵀ [N, K]; the K loop is kernels/gemm_loop.py's); L [M, R] and RM [R, N] ("R
+matrix", RM to keep it apart from the rank R) the low-rank factors; c = lora_scale; thr the dropout
+threshold (kernels/philox.py); *_PART fp32 per-program partials; BLOCK_R the rank tile (a chunk of R in the
+GEMM). stride_<t><d> is tensor t's stride along dimension d.
 """
 from __future__ import annotations
 
@@ -16,13 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, rank_block, split_blocks,
-    target_programs, tile_args,
+from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exported for the tests)
+    dot_precision, grouped_tile, launch_opts, path_for, rank_block, split_blocks, target_programs, tile_args,
+    tiles_for,
+)
+from .gemm_loop import gemm_k_loop
+from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.lora_linear.*)
+    GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SKINNY_CONFIGS, gemm_config, gemm_config_name,
+    gemm_rank_block, skinny_config,
 )
 from .philox import dropout_keep
-
-MAX_RANK = 256  # larger ranks would need R-chunked shrink/dY accumulators; the PyTorch backend takes them
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -78,7 +87,7 @@ def _lora_shrink_kernel(
 def _lora_gemm_kernel(
     P, Q, L, RM, BIAS, OUT, M, N, K, R,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    lora_scale, seed, thr,
+    stride_bias, lora_scale, seed, thr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -88,7 +97,6 @@ def _lora_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
@@ -104,37 +112,14 @@ def _lora_gemm_kernel(
     if HAS_DROPOUT:
         acc = tl.where(dropout_keep(seed, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
 
-    if USE_TMA:
-        # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
-        p_desc = tl.make_tensor_descriptor(P, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if Q_KN:
-            q_desc = tl.make_tensor_descriptor(Q, shape=[K, N], strides=[stride_qk, 1], block_shape=[BLOCK_K, BLOCK_N])
-        else:
-            q_desc = tl.make_tensor_descriptor(Q, shape=[N, K], strides=[stride_qn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        for k0 in range(0, K, BLOCK_K):
-            p = p_desc.load([pid_m * BLOCK_M, k0])
-            if Q_KN:
-                q = q_desc.load([k0, pid_n * BLOCK_N])
-            else:
-                q = q_desc.load([pid_n * BLOCK_N, k0]).T
-            acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
-    else:
-        p_ptrs = P + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
-        q_ptrs = Q + offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                p = tl.load(p_ptrs)
-                q = tl.load(q_ptrs)
-            else:
-                k_mask = offs_k < K - k0
-                p = tl.load(p_ptrs, mask=k_mask[None, :], other=0.0)
-                q = tl.load(q_ptrs, mask=k_mask[:, None], other=0.0)
-            acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
-            p_ptrs += BLOCK_K * stride_pk
-            q_ptrs += BLOCK_K * stride_qk
+    # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
+    acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                      stride_pm, stride_pk, stride_qk, stride_qn, 0,
+                      P_DESC=USE_TMA, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=False, EVEN_K=EVEN_K,
+                      DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     if USE_TMA:
         out_desc = tl.make_tensor_descriptor(OUT, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_N])
         out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(OUT.dtype.element_ty))
@@ -228,105 +213,6 @@ def _lora_bwd_da_kernel(
     tl.store(da_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
 
 
-# ----------------------------------------------------------------------------------------------- configs
-# Every configuration a launcher can pick is listed here; tests/test_lora_kernels_static.py compiles each
-# one (sm_90 for the "tma" path, sm_80 and sm_90 for "ptr") and requires no spills and tensor cores.
-# "tma": Hopper and newer with 16-byte aligned rows: x, dY, W0 and y move through tensor descriptors.
-# "ptr": everything else (Ampere, odd strides): pointer tensors, which cost registers, so smaller tiles.
-
-RANK_BLOCKS = (16, 32, 64, 128, 256)
-
-# GEMM tiles by token count. The low-rank term runs in rank chunks (gemm_rank_block) before the main loop.
-GEMM_CONFIGS = {
-    "tma": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, RANK_CHUNK=64, num_warps=4, num_stages=4),
-        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=64, num_warps=4, num_stages=4),
-        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
-        # backward with dropout: the Philox words of a 128x256 tile beside its accumulator spill
-        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
-    },
-    "ptr": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, RANK_CHUNK=32, num_warps=4, num_stages=3),
-        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=4, num_stages=3),
-        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
-        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3,
-                              fp32=dict(BLOCK_N=64, BLOCK_K=32)),
-    },
-}
-# Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block.
-SKINNY_CONFIGS = {
-    "shrink": {
-        "tma": {16: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
-                32: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
-                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
-                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
-        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
-                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
-                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
-    },
-    "dy": {
-        "tma": {16: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-                32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-                64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)},
-        "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=3, fp32=dict(BLOCK_N=16))},
-    },
-    "da": {
-        "tma": {16: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                32: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
-        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
-                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
-    },
-}
-# Under the interpreter: one small config per kernel, so odd test shapes span several partial tiles.
-INTERPRETER_CONFIGS = {
-    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
-    "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
-    "dy": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-    "da": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
-}
-
-
-def gemm_config_name(M: int, dropout: bool) -> str:
-    if M <= 16:
-        return "decode"
-    if M <= 256:
-        return "mid"
-    return "large_dropout" if dropout else "large"
-
-
-def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
-    if interpreting():
-        return dict(INTERPRETER_CONFIGS["gemm"])
-    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M, dropout)], dtype)
-
-
-def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
-    if interpreting():
-        return dict(INTERPRETER_CONFIGS[kind])
-    return halve_for_fp32(SKINNY_CONFIGS[kind][path][rank_block(r)], dtype)
-
-
-def gemm_rank_block(r: int, cfg: dict) -> int:
-    """Rank chunk of the GEMM's low-rank term: the config's RANK_CHUNK bounds the [BLOCK_M, chunk] and
-    [chunk, BLOCK_N] operand tiles that sit in registers beside the accumulator."""
-    return min(rank_block(r), cfg["RANK_CHUNK"])
-
-
 # ----------------------------------------------------------------------------------------------- launchers
 
 
@@ -350,14 +236,12 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int)
 def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[int, int] | None) -> torch.Tensor:
     """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
 
-    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None. Matrices may have any strides;
-    bias [N] is read at unit stride, so a strided or expanded bias is copied first (N elements, explicit).
+    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None. Every tensor may have any
+    strides, bias [N] included (stride 0: one value for every column).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
     R = l_mat.shape[1]
-    if bias is not None and bias.stride(0) != 1 and N > 1:
-        bias = bias.contiguous()
     out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)
@@ -367,7 +251,7 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[i
     _lora_gemm_kernel[grid](
         p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
         p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
-        rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
+        rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         lora_scale, seed, thr,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,

@@ -30,6 +30,11 @@ Kernels (x [M, K], W0 [N, K]):
   _multi_lora_bwd_dy_kernel      dS = s_a·dY·B_a, dB partials s_a·dYᵀ·S per segment tile (one read of dY)
   _multi_lora_bwd_da_kernel      dA partials dSᵀ·x per segment tile
   _multi_lora_segment_sum_kernel per adapter: Σ of its tiles' partials, into the pool gradient
+
+Argument legend: P, Q, L, RM as in kernels/lora_linear.py (the K loop is kernels/gemm_loop.py's); IDS the
+adapter id of every token, PERM the token rows sorted by adapter, TILES the segment tiles (`Grouping`),
+RANKS / OFFS each adapter's rank and first row in the pool, SCALE its scaling; r_max the pool's largest
+rank; n_adapters the pool size; *_PART fp32 partials; stride_<t><d> tensor t's stride along dimension d.
 """
 from __future__ import annotations
 
@@ -37,13 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    dot_precision, grouped_tile, halve_for_fp32, interpreting, launch_opts, path_for, rank_block, split_blocks,
-    target_programs, tile_args,
+from .common import (  # noqa: F401 (rank_block, tiles_for: re-exported for the tests)
+    dot_precision, grouped_tile, launch_opts, path_for, rank_block, split_blocks, target_programs, tile_args,
+    tiles_for,
 )
-
-MAX_RANK = 128  # [BLOCK_M, r] accumulators of the skinny kernels; larger pools take the PyTorch backend
-DECODE_M = 64  # up to this many tokens: no sort, BGMV-style tiles (each row its own adapter)
+from .gemm_loop import gemm_k_loop
+from .multi_lora_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.multi_lora.*)
+    DECODE_M, GEMM_CONFIGS, INTERPRETER_CONFIGS, INTERPRETER_SEG_BLOCK_M, MAX_RANK, SEG_BLOCK_M, SKINNY_CONFIGS,
+    gemm_config, gemm_config_name, gemm_rank_block, rank_bucket, seg_block_m, skinny_config,
+)
+from .multi_lora_grouping import Grouping
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -127,7 +135,6 @@ def _multi_lora_gemm_kernel(
     # token order, never gathered: rows loaded through a permutation cost 0.2-1 KB of spills at every tile size
     rows, ids = _tile_rows(IDS, IDS, stride_id, pos, pos_mask, M, n_adapters, False)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     cols = (offs_n % N).to(tl.int64)
 
@@ -149,33 +156,11 @@ def _multi_lora_gemm_kernel(
             acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
         a = _next_adapter(ids, a, n_adapters)
 
-    # x / dY / y through pointers, W0 through a tensor descriptor on Hopper
-    p_ptrs = P + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
-    if USE_TMA:
-        if Q_KN:
-            q_desc = tl.make_tensor_descriptor(Q, shape=[K, N], strides=[stride_qk, 1], block_shape=[BLOCK_K, BLOCK_N])
-        else:
-            q_desc = tl.make_tensor_descriptor(Q, shape=[N, K], strides=[stride_qn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        q_ptrs = Q + offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            p = tl.load(p_ptrs)
-        else:
-            p = tl.load(p_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)
-        if USE_TMA:
-            if Q_KN:
-                q = q_desc.load([k0, pid_n * BLOCK_N])
-            else:
-                q = q_desc.load([pid_n * BLOCK_N, k0]).T
-        else:
-            if EVEN_K:
-                q = tl.load(q_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
-            q_ptrs += BLOCK_K * stride_qk
-        acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
-        p_ptrs += BLOCK_K * stride_pk
+    # x / dY / y through pointers (rows in token order), W0 through a tensor descriptor on Hopper
+    acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                      stride_pm, stride_pk, stride_qk, stride_qn, 0,
+                      P_DESC=False, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=False, EVEN_K=EVEN_K,
+                      DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
@@ -283,120 +268,6 @@ def _multi_lora_segment_sum_kernel(
             ptrs += D * r_max
         out_ptrs = OUT + offs_d[:, None].to(tl.int64) * stride_od + (off + offs_r[None, :]) * stride_or
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------- configs
-# Every configuration a launcher can pick is listed here; tests/test_multi_lora_static.py compiles each
-# one for sm_90 and sm_80 and requires no spills and tensor cores.
-# GEMM "tma": W0 through a tensor descriptor (Hopper, 16-byte aligned W0); x / dY / y move through pointers,
-# so the large tile stays at 128x128 (128x256 pointer tiles spill). The per-adapter epilogue loop keeps more
-# state live than the single-adapter GEMM's: smaller rank chunks and 8 warps are what compile without spills.
-
-GEMM_CONFIGS = {
-    "tma": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, RANK_CHUNK=64, num_warps=4, num_stages=4),
-        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
-        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=16, num_warps=8, num_stages=3),
-    },
-    "ptr": {
-        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, RANK_CHUNK=32, num_warps=4, num_stages=3),
-        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
-        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=16, num_warps=8, num_stages=3),
-    },
-}
-# Skinny kernels by padded rank (pointer loads only, so one table for both architectures). dy and da share
-# BLOCK_M: it is the segment-tile size of the backward's per-adapter grouping.
-SEG_BLOCK_M = 64
-SKINNY_CONFIGS = {
-    "shrink": {64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
-               128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
-    "dy": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=32, num_warps=8, num_stages=3),
-           128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=16, num_warps=8, num_stages=3)},
-    "da": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=4, num_stages=3),
-           128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=8, num_stages=3)},
-    "segsum": {64: dict(BLOCK_D=64, num_warps=4, num_stages=1),
-               128: dict(BLOCK_D=32, num_warps=4, num_stages=1)},
-}
-INTERPRETER_SEG_BLOCK_M = 16
-INTERPRETER_CONFIGS = {
-    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
-    "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
-    "dy": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=1),
-    "da": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_K=32, num_warps=4, num_stages=1),
-    "segsum": dict(BLOCK_D=32, num_warps=4, num_stages=1),
-}
-
-
-def rank_bucket(r_max: int) -> int:
-    """The skinny-kernel table row of a pool whose largest rank is r_max (<= MAX_RANK)."""
-    return 64 if r_max <= 64 else 128
-
-
-def gemm_config_name(M: int) -> str:
-    return "decode" if M <= DECODE_M else "mid" if M <= 256 else "large"
-
-
-def gemm_rank_block(r_max: int, cfg: dict) -> int:
-    """Rank chunk of the GEMM's low-rank epilogue: RANK_CHUNK bounds the operand tiles beside the accumulator."""
-    return min(rank_block(r_max), cfg["RANK_CHUNK"])
-
-
-def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
-    if interpreting():
-        return dict(INTERPRETER_CONFIGS["gemm"])
-    return halve_for_fp32(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
-
-
-def skinny_config(kind: str, r_max: int, dtype: torch.dtype) -> dict:
-    if interpreting():
-        return dict(INTERPRETER_CONFIGS[kind])
-    cfg = SKINNY_CONFIGS[kind][rank_bucket(r_max)]
-    return cfg if kind == "segsum" else halve_for_fp32(cfg, dtype)
-
-
-def seg_block_m() -> int:
-    return INTERPRETER_SEG_BLOCK_M if interpreting() else SEG_BLOCK_M
-
-
-# ----------------------------------------------------------------------------------------------- grouping
-
-
-class Grouping:
-    """Tokens sorted by adapter on the device (no host sync, CUDA-graph safe: every size is host-known).
-
-    perm [M] int64: position -> token row, ids stably sorted (base-only tokens first).
-    tiles [3, n_tiles] int32: per segment tile (adapter, first position, end position), adapter -1 past the
-        real tiles; n_tiles = cdiv(M, block) + min(M, n_adapters) bounds the real count.
-    tile_cum [n_adapters + 1] int32: adapter a's tiles are tile_cum[a] .. tile_cum[a+1].
-    """
-
-    def __init__(self, ids: torch.Tensor, n_adapters: int, block: int, with_tiles: bool):
-        M = ids.numel()
-        wide = ids.long()  # any id dtype and stride; a uint8 key could not hold -1
-        key = torch.where((wide >= 0) & (wide < n_adapters), wide, -1)
-        _, self.perm = torch.sort(key, stable=True)
-        self.block = block
-        self.tiles = self.tile_cum = None
-        self.n_tiles = 0
-        if not with_tiles:
-            return
-        dev = ids.device
-        counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, key.long() + 1, torch.ones(M, dtype=torch.int64, device=dev))
-        seg_end = counts.cumsum(0)
-        start, count = (seg_end - counts)[1:], counts[1:]
-        tile_incl = ((count + block - 1) // block).cumsum(0)
-        self.tile_cum = torch.cat([tile_incl.new_zeros(1), tile_incl]).to(torch.int32)
-        self.n_tiles = n_tiles = triton.cdiv(M, block) + min(M, n_adapters)
-        p = torch.arange(n_tiles, dtype=torch.int64, device=dev)
-        adapter = torch.searchsorted(tile_incl, p, right=True)  # n_adapters past the last real tile
-        ac = adapter.clamp(max=n_adapters - 1)
-        first = start[ac] + (p - (tile_incl[ac] - (count[ac] + block - 1) // block)) * block
-        end = torch.minimum(first + block, start[ac] + count[ac])
-        real = adapter < n_adapters
-        zero = torch.zeros_like(first)
-        self.tiles = torch.stack([torch.where(real, adapter, -1), torch.where(real, first, zero),
-                                  torch.where(real, end, zero)]).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------- launchers

@@ -386,7 +386,8 @@ def test_degenerate_sizes_raise_clearly(backend):
 # Every entry of the kernels' config tables, for sm_90 and sm_80, compiled with its heaviest variant
 # (every optional feature on, the widest bottleneck of its bucket, runtime strides): no spills, tensor
 # cores, shared memory within the architecture's limit. bf16 stands for both 16-bit dtypes (same layouts);
-# fp32 (TF32 dots, half the D tile) where its tiles are the heaviest (`_fp32_compiled`).
+# fp32 (TF32 dots, half the D tile) where its tiles are the heaviest (`_fp32_compiled`); fp32 with "ieee"
+# dots (torch's default fp32 precision: FMA, no tensor cores, its own "ieee" tiles) for every entry.
 #
 # The compiles run in worker processes started when the session begins (`_start_static_compiles`), so they
 # overlap the interpreter tests; the static tests collect the reports at the end of each module.
@@ -405,7 +406,7 @@ def _i32(*names):
 def _fp32_compiled(k, kernel, ba):
     """fp32 is compiled for the widest bucket, and wherever its D tile is not halved (already at the
     minimum), where its tiles hold twice the bytes of bf16's and so are the config's heaviest variant."""
-    halved = k.gpu_config(kernel, ba, torch.float32)["BLOCK_D"] < k.gpu_config(kernel, ba, torch.bfloat16)["BLOCK_D"]
+    halved = k.gpu_config(kernel, ba, torch.float32, "tf32")["BLOCK_D"] < k.gpu_config(kernel, ba, torch.bfloat16)["BLOCK_D"]
     return ba == max(k.CONFIGS[kernel]) or not halved
 
 
@@ -414,31 +415,33 @@ def _static_cases():
     from fastpeft.kernels import adapter as k
 
     cases = []
-    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for dt, dtype, precision in (("bf16", torch.bfloat16, "tf32"), ("fp32", torch.float32, "tf32"),
+                                 ("fp32ieee", torch.float32, "ieee")):
+        ty = dt[:4]  # the Triton type of the activations
         for ba in sorted(k.CONFIGS["fwd"], reverse=True):
             for kernel, fn, sig, ce in (
                 ("fwd", "_adapter_kernel",
-                 dict(X=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", Z="*fp32", WD=f"*{dt}", BD=f"*{dt}", WU=f"*{dt}", BU=f"*{dt}",
+                 dict(X=f"*{ty}", R=f"*{ty}", Y=f"*{ty}", Z="*fp32", WD=f"*{ty}", BD=f"*{ty}", WU=f"*{ty}", BU=f"*{ty}",
                       **_i32("M", "D", "A"), scaling="fp32",
                       **_i32("stride_xm", "stride_xd", "stride_rm", "stride_rd", "stride_ym", "stride_yd",
                              "stride_wd_a", "stride_wd_d", "stride_wu_d", "stride_wu_a", "stride_bd", "stride_bu")),
                  dict(ACT=1, HAS_BD=True, HAS_BU=True, STORE_Z=True, EVEN_D=False)),
                 ("dz", "_adapter_bwd_dz_kernel",
-                 dict(DY=f"*{dt}", Z="*fp32", WU=f"*{dt}", DZ=f"*{dt}", ACTZ=f"*{dt}", PBD="*fp32",
+                 dict(DY=f"*{ty}", Z="*fp32", WU=f"*{ty}", DZ=f"*{ty}", ACTZ=f"*{ty}", PBD="*fp32",
                       **_i32("M", "D", "A"), scaling="fp32",
                       **_i32("stride_dym", "stride_dyd", "stride_wu_d", "stride_wu_a")),
                  dict(ACT=1, NEED_DW=True, EVEN_D=False)),
                 ("bwd", "_adapter_bwd_kernel",
-                 dict(DY=f"*{dt}", X=f"*{dt}", ACTZ=f"*{dt}", DZ=f"*{dt}", WD=f"*{dt}", DX=f"*{dt}",
+                 dict(DY=f"*{ty}", X=f"*{ty}", ACTZ=f"*{ty}", DZ=f"*{ty}", WD=f"*{ty}", DX=f"*{ty}",
                       PWU="*fp32", PWD="*fp32", PBU="*fp32", **_i32("M", "D", "A", "rows_per_split"),
                       **_i32("stride_dym", "stride_dyd", "stride_xm", "stride_xd", "stride_dxm", "stride_dxd",
                              "stride_wd_a", "stride_wd_d")),
                  dict(SKIP=True, NEED_DX=True, NEED_DW=True, EVEN_D=False)),
             ):
-                cfg = k.gpu_config(kernel, ba, dtype)
+                cfg = k.gpu_config(kernel, ba, dtype, precision)
                 if dt == "fp32" and not _fp32_compiled(k, kernel, ba):
                     continue
-                ce = dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_A=ba, INPUT_PRECISION="tf32")
+                ce = dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_A=ba, INPUT_PRECISION=precision)
                 if "A_CHUNK" in cfg:
                     ce["A_CHUNK"] = min(ba, cfg["A_CHUNK"])
                 for arch in ARCHS:
@@ -449,8 +452,8 @@ def _static_cases():
 
 def compile_case(case):
     """Compile one case ahead of time: registers and stack (spills) from the cubin, shared memory, and the
-    tensor-core instructions counted in the PTX (mma.sync becomes HMMA, wgmma.mma_async HGMMA: the same
-    answer as tests/static_compile.py's disassembly, which would cost a second per case)."""
+    tensor-core instructions counted in the PTX (mma.sync becomes HMMA, wgmma.mma_async HGMMA), as
+    tests/static_compile.py counts them."""
     import importlib
     import re
     import subprocess
@@ -537,12 +540,15 @@ def _start_static_compiles(request):
 
 
 def check_report(name, rep, err):
+    from static_compile import tensor_core_failure
+
     assert err is None, f"{name}: compile error {err}"
     arch = int(name.rsplit("sm", 1)[1])
     assert rep["stack"] == 0, f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers"
     assert rep["shared"] <= SMEM_LIMIT[arch], f"{name}: {rep['shared']} bytes of shared memory > {SMEM_LIMIT[arch]}"
-    # fp32 dots compile to TF32 tensor-core instructions (input_precision "tf32", the GPU default)
-    assert rep["tensor_core"], f"{name}: no tensor-core instructions {rep}"
+    # fp32 dots at "tf32" compile to TF32 tensor-core instructions, at "ieee" to FMA ones (`expects_tensor_cores`)
+    failure = tensor_core_failure(name, rep)
+    assert failure is None, f"{failure} {rep}"
 
 
 def test_static_cases_cover_every_config():
@@ -556,6 +562,8 @@ def test_static_cases_cover_every_config():
                 assert f"{kernel}-a{ba}-bf16-sm{arch}" in names
                 assert (f"{kernel}-a{ba}-fp32-sm{arch}" in names) == _fp32_compiled(k, kernel, ba)
             assert _fp32_compiled(k, kernel, max(table))
+            for arch in ARCHS:
+                assert f"{kernel}-a{ba}-fp32ieee-sm{arch}" in names
     assert "bwd-a64-fp32-sm80" in names  # its D tile is at the minimum, so fp32 is its heaviest variant
     # the launcher's buckets are exactly the tables' keys
     assert {k.bucket(a) for a in range(1, k.MAX_BOTTLENECK + 1)} == set(k.CONFIGS["fwd"]) == set(k.CONFIGS["bwd"])

@@ -329,30 +329,32 @@ def test_merge_and_unmerge_refuse_bad_vectors_before_changing_the_weight():
 # rows ([K, N], the backward's layout), and once more as the output-scaling dl recompute (bias, reduction,
 # B = Wᵀ, no C). "large" serves only the variants without prologue or reduction; it is compiled as the
 # forward: bias, epilogue, B = Wᵀ.
-# bf16 stands for both 16-bit dtypes; fp32 (TF32, half the K tile) is compiled for the largest tile.
+# bf16 stands for both 16-bit dtypes; fp32 (TF32, half the K tile) is compiled for the largest tile, and
+# fp32 with "ieee" dots (torch's default fp32 precision: FMA, no tensor cores) at every size, as bf16 is.
 
 from test_adapter import _start_static_compiles, check_report, compile_reports  # noqa: E402,F401 (a fixture)
 
 STATIC_ARCHS = {"tma": (90,), "ptr": (90, 80)}
 
 
-def _gemm_cases(k, path, size, dt, variant=""):
+def _gemm_cases(k, path, size, dt, variant="", precision="tf32"):
     """variant "": the heaviest variant of the size (see above); "dl": the output-scaling scale gradient,
     Σ dY ⊙ (x·Wᵀ + b) with B read as Wᵀ and no C (the fused sizes only)."""
-    cfg = k.halve_for_fp32(k.GEMM_CONFIGS[path][size], {"bf16": torch.bfloat16, "fp32": torch.float32}[dt])
+    cfg = k.tiles_for(k.GEMM_CONFIGS[path][size], {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], precision)
     sig = {"A": f"*{dt}", "B": f"*{dt}", "C": f"*{dt}", "BIAS": f"*{dt}", "PRO": "*fp32", "EPI": "*fp32",
            "E": f"*{dt}", "P": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk",
                                                               "stride_bn", "stride_cm", "stride_cn", "stride_em",
-                                                              "stride_en")}}
+                                                              "stride_en", "stride_bias", "stride_pro")}}
     fused = size != "large"
     if variant == "dl":
         flags = dict(HAS_BIAS=True, HAS_PRO=False, HAS_EPI=False, HAS_RED=True, STORE_C=False, B_KN=False)
     else:
         flags = dict(HAS_BIAS=True, HAS_PRO=fused, HAS_EPI=True, HAS_RED=fused, STORE_C=True, B_KN=fused)
-    ce = dict(flags, EVEN_K=False, USE_TMA=path == "tma", INPUT_PRECISION="tf32",
+    ce = dict(flags, EVEN_K=False, USE_TMA=path == "tma", INPUT_PRECISION=precision,
               **{n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))})
     tag = f"-{variant}" if variant else ""
-    return [(f"gemm-{path}-{size}-{dt}{tag}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
+    label = dt + ("ieee" if precision == "ieee" else "")
+    return [(f"gemm-{path}-{size}-{label}{tag}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
              cfg["num_warps"], cfg["num_stages"]) for arch in STATIC_ARCHS[path]]
 
 
@@ -368,6 +370,12 @@ def _static_cases():
                     cases += _gemm_cases(k, path, size, dt)
                 if dt == "bf16" and size != "large":
                     cases += _gemm_cases(k, path, size, dt, "dl")
+    # fp32 with "ieee" dots (torch's default fp32 precision): FMA, its own tiles at every size (`tiles_for`)
+    for path, table in k.GEMM_CONFIGS.items():
+        for size in table:
+            cases += _gemm_cases(k, path, size, "fp32", precision="ieee")
+            if size != "large":
+                cases += _gemm_cases(k, path, size, "fp32", "dl", precision="ieee")
     return cases
 
 
@@ -380,10 +388,12 @@ def test_static_cases_cover_every_config():
         for size in table:
             for arch in STATIC_ARCHS[path]:
                 assert f"gemm-{path}-{size}-bf16-sm{arch}" in names
+                assert f"gemm-{path}-{size}-fp32ieee-sm{arch}" in names
                 if size == "large":
                     assert f"gemm-{path}-{size}-fp32-sm{arch}" in names
                 else:
                     assert f"gemm-{path}-{size}-bf16-dl-sm{arch}" in names
+                    assert f"gemm-{path}-{size}-fp32ieee-dl-sm{arch}" in names
     # the launcher picks exactly the tables' sizes, and "large" only for variants without prologue or reduction
     picked = {k.gemm_config_name(m, fused) for m in (1, 32, 33, 256, 257, 10 ** 6) for fused in (False, True)}
     assert picked == set(k.GEMM_CONFIGS["tma"]) == set(k.GEMM_CONFIGS["ptr"])

@@ -4,12 +4,15 @@ spills and with tensor-core instructions (Triton's ahead-of-time compile; no GPU
 The "tma" path is launched only on sm_90+, the "ptr" path on sm_80 and on sm_90 for unaligned tensors.
 The skinny kernels compile with every optional feature on (their heaviest variant); the GEMM compiles each
 variant that can select a config. bf16 and fp16 share register and shared-memory layouts, so bf16 stands
-for both; fp32 (TF32 dots) has its own halved tiles.
+for both; fp32 has its own halved tiles, compiled with TF32 dots and with "ieee" ones (torch's default fp32
+matmul precision 'highest'): those run on FMA units, with no tensor-core instruction, and take their own
+smaller reduction tiles (kernels/common.py `tiles_for`).
 Run `python tests/test_lora_kernels_static.py` for the full report.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -19,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from static_compile import compile_in_subprocesses, compile_report  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
 
 PTR_ARCHS = (80, 90)
 TMA_ARCHS = (90,)
@@ -36,11 +39,12 @@ GEMM_VARIANTS = {"decode": (FWD, BWD, BWD_DROPOUT), "mid": (FWD, BWD, BWD_DROPOU
                  "large_dropout": (BWD_DROPOUT,)}
 
 
-def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS):
+def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precision="tf32"):
     cases = []
+    label = dt + ("ieee" if precision == "ieee" else "")
     for path, table in k.GEMM_CONFIGS.items():
         for size in sizes:
-            cfg = k.halve_for_fp32(table[size], dtype)
+            cfg = k.tiles_for(table[size], dtype, precision)
             chunks = sorted({k.gemm_rank_block(r, cfg) for r in k.RANK_BLOCKS})
             rank_blocks = (chunks[0], chunks[-1]) if extremes else (chunks[-1],)
             tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
@@ -49,22 +53,24 @@ def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS):
                     sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}",
                            "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
                            **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
-                                      "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on"),
+                                      "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on",
+                                      "stride_bias"),
                            "lora_scale": "fp32", "seed": "i32", "thr": "i32"}
-                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, EVEN_K=False, DOT_PRECISION="tf32",
+                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, EVEN_K=False, DOT_PRECISION=precision,
                               USE_TMA=path == "tma", Q_KN=q_kn, BLOCK_R=br, **tile)
                     for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                        cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{dt}-sm{arch}", "_lora_gemm_kernel",
+                        cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{label}-sm{arch}", "_lora_gemm_kernel",
                                       sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
     return cases
 
 
-def _skinny_cases(k, dt, dtype, rank_blocks):
+def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
     cases = []
+    label = dt + ("ieee" if precision == "ieee" else "")
     for kind, table in k.SKINNY_CONFIGS.items():
         for path, by_rank in table.items():
             for br in rank_blocks:
-                cfg = k.halve_for_fp32(by_rank[br], dtype)
+                cfg = k.tiles_for(by_rank[br], dtype, precision)
                 tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
                 if kind == "shrink":
                     fn = "_lora_shrink_kernel"
@@ -85,9 +91,9 @@ def _skinny_cases(k, dt, dtype, rank_blocks):
                            **_strides("M", "K", "R", "m_per_split", "stride_xm", "stride_xk", "stride_dsm", "stride_dsr"),
                            "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
                     ce = dict(HAS_DROPOUT=True)
-                ce.update(DOT_PRECISION="tf32", USE_TMA=path == "tma", BLOCK_R=br, **tile)
+                ce.update(DOT_PRECISION=precision, USE_TMA=path == "tma", BLOCK_R=br, **tile)
                 for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                    cases.append((f"{kind}-{path}-r{br}-{dt}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+                    cases.append((f"{kind}-{path}-r{br}-{label}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
     return cases
 
 
@@ -95,15 +101,18 @@ def _cases():
     """(name, kernel attribute, signature, constexprs, arch, num_warps, num_stages) for every shipped config.
 
     bf16: every GEMM size with the smallest and largest epilogue rank chunk (register use grows with it),
-    every skinny rank block. fp32 (its own tiles, 4-byte loads): every GEMM size at the largest rank chunk,
-    every skinny rank block.
+    every skinny rank block. fp32 (its own tiles, 4-byte loads), once with TF32 dots and once with "ieee"
+    ones (torch's default fp32 precision: FMA dots, their own smaller reduction tiles): every GEMM size at
+    the largest rank chunk, every skinny rank block.
     """
     from fastpeft.kernels import lora_linear as k
 
     return (_gemm_cases(k, "bf16", torch.bfloat16, list(GEMM_VARIANTS), extremes=True)
             + _skinny_cases(k, "bf16", torch.bfloat16, k.RANK_BLOCKS)
             + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False)
-            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS))
+            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS)
+            + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False, precision="ieee")
+            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS, "ieee"))
 
 
 def _compile(case):
@@ -132,8 +141,15 @@ def test_every_config_is_enumerated():
     for must in ("gemm-tma-large_dropout-r32-bwd-dropout-bf16-sm90", "gemm-ptr-large-r32-bwd-bf16-sm80",
                  "gemm-ptr-decode-r16-fwd-bf16-sm80",
                  "gemm-tma-large-r32-bwd-fp32-sm90", "shrink-ptr-r256-bf16-sm80", "dy-tma-r256-fp32-sm90",
-                 "da-ptr-r16-bf16-sm90"):
+                 "da-ptr-r16-bf16-sm90", "gemm-tma-large-r8-fwd-fp32ieee-sm90",
+                 "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80"):
         assert must in names
+    # every fp32 case also at "ieee", the precision the launchers pass under torch's default 'highest'
+    # (GEMMs at their own rank chunk)
+    def shape(n, label):
+        return re.sub(r"^(gemm-\w+-\w+)-r\d+-", r"\1-", n).replace(f"-{label}-", "-")
+    assert ({shape(n, "fp32ieee") for n in names if "-fp32ieee-" in n}
+            == {shape(n, "fp32") for n in names if "-fp32-" in n})
 
 
 def test_compiles_without_spills_and_with_tensor_cores(reports):
@@ -143,8 +159,8 @@ def test_compiles_without_spills_and_with_tensor_cores(reports):
             failures.append(f"{name}: compile error {err}")
         elif rep["stack"] != 0:
             failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif not rep["tensor_core"]:
-            failures.append(f"{name}: no tensor-core instructions")
+        elif tensor_core_failure(name, rep):
+            failures.append(tensor_core_failure(name, rep))
     assert not failures, "\n".join(failures)
 
 
@@ -152,6 +168,59 @@ def test_hopper_tma_gemm_uses_warpgroup_mma(reports):
     by_name = {name: rep for name, rep, _ in reports}
     rep = by_name["gemm-tma-large-r32-fwd-bf16-sm90"]
     assert rep is not None and rep["hgmma"] > 0, rep
+
+
+def test_launchers_pick_the_compiled_tiles(monkeypatch):
+    """On a GPU the launchers resolve their tables at the dot precision they pass to tl.dot: fp32 under torch's
+    default 'highest' takes the "ieee" tiles compiled above, under 'high' the TF32 ones; 16-bit ignores it."""
+    from fastpeft.kernels import lora_linear_configs as kc
+
+    monkeypatch.setattr(kc, "interpreting", lambda: False)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for mode, precision in (("highest", "ieee"), ("high", "tf32")):
+            torch.set_float32_matmul_precision(mode)
+            for dtype in (torch.float32, torch.bfloat16):
+                for path, table in kc.GEMM_CONFIGS.items():
+                    for M, dropout in ((1, True), (100, False), (1000, False), (1000, True)):
+                        expected = kc.tiles_for(table[kc.gemm_config_name(M, dropout)], dtype, precision)
+                        assert kc.gemm_config(M, dtype, path, dropout) == expected
+                        if dtype == torch.float32 and precision == "ieee":  # FMA dots: the smallest K tile
+                            assert expected["BLOCK_K"] == expected["RANK_CHUNK"] == 8
+                for kind, by_path in kc.SKINNY_CONFIGS.items():
+                    for path, by_rank in by_path.items():
+                        for r in (1, 17, 100, 256):
+                            expected = kc.tiles_for(by_rank[kc.rank_block(r)], dtype, precision)
+                            assert kc.skinny_config(kind, r, dtype, path) == expected
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_rank_limits_are_stated_once():
+    """fastpeft/limits.py holds every op's rank limit: the kernels' config tables, the ops' backend choice and
+    the CUDA extension's C++ constant (csrc/fastpeft_cuda.h kMaxRank, read as text: no build needed) agree."""
+    import re
+
+    from fastpeft import limits
+    from fastpeft.kernels import adapter as ak
+    from fastpeft.kernels import lora_linear as k
+    from fastpeft.kernels import multi_lora as mk
+    from fastpeft.ops import adapter as adapter_ops
+    from fastpeft.ops import cuda_ops
+    from fastpeft.ops import lora_linear as lora_ops
+    from fastpeft.ops import multi_lora as multi_ops
+
+    assert limits.LORA_MAX_RANK_TRITON == k.MAX_RANK == lora_ops.MAX_TRITON_RANK == max(k.RANK_BLOCKS)
+    for table in k.SKINNY_CONFIGS.values():
+        for by_rank in table.values():
+            assert set(by_rank) == set(k.RANK_BLOCKS)
+    assert limits.MULTI_LORA_MAX_RANK_TRITON == mk.MAX_RANK == multi_ops.MAX_TRITON_RANK
+    assert mk.rank_bucket(mk.MAX_RANK) == max(mk.SKINNY_CONFIGS["dy"]) == mk.MAX_RANK
+    assert limits.ADAPTER_MAX_BOTTLENECK_TRITON == ak.MAX_BOTTLENECK == adapter_ops.MAX_TRITON_BOTTLENECK
+    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "fastpeft_cuda.h")
+    with open(header, encoding="utf-8") as f:
+        found = re.findall(r"constexpr\s+int\s+kMaxRank\s*=\s*(\d+)\s*;", f.read())
+    assert [int(v) for v in found] == [limits.LORA_MAX_RANK_CUDA] == [cuda_ops.MAX_RANK]
 
 
 if __name__ == "__main__":

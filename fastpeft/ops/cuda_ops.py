@@ -14,7 +14,7 @@ from .. import _ext
 
 __all__ = ["lora_shrink_cuda", "lora_dy_reduce_cuda", "rank_update_cuda_", "lora_decode_cuda"]
 
-MAX_RANK = 256
+from ..limits import LORA_MAX_RANK_CUDA as MAX_RANK  # csrc/fastpeft_cuda.h kMaxRank; fastpeft/limits.py
 MAX_DECODE_ROWS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,0 +1,111 @@
+"""Tile configurations of the LoRA linear kernels (kernels/lora_linear.py): what each launcher may pick.
+
+Every configuration a launcher can pick is listed here; tests/test_lora_kernels_static.py compiles each one
+(sm_90 for the "tma" path, sm_80 and sm_90 for "ptr") and requires no spills and tensor cores (fp32 at
+"ieee": none, see kernels/common.py `tiles_for`).
+"tma": Hopper and newer with 16-byte aligned rows: x, dY, W0 and y move through tensor descriptors.
+"ptr": everything else (Ampere, odd strides): pointer tensors, which cost registers, so smaller tiles.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..limits import LORA_MAX_RANK_TRITON
+from .common import interpreting, rank_block, tiles_for
+
+MAX_RANK = LORA_MAX_RANK_TRITON  # fastpeft/limits.py; larger ranks take the PyTorch backend
+
+RANK_BLOCKS = (16, 32, 64, 128, 256)
+
+# GEMM tiles by token count. The low-rank term runs in rank chunks (gemm_rank_block) before the main loop.
+GEMM_CONFIGS = {
+    "tma": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, RANK_CHUNK=64, num_warps=4, num_stages=4),
+        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=64, num_warps=4, num_stages=4),
+        "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        # backward with dropout: the Philox words of a 128x256 tile beside its accumulator spill
+        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
+    },
+    "ptr": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, RANK_CHUNK=32, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=4, num_stages=3),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        "large_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3,
+                              fp32=dict(BLOCK_N=64, BLOCK_K=32)),
+    },
+}
+# Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block. "ieee": fp32 with
+# full-precision (FMA) dots, whose operands take registers over the whole reduction tile (`tiles_for`):
+# dY's column tile (dy: the reduction of dS) and the row tile (da: the reduction of dA) shrink.
+SKINNY_CONFIGS = {
+    "shrink": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                32: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
+                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, fp32=dict(BLOCK_K=64)),
+                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3)},
+    },
+    "dy": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=8)),
+                32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=8)),
+                64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=8)),
+                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8)),
+                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8))},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=16)),
+                32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=16)),
+                64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3, ieee=dict(BLOCK_N=16)),
+                128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=16)),
+                256: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=3, fp32=dict(BLOCK_N=16),
+                      ieee=dict(BLOCK_N=16))},
+    },
+    "da": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                32: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                256: dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=8))},
+    },
+}
+# Under the interpreter: one small config per kernel, so odd test shapes span several partial tiles.
+INTERPRETER_CONFIGS = {
+    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
+    "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dy": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+    "da": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+}
+
+
+def gemm_config_name(M: int, dropout: bool) -> str:
+    if M <= 16:
+        return "decode"
+    if M <= 256:
+        return "mid"
+    return "large_dropout" if dropout else "large"
+
+
+def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS["gemm"])
+    return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M, dropout)], dtype)
+
+
+def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS[kind])
+    return tiles_for(SKINNY_CONFIGS[kind][path][rank_block(r)], dtype)
+
+
+def gemm_rank_block(r: int, cfg: dict) -> int:
+    """Rank chunk of the GEMM's low-rank term: the config's RANK_CHUNK bounds the [BLOCK_M, chunk] and
+    [chunk, BLOCK_N] operand tiles that sit in registers beside the accumulator."""
+    return min(rank_block(r), cfg["RANK_CHUNK"])

@@ -1,0 +1,86 @@
+"""Tile configurations of the multi-adapter LoRA kernels (kernels/multi_lora.py): what each launcher may pick.
+
+Every configuration a launcher can pick is listed here; tests/test_multi_lora_static.py compiles each one for
+sm_90 and sm_80 and requires no spills and tensor cores (fp32 at "ieee": none, kernels/common.py `tiles_for`).
+GEMM "tma": W0 through a tensor descriptor (Hopper, 16-byte aligned W0); x / dY / y move through pointers,
+so the large tile stays at 128x128 (128x256 pointer tiles spill). The per-adapter epilogue loop keeps more
+state live than the single-adapter GEMM's: smaller rank chunks and 8 warps are what compile without spills.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..limits import MULTI_LORA_MAX_RANK_TRITON
+from .common import interpreting, rank_block, tiles_for
+
+MAX_RANK = MULTI_LORA_MAX_RANK_TRITON  # fastpeft/limits.py; larger pools take the PyTorch backend
+DECODE_M = 64  # up to this many tokens: no sort, BGMV-style tiles (each row its own adapter)
+
+
+GEMM_CONFIGS = {
+    "tma": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, RANK_CHUNK=64, num_warps=4, num_stages=4),
+        "mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=16, num_warps=8, num_stages=3,
+                      ieee=dict(BLOCK_N=64)),
+    },
+    "ptr": {
+        "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, RANK_CHUNK=32, num_warps=4, num_stages=3),
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=16, num_warps=8, num_stages=3,
+                      ieee=dict(BLOCK_N=64)),
+    },
+}
+# Skinny kernels by padded rank (pointer loads only, so one table for both architectures). dy and da share
+# BLOCK_M: it is the segment-tile size of the backward's per-adapter grouping. "ieee" (fp32 FMA dots, see
+# kernels/common.py `tiles_for`): the reduction tile of the shrink (K) and of dS (dY's columns) shrinks.
+SEG_BLOCK_M = 64
+SKINNY_CONFIGS = {
+    "shrink": {64: dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_K=8)),
+               128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_K=8))},
+    "dy": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8)),
+           128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=16, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8))},
+    "da": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=4, num_stages=3),
+           128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=8, num_stages=3)},
+    "segsum": {64: dict(BLOCK_D=64, num_warps=4, num_stages=1),
+               128: dict(BLOCK_D=32, num_warps=4, num_stages=1)},
+}
+INTERPRETER_SEG_BLOCK_M = 16
+INTERPRETER_CONFIGS = {
+    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
+    "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dy": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=1),
+    "da": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_K=32, num_warps=4, num_stages=1),
+    "segsum": dict(BLOCK_D=32, num_warps=4, num_stages=1),
+}
+
+
+def rank_bucket(r_max: int) -> int:
+    """The skinny-kernel table row of a pool whose largest rank is r_max (<= MAX_RANK)."""
+    return 64 if r_max <= 64 else 128
+
+
+def gemm_config_name(M: int) -> str:
+    return "decode" if M <= DECODE_M else "mid" if M <= 256 else "large"
+
+
+def gemm_rank_block(r_max: int, cfg: dict) -> int:
+    """Rank chunk of the GEMM's low-rank epilogue: RANK_CHUNK bounds the operand tiles beside the accumulator."""
+    return min(rank_block(r_max), cfg["RANK_CHUNK"])
+
+
+def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS["gemm"])
+    return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
+
+
+def skinny_config(kind: str, r_max: int, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS[kind])
+    cfg = SKINNY_CONFIGS[kind][rank_bucket(r_max)]
+    return cfg if kind == "segsum" else tiles_for(cfg, dtype)
+
+
+def seg_block_m() -> int:
+    return INTERPRETER_SEG_BLOCK_M if interpreting() else SEG_BLOCK_M
