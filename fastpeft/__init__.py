@@ -21,11 +21,11 @@ def _alias_kernels() -> None:
 
 _alias_kernels()
 
-from ._backend import BackendUnavailableError, backend_report  # noqa: E402
-from .inject import count_parameters, inject_lora  # noqa: E402
+from ._backend import backend_report  # noqa: E402
+from .errors import BackendUnavailableError  # noqa: E402
+from .inject_lora import count_parameters, inject_lora  # noqa: E402  (the function: it shadows its module's name)
 from .modules.lora import LoRALinear  # noqa: E402
 from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
-from .ops import lora_linear_op as _lora_linear_op  # noqa: E402,F401  (registers fastpeft::lora_linear_fwd/bwd for torch.compile)
 from .autocast import lora_linear_amp  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .peft_compat import patch_peft, unpatch_peft  # noqa: E402
@@ -37,6 +37,12 @@ from .inject_adapters import ParallelAdapterLayer, SeriesAdapterLayer, inject_ad
 from .ops.multi_lora import MultiLoRALinearFunction, multi_lora_linear  # noqa: E402
 from .modules.multi_lora import MultiLoRALinear  # noqa: E402
 from .inject_multi import inject_multi_lora, load_multi_adapter, multi_lora_batch, unload_multi_adapter  # noqa: E402
+# the torch.library registrations (torch.ops.fastpeft.<op>_fwd/bwd) that each op calls under torch.compile; each
+# imports its op's module, never the reverse, so they are imported here
+from .ops import (  # noqa: E402,F401
+    adapter_custom_op as _adapter_custom_op, ia3_custom_op as _ia3_custom_op,
+    lora_linear_custom_op as _lora_linear_custom_op, multi_lora_custom_op as _multi_lora_custom_op,
+)
 from . import galore, optim  # noqa: E402
 
 __version__ = "0.1.0"

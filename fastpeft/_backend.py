@@ -16,16 +16,11 @@ import os
 
 import torch
 
+from ._env import interpreter_enabled  # the one helper, shared with kernels/common.py
+from .errors import BackendUnavailableError  # defined there; fastpeft._backend.BackendUnavailableError stays importable
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FASTPEFT_BACKEND"
-
-
-class BackendUnavailableError(RuntimeError):
-    """The backend the caller asked for cannot run on these inputs or on this machine."""
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,16 +28,17 @@ def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
+        from .kernels import triton_version_error  # too old a Triton is unavailable, with the reason
     except Exception as exc:  # ImportError, or a broken install raising anything
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"Triton does not import ({type(exc).__name__}: {exc})"
+    return triton_version_error()
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on `device`, or None if it can."""
     err = _triton_import_error()
     if err is not None:
-        return f"Triton does not import ({err})"
+        return err
     if device.type == "cuda":
         return None
     if device.type == "cpu":

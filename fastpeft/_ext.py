@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ._backend import BackendUnavailableError
+from .errors import CudaExtensionError  # defined there; fastpeft._ext.CudaExtensionError stays importable
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 JIT_NAME = "fastpeft_C"
@@ -23,10 +23,6 @@ JIT_NAME = "fastpeft_C"
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None  # a failed build is not retried in this process (it would fail again, slowly)
-
-
-class CudaExtensionError(BackendUnavailableError):
-    """The CUDA extension is not built and cannot be built just in time here."""
 
 
 def _build_config():

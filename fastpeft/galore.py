@@ -41,13 +41,13 @@ this mode does not do; use GaLoreAdamW on ordinary gradients there.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from .ops.galore_linear import full_grad_accumulate, galore_linear, kernel_backend, projected_grad_accumulate
+from .ops.galore_linear_custom_op import GaLoreStateRef
 from .optim import projector as pj
+from .targets import IN_PLACE, refusal, select_targets
 
 __all__ = ["enable", "disable", "GaLoreLinear", "GaLoreLinearState", "galore_state"]
 
@@ -77,6 +77,7 @@ class GaLoreLinearState:
         self.R = None
         self.has_R = False
         self.G = None
+        self.op_ref = GaLoreStateRef(self)  # how compiled graphs reach this state (galore_linear_custom_op)
 
     def set_basis(self, new) -> None:
         if not self.refreshed:
@@ -150,6 +151,8 @@ class GaLoreLinear(nn.Linear):
         # Parameter has lost it (Parameter.__deepcopy__ drops attributes): every such path re-makes it.
         if getattr(self.weight, _ATTR, None) is not self.galore:
             setattr(self.weight, _ATTR, self.galore)
+        if not isinstance(getattr(self.galore, "op_ref", None), GaLoreStateRef):  # a state pickled before op_ref
+            self.galore.op_ref = GaLoreStateRef(self.galore)
 
     def forward(self, x):
         if not torch.compiler.is_compiling():  # a weight assigned by hand; compiled code sees enable()'s link
@@ -183,28 +186,18 @@ def galore_state(obj) -> GaLoreLinearState | None:
     return getattr(obj, _ATTR, None) if isinstance(obj, torch.Tensor) else None
 
 
-def _matches(name: str, target_modules) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def enable(model: nn.Module, target_modules, rank: int, update_proj_gap: int = 200, scale: float = 1.0,
            proj_type: str = "std", projector: str = "randomized", moments: str = "keep",
-           oversample: int = pj.DEFAULT_OVERSAMPLE, power_iters: int = pj.DEFAULT_POWER_ITERS, backend=None) -> nn.Module:
+           oversample: int = pj.DEFAULT_OVERSAMPLE, power_iters: int = pj.DEFAULT_POWER_ITERS, backend=None, *,
+           exclude_modules=None) -> nn.Module:
     """Put the nn.Linear layers named by target_modules into gradient-free GaLore mode (in place; returns model).
 
-    target_modules: module names or name suffixes (PEFT style), or a regex string matched in full.
+    target_modules / exclude_modules: PEFT's rules (fastpeft.targets): module names or name suffixes, or a
+    regex string matched in full.
     rank, update_proj_gap, scale, proj_type: as in GaLoreAdamW's param groups. projector: "randomized"
     (never forms G) or "svd" (exact; forms G on refresh steps). moments: "keep" | "reset" | "rotate".
     """
-    if not isinstance(target_modules, str):
-        if isinstance(target_modules, (bytes, dict)) or not hasattr(target_modules, "__iter__"):
-            raise TypeError(f"target_modules: expected a list of names or a regex string, got {type(target_modules).__name__}")
-        target_modules = list(target_modules)
-    chosen = [(name, mod) for name, mod in model.named_modules() if name and _matches(name, target_modules)]
-    if not chosen:
-        raise ValueError(f"target_modules: {target_modules!r} matched no module of the model")
+    chosen = select_targets(model, target_modules, exclude_modules)
     states = []
     owners = {}
     for name, mod in chosen:
@@ -212,6 +205,9 @@ def enable(model: nn.Module, target_modules, rank: int, update_proj_gap: int = 2
             raise ValueError(f"target_modules: {name!r} is already in gradient-free GaLore mode (or shares its weight with such a layer)")
         if type(mod) is not nn.Linear:
             raise TypeError(f"target_modules: {name!r} is a {type(mod).__name__}, expected an nn.Linear")
+        why = refusal(model, name, mod, how=IN_PLACE, noun="gradient-free GaLore")
+        if why is not None:
+            raise ValueError(f"target_modules: {why}")
         if id(mod.weight) in owners:  # tied weights: one weight, one projected gradient
             raise ValueError(f"target_modules: {name!r} shares its weight with {owners[id(mod.weight)]!r}; "
                              "gradient-free GaLore needs a weight used by one layer only")

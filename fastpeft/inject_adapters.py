@@ -1,7 +1,7 @@
 """fastpeft.inject_adapters: put bottleneck adapters after (series) or around (parallel) named sub-modules.
 
-Module names match the way PEFT matches target_modules: a name matches a module whose qualified name
-equals it or ends with "." + it.
+Module names match the way PEFT matches a list of target_modules (fastpeft.targets): a name matches a module
+whose qualified name equals it or ends with "." + it.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from ._checks import check_finite_number, check_positive_int
 from .modules.adapter import BottleneckAdapter
+from .targets import WRAP, freeze_all_but_adapters, matches_target, module_aliases, refusal, select
 
 KINDS = ("series", "parallel")
 
@@ -26,6 +27,8 @@ def _first_tensor(out, where: str):
 class SeriesAdapterLayer(nn.Module):
     """base_layer's output h (or its first element) becomes h + s·up(act(down(h)))."""
 
+    _fastpeft_adapter = "wrapper"  # calls base_layer: LoRA may go inside it, a second adapter not (fastpeft.targets)
+
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
         self.base_layer = base_layer
@@ -39,6 +42,8 @@ class SeriesAdapterLayer(nn.Module):
 
 class ParallelAdapterLayer(nn.Module):
     """Output base_layer(x) + s·up(act(down(x))), x the first positional argument (He et al.)."""
+
+    _fastpeft_adapter = "wrapper"  # calls base_layer: LoRA may go inside it, a second adapter not (fastpeft.targets)
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
@@ -57,44 +62,12 @@ class ParallelAdapterLayer(nn.Module):
         return y if rest is None else (y,) + tuple(rest)
 
 
-def _matches(name: str, targets) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _is_adapter_layer(m: nn.Module) -> bool:
-    """A layer of fastpeft (LoRA, IA3, multi-LoRA, adapter wrappers) or of PEFT."""
-    return type(m).__module__.startswith(("fastpeft.", "peft."))
-
-
 def _refusal(model: nn.Module, name: str, module: nn.Module, aliases: dict) -> str | None:
     """Why an adapter at `name` would nest inside another adapter or never act, or None."""
     if isinstance(module, (SeriesAdapterLayer, ParallelAdapterLayer, BottleneckAdapter)):
         return (f"module {name!r} already is a fastpeft {type(module).__name__}: an adapter there would wrap an "
                 "adapter layer; target a different module")
-    others = [a for a in aliases[id(module)] if a != name]
-    if others:
-        return (f"module {name!r} is the same module as {', '.join(repr(a) for a in others)}: it would be replaced "
-                "in one place only")
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        anc_name = ".".join(parts[:depth])
-        anc = model.get_submodule(anc_name)
-        shown = repr(anc_name) if anc_name else "the model itself"
-        if _is_adapter_layer(anc):
-            owner = "PEFT" if type(anc).__module__.startswith("peft.") else "fastpeft"
-            return (f"module {name!r} is inside {shown}, a {owner} {type(anc).__name__}: adapters would nest (such "
-                    "layers read their base layer's weights or wrap it already); target the layer itself")
-        if isinstance(anc, nn.MultiheadAttention):
-            return (f"module {name!r} is inside {shown}, an nn.MultiheadAttention, which reads its weight directly and "
-                    "never calls it: an adapter there would have no effect and get no gradient; target the attention "
-                    "module itself")
-    return None
-
-
-def _adapter_parameters(model: nn.Module) -> set:
-    """ids of the parameters of adapter layers already in the model (not of the base layers they wrap)."""
-    return {id(p) for m in model.modules() if _is_adapter_layer(m)
-            for n, p in m.named_parameters() if not n.startswith("base_layer.")}
+    return refusal(model, name, module, aliases, how=WRAP, noun="an adapter")
 
 
 def _infer_d_model(model: nn.Module, module: nn.Module, kind: str, name: str) -> int:
@@ -122,10 +95,11 @@ def inject_adapters(model: nn.Module, after=None, around=None, bottleneck: int =
                     d_model: int | None = None, backend=None) -> nn.Module:
     """Insert a BottleneckAdapter at every module named in `after` (kind="series": the module's output h
     becomes h + s·adapter(h)) or `around` (kind="parallel": output = module(x) + s·adapter(x)). The new
-    adapters train; adapters of earlier fastpeft calls keep their requires_grad; every other parameter is
-    frozen. Returns the model (modified in place).
+    adapters train; adapters of earlier injections (fastpeft's or PEFT's) keep their requires_grad; every other
+    parameter is frozen. Returns the model (modified in place).
 
-    Names match like PEFT's target_modules: equal to a module's qualified name or a suffix after a ".".
+    Names match like a list of PEFT's target_modules: equal to a module's qualified name or a suffix after a "."
+    (a single string is one name).
     d_model defaults to the module's out_features (in_features for parallel), else model.config.hidden_size.
     Adapters take the dtype and device of the module's parameters.
     All or nothing: every target is checked, and every adapter built, before the model changes. Refused,
@@ -153,14 +127,12 @@ def inject_adapters(model: nn.Module, after=None, around=None, bottleneck: int =
         d_model = check_positive_int("d_model", d_model)
 
     arg = "after" if kind == "series" else "around"
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
-    missing = [t for t in targets if not any(_matches(n, [t]) for n, _ in found)]
+    found = select(model, targets)
+    missing = [t for t in targets if not any(matches_target(n, [t]) for n, _ in found)]
     if missing:
         raise ValueError(f"{arg}: no module of the model matches {missing} "
                          f"(a name matches a module named exactly so or ending in '.' + name)")
-    aliases: dict = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
+    aliases = module_aliases(model)
 
     wrapper = SeriesAdapterLayer if kind == "series" else ParallelAdapterLayer
     # check every target, resolve every parent and build every adapter before replacing anything: a matched
@@ -188,10 +160,7 @@ def inject_adapters(model: nn.Module, after=None, around=None, bottleneck: int =
         parent_name, _, child = name.rpartition(".")
         sites.append((model.get_submodule(parent_name) if parent_name else model, child, wrapper(module, ad)))
 
-    keep = _adapter_parameters(model)
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
+    freeze_all_but_adapters(model)  # adapters of earlier injections keep their requires_grad
     for parent, child, layer in sites:
         setattr(parent, child, layer)
     for _, _, layer in sites:

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ._checks import check_finite_number, check_positive_int
-from .inject import find_target_linears, set_submodule
+from .inject_lora import find_target_linears
 from .modules.multi_lora import MultiLoRALinear
+from .targets import freeze_all_but_adapters, set_submodule
 
 BASE_NAME = "__base__"
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
@@ -197,34 +198,22 @@ class _AdapterNamesForward:
         return sig.replace(parameters=params)
 
 
-def _adapter_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters of fastpeft adapter layers already in `model` (an earlier inject_lora's, say),
-    which keep their requires_grad, unlike the layers they wrap."""
-    from .modules.adapter import BottleneckAdapter
-    from .modules.ia3 import IA3Linear
-    from .modules.lora import LoRALinear
-
-    keep = set()
-    for m in model.modules():
-        if isinstance(m, (LoRALinear, IA3Linear, MultiLoRALinear, BottleneckAdapter)):
-            keep.update(id(p) for n, p in m.named_parameters() if not n.startswith("base_layer."))
-    return keep
-
-
 def _wrap_forward(model: nn.Module) -> None:
     model.forward = _AdapterNamesForward(model, model.__dict__.get("forward"))
 
 
 def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], adapters: Mapping[str, object], *,
                       capacity: int | None = None, r: int | None = None, alpha: float | None = None,
-                      alphas: Mapping[str, float] | None = None, backend: str | None = None) -> nn.Module:
+                      alphas: Mapping[str, float] | None = None, backend: str | None = None,
+                      exclude_modules: str | Iterable[str] | None = None) -> nn.Module:
     """Replace each targeted nn.Linear by a MultiLoRALinear holding every adapter of `adapters` (name -> PEFT
     adapter directory, .safetensors/.bin file, or state dict), freeze the base model and return it.
 
     Afterwards model(..., adapter_names=[one per sequence]) runs each sequence with its adapter ("__base__":
-    none); adapters of earlier fastpeft injections keep their requires_grad. capacity: adapter slots (default len(adapters)); r: the pool's rank bound (default the largest rank
-    found). Scaling per adapter: alphas[name], else the adapter config's lora_alpha, else alpha, else the rank
-    (scaling 1), divided by the layer's rank (PEFT's rule). Every target and every tensor of every adapter
+    none); adapters of earlier injections keep their requires_grad. target_modules / exclude_modules: PEFT's
+    rules (fastpeft.targets). capacity: adapter slots (default len(adapters)); r: the pool's rank bound (default
+    the largest rank found). Scaling per adapter: alphas[name], else the adapter config's lora_alpha, else
+    alpha, else the rank (scaling 1), divided by the layer's rank (PEFT's rule). Every target and every tensor of every adapter
     is checked before the model is touched: after an error the model is unchanged (a retry may follow).
     """
     if not isinstance(model, nn.Module):
@@ -244,7 +233,7 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
         check_finite_number(f"alphas[{nm!r}]", v)
     if alpha is not None:
         alpha = check_finite_number("alpha", alpha)
-    names = find_target_linears(model, target_modules)
+    names = find_target_linears(model, target_modules, exclude_modules)
     capacity = len(adapters) if capacity is None else check_positive_int("capacity", capacity)
     if capacity < len(adapters):
         raise ValueError(f"capacity: expected at least {len(adapters)} (the number of adapters), got {capacity}")
@@ -264,10 +253,7 @@ def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], ada
             p.requires_grad_(flag)
         raise
     # everything is valid: from here on nothing checks or raises on valid input
-    keep = _adapter_parameters(model)
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
+    freeze_all_but_adapters(model)  # adapters of earlier injections keep their requires_grad
     registry = MultiLoRARegistry(layers, capacity)
     for n, layer in layers.items():
         set_submodule(model, n, layer)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastpeft import LoRALinear, inject_lora
-from fastpeft import adapter_io
+from fastpeft import adapter_files, adapter_io
 from fastpeft.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from tolerances import assert_close
 
@@ -254,7 +254,7 @@ def _tree(d):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_overwrite_replaces_adapter_and_keeps_other_files(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(adapter_io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(adapter_files, "_exchange", lambda a, b: False)
     d = _saved(tmp_path)
     (d / "README.md").write_text("notes")
     (d / "other").mkdir()

@@ -20,6 +20,8 @@ class BottleneckAdapter(nn.Module):
     The up-projection starts at zero, so a new adapter is the identity (the base model's function).
     """
 
+    _fastpeft_adapter = "adapter"  # an adapter layer: nothing is injected inside it (see fastpeft.targets)
+
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu", scaling: float = 1.0,
                  layer_norm: bool = False, bias: bool = True, *, device=None, dtype=None, backend=None):
         super().__init__()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.ia3 import SCALE_MODES, ia3_linear
+from .merged_state import MergedState
 
 
 def _lost(old: torch.Tensor, new: torch.Tensor, tiny: float) -> bool:
@@ -13,11 +14,15 @@ def _lost(old: torch.Tensor, new: torch.Tensor, tiny: float) -> bool:
     return bool(((new == 0) & (old.abs() >= tiny)).any() | (~torch.isfinite(new) & torch.isfinite(old)).any())
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(MergedState, nn.Module):
     """IA3 (Liu et al. 2022) on a frozen linear: scale="output" scales the output (k, v projections, bias
     included, as PEFT does), scale="input" the input (feed-forward). The vector starts at ones, so the layer
     starts equal to the linear. merge() folds it into the linear's weight (and bias); unmerge() undoes that.
+    state_dict carries `merged` and `merge_lossy` (see fastpeft.modules.merged_state).
     """
+
+    _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
+    _merge_flags = ("merged", "merge_lossy")
 
     def __init__(self, linear: nn.Linear, scale: str = "output", *, dtype=None, backend=None):
         super().__init__()

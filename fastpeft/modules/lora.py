@@ -9,17 +9,21 @@ from torch import nn
 
 from .._checks import check_finite_number, check_positive_int, check_probability
 from ..autocast import lora_linear_amp as lora_linear  # honours torch.autocast like nn.Linear
+from .merged_state import MergedState
 
 _MERGE_CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row block of a mixed-precision merge (4 MiB)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(MergedState, nn.Module):
     """Wraps an existing nn.Linear (kept as `base_layer`, frozen) with adapters `lora_A` [r, in] and `lora_B` [out, r].
 
     y = base_layer(x) + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ with scaling = alpha/r (alpha/√r with use_rslora),
     computed by fastpeft.lora_linear. lora_A is initialised like PEFT's default (kaiming-uniform, a=√5) and
-    lora_B to zeros, so the wrapped layer starts out equal to the base layer.
+    lora_B to zeros, so the wrapped layer starts out equal to the base layer. state_dict carries `merged`
+    (see fastpeft.modules.merged_state), so a merged layer's state loads as merged.
     """
+
+    _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None):

@@ -32,6 +32,8 @@ class MultiLoRALinear(nn.Module):
     it every slot starts empty (serving: load adapters into it).
     """
 
+    _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
+
     def __init__(self, base_layer: nn.Linear, num_adapters: int, r: int = 8, alpha: float = 16,
                  use_rslora: bool = False, init_adapters: bool = True, backend: str | None = None,
                  adapter_dtype: torch.dtype | None = None):
@@ -214,7 +216,9 @@ class MultiLoRALinear(nn.Module):
         table = self.table()
         name = resolve_multi_backend(self.backend, x.device, table)
         ids, grouped = prepare_ids(adapter_ids, x, self.num_adapters, self.check_ids and not checked,
-                                   loaded=[r > 0 for r in self._ranks])
+                                   # compiled: a tensor, so that loading an adapter does not recompile
+                                   loaded=(self.adapter_rank > 0) if torch.compiler.is_compiling()
+                                   else [r > 0 for r in self._ranks])
         return apply_multi_lora(x, w, self.lora_A, self.lora_B, bias, ids, table, grouped, name)
 
     def extra_repr(self) -> str:

@@ -13,12 +13,7 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from .galore_linear_torch import full_grad_accumulate_torch, projected_grad_accumulate_torch
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    # a view for every layout whose leading dims flatten (contiguous, sliced or expanded rows, transposed
-    # matrices: the kernels take strides); only a [B, S, d] sliced in S is copied, as matmul would need
-    return t.reshape(-1, t.shape[-1])
+from .shapes import as_rows
 
 
 def projected_grad_accumulate(x2, dy2, p, q, out, backend: str):
@@ -71,7 +66,7 @@ class GaLoreLinearFunction(torch.autograd.Function):
                 "weight's gradient is consumed as its projection, which is not differentiable")
         x, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = dbias = None
         if need_dx:
             # a no-op without autocast; under it (16-bit dY, fp32 W) a transient [out, in] copy, as in the forward
@@ -79,7 +74,7 @@ class GaLoreLinearFunction(torch.autograd.Function):
         if need_db and ctx.has_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
         if need_dw:
-            x2 = _rows(x)
+            x2 = as_rows(x)
             if x2.dtype != dy2.dtype:  # autocast: the product ran in dY's dtype
                 x2 = x2.to(dy2.dtype)
             ctx.state.accumulate(x2, dy2)
@@ -94,4 +89,7 @@ def galore_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     in place. Double backward raises NotImplementedError."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {tuple(weight.shape)}), got {tuple(x.shape)}")
+    if torch.compiler.is_compiling():  # traced: the opaque torch.library ops (see galore_linear_custom_op.py)
+        from .galore_linear_custom_op import galore_linear_traced
+        return galore_linear_traced(x, weight, bias, state)
     return GaLoreLinearFunction.apply(x, weight, bias, state)

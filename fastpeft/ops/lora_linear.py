@@ -1,27 +1,41 @@
 """fastpeft.lora_linear: y = x·W0ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with fused kernels, in PEFT's layout.
 
-Backends: "triton" (kernels/lora_linear.py) and "torch" (lora_linear_torch.py), the same decomposition;
-see fastpeft._backend for how one is chosen. Dropout is drawn from a seed (fastpeft.dropout), so backward
-regenerates the mask instead of storing it: saved for backward are x itself, S = dropout(x)·Aᵀ and the seed.
+Backends: "triton" (kernels/lora_linear.py), "cuda" (lora_linear_cuda.py) and "torch" (lora_linear_torch.py),
+the same decomposition; see fastpeft._backend for how one is chosen. Dropout is drawn from a seed
+(fastpeft.dropout), so backward regenerates the mask instead of storing it: saved for backward are x itself,
+S = dropout(x)·Aᵀ and the seed.
+
+Eager calls run LoRALinearFunction. Under torch.compile, lora_linear_traced calls the torch.library ops
+torch.ops.fastpeft.lora_linear_fwd/bwd, which lora_linear_custom_op.py registers (importing this module, never
+imported by it; fastpeft/__init__.py imports both).
 """
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import requested_backend, resolve_backend
 from .._checks import (
     FLOAT_DTYPES, check_finite_number, check_float_dtype, check_probability, check_same_device, check_tensor,
 )
 from ..dropout import SEED_BOUND, keep_threshold, new_seed
 from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
+from .shapes import as_rows
 
-MAX_TRITON_RANK = 256
+from ..limits import LORA_MAX_RANK_CUDA
+from ..limits import LORA_MAX_RANK_TRITON as MAX_TRITON_RANK  # the one limit: fastpeft/limits.py
 
 
 def _triton_impl():
     from ..kernels import lora_linear as k
 
     return k.lora_linear_fwd, k.lora_linear_bwd
+
+
+def resolve_lora_backend(backend: str | None, device: torch.device, r: int) -> str:
+    """The backend that runs a LoRA linear of rank r on `device` (see fastpeft._backend.resolve_backend)."""
+    triton_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the kernels' maximum rank {MAX_TRITON_RANK}"
+    cuda_reason = None if r <= LORA_MAX_RANK_CUDA else f"r={r} exceeds the CUDA kernels' maximum rank {LORA_MAX_RANK_CUDA}"
+    return resolve_backend(backend, device, triton_ok=triton_reason, cuda_ok=cuda_reason, op="lora_linear")
 
 
 def _impl(backend: str):
@@ -32,12 +46,6 @@ def _impl(backend: str):
 
         return lora_linear_fwd_cuda, lora_linear_bwd_cuda
     return lora_linear_fwd_torch, lora_linear_bwd_torch
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    # a view whenever the leading dims can be merged (any 2-D strides are fine for the kernels);
-    # only leading dims that cannot be merged cost a copy
-    return t.reshape(-1, t.shape[-1])
 
 
 def _unrows(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-        y2, s, thr = _forward(_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
+        y2, s, thr = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
         ctx.has_bias = bias is not None
@@ -87,7 +95,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         need_dbias = need_dbias and ctx.has_bias
         needs = (need_dx, need_da, need_db, need_dbias)
-        x2 = _rows(x)
+        x2 = as_rows(x)
         dx = dw = da = db = dbias = None
         if torch.is_grad_enabled():  # create_graph=True: a graph of the backward itself is wanted
             if any(needs):
@@ -162,13 +170,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
     backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda" or "torch" (see fastpeft._backend).
     """
-    if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break (see lora_linear_op.py)
-        from .lora_linear_op import lora_linear_traced
+    if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
         return lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed=seed, backend=backend)
     scaling, dropout_p = check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p)
-    r = lora_a.shape[0]
-    rank_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the kernels' maximum rank {MAX_TRITON_RANK}"
-    name = resolve_backend(backend, x.device, triton_ok=rank_reason, cuda_ok=rank_reason, op="lora_linear")
+    name = resolve_lora_backend(backend, x.device, lora_a.shape[0])
     p = dropout_p if training else 0.0
     if p > 0:
         if seed is None:
@@ -180,8 +185,56 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
         y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
     else:  # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
-        y2 = _forward(_rows(x), weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
+        y2 = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
     return _unrows(y2, x)
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "check_lora_inputs", "check_lora_tensors", "FLOAT_DTYPES"]
+def _check_scalars(scaling, dropout_p):
+    """check_lora_inputs' scalar checks in a form Dynamo traces: after a recompile a float argument may be
+    symbolic, and math.isfinite() of a symbolic float is a graph break; comparisons are not (they guard)."""
+    for name, v in (("scaling", scaling), ("dropout_p", dropout_p)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    if not scaling - scaling == 0:  # false exactly for inf and nan
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    return scaling, dropout_p
+
+
+def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *,
+                       seed=None, backend=None):
+    """fastpeft.lora_linear through the torch.library ops (lora_linear_custom_op.py): what a compiled graph calls.
+
+    Same arguments and checks as fastpeft.lora_linear; `seed` may also be a 0-d integer tensor.
+
+    The seed. A compiled graph cannot turn a tensor into a Python int without a graph break (.item()), and a
+    Python int baked into the graph would repeat one dropout mask every step. So the seed travels as a 0-d
+    int64 CPU tensor: drawn inside the graph by torch.randint (from torch's CPU generator, fresh on every call)
+    when the caller passes none, and read with int() only inside the ops' real implementations, which the
+    compiler treats as opaque. It lives on the CPU, so reading it never synchronises a GPU.
+    """
+    scaling, dropout_p = _check_scalars(scaling, dropout_p)
+    check_lora_inputs(x, weight, lora_a, lora_b, bias, 1.0, 0.0)  # the tensor checks
+    if backend is not None:
+        requested_backend(backend)  # a bad name fails while tracing, not at the first run
+    p = dropout_p if training else 0.0
+    if p > 0 and seed is None:
+        seed_t = torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device="cpu")
+    elif p > 0 and isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(f"seed: expected a 0-d torch.int64 CPU tensor, got shape {tuple(seed.shape)}, "
+                             f"{seed.dtype} on {seed.device}")
+        seed_t = seed
+    elif p > 0:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
+            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}] or None, got {seed!r}")
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+    else:
+        seed_t = torch.zeros((), dtype=torch.int64)
+    y2, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
+    return _unrows(y2, x)
+
+
+__all__ = ["lora_linear", "LoRALinearFunction", "lora_linear_traced", "resolve_lora_backend", "check_lora_inputs",
+           "check_lora_tensors", "FLOAT_DTYPES"]
