@@ -68,9 +68,13 @@ def test_svd_mode_matches_optimizer_on_full_gradient(backend, proj_type):
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     fg.enable(a, ["0", "2"], rank=4, update_proj_gap=2, scale=0.5, proj_type=proj_type, projector="svd", backend=backend)
     hooks = [a[i].weight.register_post_accumulate_grad_hook(_no_weight_grad_hook) for i in (0, 2)]
-    opt_a = GaLoreAdamW(a.parameters(), lr=0.01, weight_decay=0.1, backend=backend)
+    # "full": R is diagonal at a refresh in exact arithmetic, and Adam turns the rounding noise of its zeros
+    # (different in the two paths) into O(1) updates unless eps is far above it (tests/test_galore_adamw.py)
+    eps = 1e-3 if proj_type == "full" else 1e-6
+    opt_a = GaLoreAdamW(a.parameters(), lr=0.01, eps=eps, weight_decay=0.1, backend=backend)
     opt_b = GaLoreAdamW([{"params": [b[0].bias]}, {"params": [b[0].weight, b[2].weight], "rank": 4, "update_proj_gap": 2,
-                                                      "scale": 0.5, "proj_type": proj_type}], lr=0.01, weight_decay=0.1, backend=backend)
+                                                      "scale": 0.5, "proj_type": proj_type}], lr=0.01, eps=eps,
+                        weight_decay=0.1, backend=backend)
     gen = torch.Generator().manual_seed(2)
     for t in range(4):  # refreshes at steps 0 and 2, the second one while moments exist
         x, y = torch.randn(13, 20, generator=gen).to(DEV), torch.randn(13, 17, generator=gen).to(DEV)
@@ -219,7 +223,7 @@ def test_disable_restores_plain_linear():
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(target_modules=["nope"], rank=2), ValueError, "matched no module"),
+    (dict(target_modules=["nope"], rank=2), ValueError, "matches no module"),
     (dict(target_modules=["1"], rank=2), TypeError, "nn.Linear"),
     (dict(target_modules=["0"], rank=0), ValueError, "rank"),
     (dict(target_modules=["0"], rank=21), ValueError, "rank"),
@@ -365,12 +369,16 @@ def test_dtype_conversion_moves_basis():
 
 
 def test_torch_compile():
-    # the backward's refresh has Python side effects (the layer's state, a Generator), so dynamo breaks the
-    # graph at the Function (fullgraph=True is refused) and runs it eagerly: results must be the eager ones
+    # the layer traces as opaque custom ops (galore_linear_custom_op.py): the backward's side effects on the
+    # layer's state run inside them, so a full graph gives exactly the eager results
+    from fastpeft.ops.galore_linear_custom_op import SUPPORTED
+
+    if not SUPPORTED:
+        pytest.skip("this torch lacks the private APIs the compiled GaLore ops need")
     model = _model(33)
     fg.enable(model, ["0", "2"], rank=2, update_proj_gap=2, backend="torch")
     ref = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     opts = [GaLoreAdamW(m.parameters(), lr=0.01, backend="torch") for m in (model, ref)]
     for t in range(2):  # a refresh step and an ordinary one
         assert torch.equal(_train_step(compiled, opts[0], t), _train_step(ref, opts[1], t))

@@ -4,17 +4,32 @@ A series adapter (Houlsby, Pfeiffer) has r = x: the adapter wraps the sub-layer'
 adapter (He et al.) takes the sub-layer's input x and adds to its output r. Backends: "triton"
 (kernels/adapter.py) and "torch" (adapter_torch.py), the same decomposition; saved for backward are x
 itself (the caller's tensor) and the fp32 bottleneck pre-activation Z [M, A], never another [M, D] tensor.
+
+Eager calls run BottleneckAdapterFunction. Under torch.compile, bottleneck_adapter_traced calls the
+torch.library ops torch.ops.fastpeft.bottleneck_adapter_fwd/bwd, which adapter_custom_op.py registers
+(importing this module, never imported by it; fastpeft/__init__.py imports both).
 """
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import requested_backend, resolve_backend
 from .._checks import check_finite_number, check_float_dtype, check_same_device, check_tensor
+from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON as MAX_TRITON_BOTTLENECK  # the one limit: fastpeft/limits.py
 from .adapter_torch import adapter_bwd_torch, adapter_fwd_torch
+from .shapes import as_rows
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-MAX_TRITON_BOTTLENECK = 256
+DOUBLE_BACKWARD_MESSAGE = (
+    "bottleneck_adapter: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
+    "the fused backward is not differentiable; use torch.func or an eager adapter for higher-order gradients")
+
+
+def resolve_adapter_backend(backend: str | None, device: torch.device, bottleneck: int) -> str:
+    """The backend that runs an adapter of this bottleneck width on `device` (see fastpeft._backend)."""
+    reason = None if bottleneck <= MAX_TRITON_BOTTLENECK else \
+        f"bottleneck={bottleneck} exceeds the Triton kernels' maximum {MAX_TRITON_BOTTLENECK}"
+    return resolve_backend(backend, device, triton_ok=reason)
 
 
 def _impl(backend: str):
@@ -25,18 +40,12 @@ def _impl(backend: str):
     return adapter_fwd_torch, adapter_bwd_torch
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    # a view whenever the leading dims can be merged (any 2-D strides, stride 0 included, are fine for the
-    # kernels); a copy only for leading dims that no single stride spans, e.g. a permuted [S, B, D] input
-    return t.reshape(-1, t.shape[-1])
-
-
 def _forward(backend, x, residual, down_w, down_b, up_w, up_b, scaling, activation, store_z):
     """(y, Z): y is allocated here in x's shape and the backend writes it through a 2-D view, so the tensor
     handed to the caller is not a view (autograd forbids in-place edits of views made inside a Function)."""
     fwd, _ = _impl(backend)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    _, z = fwd(_rows(x), None if residual is None else _rows(residual), down_w, down_b, up_w, up_b,
+    _, z = fwd(as_rows(x), None if residual is None else as_rows(residual), down_w, down_b, up_w, up_b,
                scaling, activation, store_z, out=y.view(-1, x.shape[-1]))
     return y, z
 
@@ -59,10 +68,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
-            raise NotImplementedError(
-                "bottleneck_adapter: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
-                "the fused backward is not differentiable; use torch.func or an eager adapter for higher-order "
-                "gradients")
+            raise NotImplementedError(DOUBLE_BACKWARD_MESSAGE)
         x, z, down_w, up_w = ctx.saved_tensors
         need_x, need_r, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
         need_dw = need_wd or need_bd or need_wu or need_bu
@@ -71,7 +77,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
             dr = dy
         if need_x or need_dw:
             _, bwd = _impl(ctx.backend)
-            dx, dwd, dbd, dwu, dbu = bwd(_rows(dy), _rows(x), z, down_w, up_w, ctx.scaling, ctx.activation,
+            dx, dwd, dbd, dwu, dbu = bwd(as_rows(dy), as_rows(x), z, down_w, up_w, ctx.scaling, ctx.activation,
                                          ctx.series, need_x, need_dw)
             if dx is not None:
                 dx = dx.view(x.shape)
@@ -84,6 +90,12 @@ class BottleneckAdapterFunction(torch.autograd.Function):
 
 def check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual=None) -> float:
     """Validate the arguments of bottleneck_adapter; returns scaling as a float."""
+    check_adapter_tensors(h, down_w, down_b, up_w, up_b, activation, residual)
+    return check_finite_number("scaling", scaling)
+
+
+def check_adapter_tensors(h, down_w, down_b, up_w, up_b, activation, residual=None) -> None:
+    """Shapes, devices and dtypes of bottleneck_adapter's tensors, and the activation name (traceable)."""
     check_tensor("h", h)
     check_tensor("down_w", down_w, 2)
     check_tensor("up_w", up_w, 2)
@@ -121,7 +133,6 @@ def check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, res
     for name, t in (("up_w", up_w), ("down_b", down_b), ("up_b", up_b)):
         if t is not None and t.dtype != down_w.dtype:
             raise TypeError(f"{name}: expected dtype {down_w.dtype} (the dtype of down_w), got {t.dtype}")
-    return check_finite_number("scaling", scaling)
 
 
 def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="gelu", *, residual=None, backend=None):
@@ -137,15 +148,40 @@ def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="g
     (stride 0), offset views; leading dims of h that no single stride spans are copied once. The output is a
     new tensor of h's shape that may be modified in place. Double backward raises NotImplementedError.
     """
+    if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
+        return bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation, residual, backend)
     scaling = check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual)
-    a = down_w.shape[0]
-    reason = None if a <= MAX_TRITON_BOTTLENECK else \
-        f"bottleneck={a} exceeds the Triton kernels' maximum {MAX_TRITON_BOTTLENECK}"
-    name = resolve_backend(backend, h.device, triton_ok=reason)
+    name = resolve_adapter_backend(backend, h.device, down_w.shape[0])
     tensors = (h, residual, down_w, down_b, up_w, up_b)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return BottleneckAdapterFunction.apply(h, residual, down_w, down_b, up_w, up_b, scaling, activation, name)
     return _forward(name, h, residual, down_w, down_b, up_w, up_b, scaling, activation, False)[0]
 
 
-__all__ = ["bottleneck_adapter", "BottleneckAdapterFunction", "check_adapter_inputs", "ACTIVATIONS"]
+def _check_scaling_traceable(scaling):
+    """check_finite_number in a form Dynamo traces: after a recompile a float argument may be symbolic, and
+    math.isfinite() of a symbolic float is a graph break; a comparison is not (it guards)."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
+    if not scaling - scaling == 0:  # false exactly for inf and nan
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    return scaling
+
+
+def bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation, residual=None, backend=None):
+    """fastpeft.bottleneck_adapter through the torch.library ops (adapter_custom_op.py): what a compiled graph
+    calls. The same checks; the backend is resolved by the op at run time (a bad name fails while tracing)."""
+    check_adapter_tensors(h, down_w, down_b, up_w, up_b, activation, residual)
+    scaling = _check_scaling_traceable(scaling)
+    if backend is not None:
+        requested_backend(backend)
+    # Z is stored only when a gradient that needs it is wanted, as BottleneckAdapterFunction does
+    uses_z = (h, down_w, down_b, up_w, up_b)  # every input but the residual, whose gradient is dY itself
+    store_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in uses_z)
+    y, _ = torch.ops.fastpeft.bottleneck_adapter_fwd(h, residual, down_w, down_b, up_w, up_b, scaling, activation,
+                                                     store_z, backend or "")
+    return y
+
+
+__all__ = ["bottleneck_adapter", "BottleneckAdapterFunction", "bottleneck_adapter_traced", "check_adapter_inputs",
+           "check_adapter_tensors", "resolve_adapter_backend", "ACTIVATIONS"]

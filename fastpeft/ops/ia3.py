@@ -5,16 +5,24 @@ scale="input":  y = (x ⊙ l)·Wᵀ + b (PEFT's feed-forward IA3).
 Backends: "triton" (kernels/ia3.py) and "torch" (ia3_torch.py). Saved for backward: x (the caller's
 tensor), W, b and l; never the output (users may edit it in place) and no [M, N] tensor: for output
 scaling the backward recomputes the pre-scale product x·Wᵀ + b when l needs a gradient.
+
+Eager calls run IA3LinearFunction. Under torch.compile, ia3_linear_traced calls the torch.library ops
+torch.ops.fastpeft.ia3_linear_fwd/bwd, which ia3_custom_op.py registers (importing this module, never
+imported by it; fastpeft/__init__.py imports both).
 """
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import requested_backend, resolve_backend
 from .._checks import check_float_dtype, check_same_device, check_tensor
 from .ia3_torch import ia3_bwd_torch, ia3_fwd_torch
+from .shapes import as_rows
 
 SCALE_MODES = ("output", "input")
+DOUBLE_BACKWARD_MESSAGE = (
+    "ia3_linear: double backward (create_graph=True, e.g. a gradient penalty) is not supported: the "
+    "fused backward is not differentiable; use torch.func or an eager IA3 for higher-order gradients")
 
 
 def _impl(backend: str):
@@ -25,19 +33,23 @@ def _impl(backend: str):
     return ia3_fwd_torch, ia3_bwd_torch
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    # a view whenever the leading dims can be merged (any 2-D strides are fine for the kernels); a copy
-    # only for leading dims that no single stride spans
-    return t.reshape(-1, t.shape[-1])
-
-
 def _forward(backend, x, weight, bias, scale, mode):
     """y is allocated here in its final shape and the backend writes it through a 2-D view, so the tensor
     handed to the caller is not a view (autograd forbids in-place edits of views made inside a Function)."""
     fwd, _ = _impl(backend)
     y = torch.empty((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
-    fwd(_rows(x), weight, bias, scale, mode, out=y.view(-1, weight.shape[0]))
+    fwd(as_rows(x), weight, bias, scale, mode, out=y.view(-1, weight.shape[0]))
     return y
+
+
+def _frozen_grads(dy2, x2, weight, bias, scale, mode, need_w: bool, need_b: bool):
+    """Gradients of W and b, which IA3 keeps frozen: exact for a caller who trains them anyway (torch ops)."""
+    l = scale.float()
+    g = (dy2.float() * l) if mode == "output" else dy2.float()
+    xi = x2.float() * l if mode == "input" else x2.float()
+    dw = (g.t() @ xi).to(weight.dtype) if need_w else None
+    db = g.sum(0).to(bias.dtype) if need_b else None
+    return dw, db
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -53,12 +65,10 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
-            raise NotImplementedError(
-                "ia3_linear: double backward (create_graph=True, e.g. a gradient penalty) is not supported: the "
-                "fused backward is not differentiable; use torch.func or an eager IA3 for higher-order gradients")
+            raise NotImplementedError(DOUBLE_BACKWARD_MESSAGE)
         x, weight, bias, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
-        x2, dy2 = _rows(x), _rows(dy)
+        x2, dy2 = as_rows(x), as_rows(dy)
         dx = dw = db = dl = None
         if need_x or need_l:
             _, bwd = _impl(ctx.backend)
@@ -66,11 +76,7 @@ class IA3LinearFunction(torch.autograd.Function):
             dx = dx.view(x.shape) if dx is not None else None
             dl = dl.to(scale.dtype) if dl is not None else None
         if need_w or need_b:  # W and b are frozen in IA3; a caller who trains them anyway gets exact gradients
-            l = scale.float()
-            g = (dy2.float() * l) if ctx.mode == "output" else dy2.float()
-            xi = x2.float() * l if ctx.mode == "input" else x2.float()
-            dw = (g.t() @ xi).to(weight.dtype) if need_w else None
-            db = g.sum(0).to(bias.dtype) if need_b else None
+            dw, db = _frozen_grads(dy2, x2, weight, bias, scale, ctx.mode, need_w, need_b)
         return dx, dw, db, dl, None, None
 
 
@@ -117,6 +123,8 @@ def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     new tensor that may be modified in place. The gradient of scale is exact for every value (0, subnormal).
     Double backward raises NotImplementedError.
     """
+    if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
+        return ia3_linear_traced(x, weight, bias, scale, mode, backend=backend)
     check_ia3_inputs(x, weight, bias, scale, mode)
     name = resolve_backend(backend, x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale)):
@@ -124,4 +132,13 @@ def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     return _forward(name, x, weight, bias, scale, mode)
 
 
-__all__ = ["ia3_linear", "IA3LinearFunction", "check_ia3_inputs", "SCALE_MODES"]
+def ia3_linear_traced(x, weight, bias, scale, mode="output", *, backend=None):
+    """fastpeft.ia3_linear through the torch.library ops (ia3_custom_op.py): what a compiled graph calls.
+    The same checks (all traceable); the backend is resolved by the op at run time."""
+    check_ia3_inputs(x, weight, bias, scale, mode)
+    if backend is not None:
+        requested_backend(backend)  # a bad name fails while tracing, not at the first run
+    return torch.ops.fastpeft.ia3_linear_fwd(x, weight, bias, scale, mode, backend or "")
+
+
+__all__ = ["ia3_linear", "IA3LinearFunction", "ia3_linear_traced", "check_ia3_inputs", "SCALE_MODES"]

@@ -9,6 +9,11 @@ the pool are per adapter, each only from its own tokens; pool rows of no adapter
 Backends: "triton" (kernels/multi_lora.py, W0 read once for the whole mixed batch) and "torch"
 (multi_lora_torch.py, one matmul per adapter present). No dropout: serving, and training several adapters
 at once without LoRA dropout.
+
+Eager calls run MultiLoRALinearFunction. Under torch.compile, prepare_ids and apply_multi_lora call the
+torch.library ops torch.ops.fastpeft.multi_lora_check_ids / multi_lora_linear_fwd / _bwd, which
+multi_lora_custom_op.py registers (importing this module, never imported by it; fastpeft/__init__.py imports
+both). Ranks and offsets given as tensors are read on the host, a graph break: pass lists to compiled code.
 """
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ from typing import Sequence
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import requested_backend, resolve_backend
 from .lora_linear import check_lora_tensors
 from .multi_lora_torch import multi_lora_linear_bwd_torch, multi_lora_linear_fwd_torch
+from .shapes import as_rows
 
-MAX_TRITON_RANK = 128
+from ..limits import MULTI_LORA_MAX_RANK_TRITON as MAX_TRITON_RANK  # the one limit: fastpeft/limits.py
 KERNEL_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)  # read as they are
 # uint16/32/64 have almost no torch ops (no comparisons on the CPU): converted to int64 (a [M] copy), where
 # uint64 ids past 2**63 wrap to negative numbers, which are invalid ids as well
@@ -71,6 +77,14 @@ class AdapterTable:
         return self.ranks.device
 
 
+def resolve_multi_lora_backend(backend: str | None, device: torch.device, max_rank: int) -> str:
+    """The backend for a pool of this max_rank on `device` (see fastpeft._backend)."""
+    reason = None
+    if max_rank > MAX_TRITON_RANK:
+        reason = f"max_rank={max_rank} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
+    return resolve_backend(backend or None, device, triton_ok=reason, op="multi_lora_linear")
+
+
 def _impl(backend: str):
     if backend == "triton":
         from ..kernels import multi_lora as k
@@ -79,7 +93,7 @@ def _impl(backend: str):
     return multi_lora_linear_fwd_torch, multi_lora_linear_bwd_torch
 
 
-def _grouping(backend: str, ids: torch.Tensor, table: AdapterTable, need_tiles: bool, grouped: bool):
+def _grouping(backend: str, ids: torch.Tensor, n_adapters: int, need_tiles: bool, grouped: bool):
     """Sort tokens by adapter when it pays (larger M) or the backward needs per-adapter segments."""
     if backend != "triton":
         return None
@@ -87,7 +101,53 @@ def _grouping(backend: str, ids: torch.Tensor, table: AdapterTable, need_tiles: 
 
     if not need_tiles and (ids.numel() <= k.DECODE_M or grouped):
         return None
-    return k.Grouping(ids, table.n_adapters, k.seg_block_m(), with_tiles=need_tiles)
+    return k.Grouping(ids, n_adapters, k.seg_block_m(), with_tiles=need_tiles)
+
+
+def _launch_backward(backend, dy, x, weight, lora_a, lora_b, s, ids, table, grouping, grouped, needs):
+    """(dx in x's shape, dA, dB) for needs = (dx, dA, dB), None where not needed; `grouping` is the forward's,
+    or None: then it is made here (with the segment tiles the backward kernels need)."""
+    need_dx, need_da, need_db = needs
+    x2 = as_rows(x)
+    m, n = x2.shape[0], weight.shape[0]
+    if m == 0 or n == 0:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
+        return tuple(t.new_zeros(t.shape) if need else None for t, need in zip((x, lora_a, lora_b), needs))
+    if grouping is None or grouping.tiles is None:  # a backward the forward did not prepare for
+        grouping = _grouping(backend, ids, table.n_adapters, True, grouped)
+    _, bwd = _impl(backend)
+    dx, da, db = bwd(dy.reshape(m, n), x2, weight, lora_a, lora_b, s, ids, table, grouping, needs)
+    return (dx.view(x.shape) if dx is not None else None), da, db
+
+
+def _position(flat_index: int, shape) -> str:
+    if len(shape) <= 1:
+        return f"position {flat_index}"
+    return f"position {tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), tuple(shape)))}"
+
+
+def check_id_values(ids: torch.Tensor, n_adapters: int, loaded) -> None:
+    """Raise on an id outside [-1, n_adapters) (or of an empty slot, when `loaded`, per slot bools or a bool
+    tensor, is given), naming the first one and its position in `ids`. Reads the ids on the host: one device
+    sync for CUDA ids."""
+    flat = ids.reshape(-1)
+    # int64 holds every id exactly but uint64 ones past 2**63, which wrap negative: invalid for unsigned ids
+    wide = flat.long()
+    lo = -1 if ids.dtype.is_signed else 0
+    bad = (wide < lo) | (wide >= n_adapters)
+    if bool(bad.any()):
+        i = int(bad.int().argmax())
+        base = "-1 = base only" if lo == -1 else f"{ids.dtype} cannot hold -1 (base only): use a signed dtype for it"
+        raise ValueError(f"adapter_ids: expected ids in [{lo}, {n_adapters}) ({base}), got {flat[i].item()} "
+                         f"at {_position(i, ids.shape)}")
+    if isinstance(loaded, torch.Tensor):
+        loaded = loaded.tolist()
+    if loaded is not None and not all(loaded):
+        empty = torch.tensor([not v for v in loaded] + [False], device=flat.device)
+        hit = empty[torch.where(wide >= 0, wide, n_adapters)]
+        if bool(hit.any()):
+            i = int(hit.int().argmax())
+            raise ValueError(f"adapter_ids: id {flat[i].item()} at {_position(i, ids.shape)} refers to an empty "
+                             f"adapter slot (load an adapter into it first, or use -1 for base only)")
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -105,17 +165,23 @@ class _FirstOrderOnly(torch.autograd.Function):
             "torch.autograd.grad(..., create_graph=True)) is not supported; first derivatives are exact")
 
 
-def _first_order_only(grads: tuple, depends_on: tuple) -> tuple:
+def first_order_only(grads: tuple, depends_on: tuple) -> tuple:
     """grads, each made to raise NotImplementedError when differentiated (depends_on: what they depend on)."""
     idx = [i for i, g in enumerate(grads) if g is not None]
     if not idx:
         return grads
     deps = [t for t in depends_on if t is not None and t.requires_grad]
-    outs = _FirstOrderOnly.apply(len(idx), *(grads[i] for i in idx), *deps)
-    grads = list(grads)
-    for i, g in zip(idx, outs):
-        grads[i] = g
-    return tuple(grads)
+    outs = iter(_FirstOrderOnly.apply(len(idx), *(grads[i] for i in idx), *deps))
+    return tuple(None if g is None else next(outs) for g in grads)
+
+
+def _frozen_grads(dy, x, weight, need_dw: bool, need_dbias: bool):
+    """Gradients of W0 and its bias, frozen in LoRA: exact for a caller who trains them anyway."""
+    x2 = as_rows(x)  # in_features >= 1; dY's rows by M, which its own shape cannot give when out_features = 0
+    dy2 = dy.reshape(x2.shape[0], weight.shape[0])
+    dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if need_dbias else None  # rare (BitFit): one dY read
+    dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else None
+    return dw, dbias
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
@@ -130,7 +196,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, ids, table, grouped, backend):
         fwd, _ = _impl(backend)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = as_rows(x)
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_tiles = need_x or need_a or need_b
         M, N = x2.shape[0], weight.shape[0]
@@ -139,7 +205,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         if M == 0 or N == 0 or x.is_meta:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
             s = x2.new_zeros((M, table.max_rank))
         else:
-            grouping = _grouping(backend, ids, table, need_tiles, grouped)
+            grouping = _grouping(backend, ids, table.n_adapters, need_tiles, grouped)
             s = fwd(x2, weight, lora_a, lora_b, bias, ids, table, grouping, y.view(M, N))
         ctx.save_for_backward(x, weight, lora_a, lora_b, s, ids)
         ctx.table, ctx.grouping, ctx.backend, ctx.grouped = table, grouping, backend, grouped
@@ -154,38 +220,23 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         # correct graph of the gradients, so they are made to refuse a second derivative instead
         with torch.no_grad():
             grads = MultiLoRALinearFunction._backward(ctx, dy)
-        return _first_order_only(grads, (*ctx.saved_tensors[:4], dy))
+        return first_order_only(grads, (*ctx.saved_tensors[:4], dy))
 
     @staticmethod
     def _backward(ctx, dy):
         x, weight, lora_a, lora_b, s, ids = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         need_dbias = need_dbias and ctx.has_bias
-        x2 = x.reshape(-1, x.shape[-1])
-        M, N = x2.shape[0], weight.shape[0]
-        dy2 = dy.reshape(M, N)
-        dx = dw = da = db = dbias = None
+        dx = da = db = None
         if x.is_meta:
             return (x.new_empty(x.shape) if need_dx else None, weight.new_empty(weight.shape) if need_dw else None,
                     lora_a.new_empty(lora_a.shape) if need_da else None,
                     lora_b.new_empty(lora_b.shape) if need_db else None,
                     weight.new_empty(weight.shape[:1]) if need_dbias else None, None, None, None, None)
-        if M == 0 or N == 0:
-            dx = torch.zeros_like(x) if need_dx else None
-            da = torch.zeros_like(lora_a) if need_da else None
-            db = torch.zeros_like(lora_b) if need_db else None
-        elif need_dx or need_da or need_db:
-            _, bwd = _impl(ctx.backend)
-            grouping = ctx.grouping
-            if grouping is None or grouping.tiles is None:  # a backward the forward did not expect
-                grouping = _grouping(ctx.backend, ids, ctx.table, True, ctx.grouped)
-            dx, da, db = bwd(dy2, x2, weight, lora_a, lora_b, s, ids, ctx.table, grouping, (need_dx, need_da, need_db))
-            if dx is not None:
-                dx = dx.view(x.shape)
-        if need_dbias:  # a trainable bias (BitFit-style) is rare: one extra read of dY
-            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-        if need_dw:  # W0 is frozen; a caller who trains it anyway gets its exact gradient
-            dw = (dy2.t() @ x2).to(weight.dtype)
+        if need_dx or need_da or need_db:
+            dx, da, db = _launch_backward(ctx.backend, dy, x, weight, lora_a, lora_b, s, ids, ctx.table, ctx.grouping,
+                                         ctx.grouped, (need_dx, need_da, need_db))
+        dw, dbias = _frozen_grads(dy, x, weight, need_dw, need_dbias)
         return dx, dw, da, db, dbias, None, None, None, None
 
 
@@ -217,7 +268,9 @@ def _scaling_values(scalings, device) -> tuple[int, list[float] | torch.Tensor]:
         if scalings.dim() != 1 or not scalings.is_floating_point():
             raise TypeError(f"scalings: expected a 1-D float tensor (one per adapter), got {scalings.dtype} "
                             f"of shape {tuple(scalings.shape)}")
-        if scalings.device.type == "cpu" and not torch.isfinite(scalings).all():
+        # traced, a CPU tensor's values are checked by the op at run time (a data-dependent branch here
+        # would break the graph)
+        if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scalings).all():
             raise ValueError(f"scalings: expected finite numbers, got {scalings.tolist()}")
         return scalings.numel(), scalings
     if isinstance(scalings, (str, bytes)) or not isinstance(scalings, Sequence):
@@ -262,7 +315,7 @@ def build_table(lora_a, scalings, ranks, offsets, max_rank, device) -> AdapterTa
 
 
 def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = True,
-                loaded: Sequence[bool] | None = None) -> tuple[torch.Tensor, bool]:
+                loaded: Sequence[bool] | torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """adapter_ids per token or per sequence -> ([M] ids on x's device, grouped).
 
     Shapes: x.shape[:-1] or [M] (M = x.numel() // in_features) is one id per token; for x of 3 or more
@@ -270,7 +323,8 @@ def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = Tru
     token long (then each id is both its sequence's and its token's), so the rule is unambiguous.
     Dtypes: any integer dtype (int8/16/32/64 and uint8 go to the kernels as they are, at any stride;
     uint16/32/64 are converted to int64); -1 (base only) needs a signed dtype.
-    check: raise on ids outside [-1, n_adapters) (and on ids of empty slots when `loaded` is given), naming
+    check: raise on ids outside [-1, n_adapters) (and on ids of empty slots when `loaded`, one bool per slot
+    as a sequence or a tensor, is given; traced, a tensor keeps the slots' state out of the guards), naming
     the first bad value and its position; on CUDA ids that costs one device sync, skipped while a CUDA
     graph is being captured. Unchecked, every invalid id of every dtype means base only."""
     if isinstance(adapter_ids, (list, tuple)):
@@ -294,47 +348,22 @@ def prepare_ids(adapter_ids, x: torch.Tensor, n_adapters: int, check: bool = Tru
         if x.dim() >= 3:
             expect += f" or [{lead[0]}] (one per sequence)"
         raise ValueError(f"adapter_ids: expected shape {expect}, got {tuple(adapter_ids.shape)}")
-    if check and adapter_ids.numel() and not adapter_ids.is_meta:
-        capturing = adapter_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            _check_id_values(adapter_ids, n_adapters, loaded)
-    ids = adapter_ids if adapter_ids.dtype in KERNEL_ID_DTYPES else adapter_ids.long()
-    ids = ids.to(x.device, non_blocking=True)
+    check = check and adapter_ids.numel() > 0 and not adapter_ids.is_meta
+    if check and torch.compiler.is_compiling():
+        # traced: the check reads the ids on the host, so it runs inside an op (a copy of the ids to x's device)
+        if loaded is not None and not isinstance(loaded, torch.Tensor):
+            loaded = torch.tensor([bool(v) for v in loaded])
+        ids = torch.ops.fastpeft.multi_lora_check_ids(adapter_ids, n_adapters, loaded, x.device)
+    else:
+        if check and not (adapter_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            check_id_values(adapter_ids, n_adapters, loaded)
+        ids = adapter_ids if adapter_ids.dtype in KERNEL_ID_DTYPES else adapter_ids.long()
+        ids = ids.to(x.device, non_blocking=True)
     if per_seq:
         # one sequence: a stride-0 view (the kernels take any id stride); several: a copy of M ids
         seq = M // lead[0]
         return ids[:, None].expand(lead[0], seq).reshape(M), seq >= 64
     return ids.reshape(M), False
-
-
-def _position(flat_index: int, shape) -> str:
-    if len(shape) <= 1:
-        return f"position {flat_index}"
-    idx = []
-    for d in reversed(shape):
-        idx.append(flat_index % d)
-        flat_index //= d
-    return f"position {tuple(reversed(idx))}"
-
-
-def _check_id_values(ids: torch.Tensor, n_adapters: int, loaded) -> None:
-    flat = ids.reshape(-1)
-    # int64 holds every id exactly but uint64 ones past 2**63, which wrap negative: invalid for unsigned ids
-    wide = flat.long()
-    lo = -1 if ids.dtype.is_signed else 0
-    bad = (wide < lo) | (wide >= n_adapters)
-    if bool(bad.any()):
-        i = int(bad.int().argmax())
-        base = "-1 = base only" if lo == -1 else f"{ids.dtype} cannot hold -1 (base only): use a signed dtype for it"
-        raise ValueError(f"adapter_ids: expected ids in [{lo}, {n_adapters}) ({base}), got {flat[i].item()} "
-                         f"at {_position(i, ids.shape)}")
-    if loaded is not None and not all(loaded):
-        empty = torch.tensor([not v for v in loaded] + [False], device=flat.device)
-        hit = empty[torch.where(wide >= 0, wide, n_adapters)]
-        if bool(hit.any()):
-            i = int(hit.int().argmax())
-            raise ValueError(f"adapter_ids: id {flat[i].item()} at {_position(i, ids.shape)} refers to an empty "
-                             f"adapter slot (load an adapter into it first, or use -1 for base only)")
 
 
 def check_multi_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
@@ -343,14 +372,24 @@ def check_multi_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
 
 
 def resolve_multi_backend(backend, device, table: AdapterTable) -> str:
-    reason = None
-    if table.max_rank > MAX_TRITON_RANK:
-        reason = f"max_rank={table.max_rank} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
-    return resolve_backend(backend, device, triton_ok=reason, op="multi_lora_linear")
+    """The backend for the table's max_rank; traced, the name as given ("" for the default), resolved by the
+    op at run time (a bad name still fails while tracing)."""
+    if torch.compiler.is_compiling():
+        if backend is not None:
+            requested_backend(backend)
+        return backend or ""
+    return resolve_multi_lora_backend(backend, device, table.max_rank)
 
 
 def apply_multi_lora(x, weight, lora_a, lora_b, bias, ids, table: AdapterTable, grouped: bool, backend: str):
-    """Run the op on checked inputs: ids [M] on x's device (from prepare_ids), backend resolved."""
+    """Run the op on checked inputs: ids [M] on x's device (from prepare_ids), backend from resolve_multi_backend.
+    Traced: the torch.library op (multi_lora_custom_op.py), which takes the table as its tensors."""
+    if torch.compiler.is_compiling():
+        need_tiles = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b))
+        y, _ = torch.ops.fastpeft.multi_lora_linear_fwd(x, weight, lora_a, lora_b, bias, ids, table.ranks,
+                                                        table.offsets, table.scalings, table.max_rank, grouped,
+                                                        need_tiles, backend)
+        return y
     return MultiLoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend)
 
 
@@ -380,4 +419,4 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks=No
 
 
 __all__ = ["multi_lora_linear", "MultiLoRALinearFunction", "AdapterTable", "build_table", "prepare_ids",
-           "check_multi_lora_inputs", "apply_multi_lora", "BASE_ONLY"]
+           "check_multi_lora_inputs", "check_id_values", "resolve_multi_lora_backend", "apply_multi_lora", "BASE_ONLY"]
