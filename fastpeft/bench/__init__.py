@@ -3,10 +3,10 @@
     python -m fastpeft.bench {lora,adapter,ia3,galore,multi-lora,all} [--preset quick|full|cpu|smoke]
 
 Modules: presets (timing and presets), timing, memory (peak, saved tensors), ceilings (measured GEMM and
-copy rates), tolerances (the one tolerance table), common and core (implementations, check, run loop),
-schema (JSON and metadata), report (tables, markdown, plot), suite (pytest-benchmark), and one module per
-op giving its cases, inputs, float64 reference, implementations and FLOP/byte counts: lora, adapter, ia3,
-galore, multi_lora.
+copy rates), tolerances (the one tolerance table), opspec (what an op module defines, and the defaults),
+common and core (implementations, check, run loop), schema (JSON and metadata), report (tables, markdown,
+plot), suite (pytest-benchmark), and one module per op giving its cases, inputs, float64 reference,
+implementations and FLOP/byte counts: lora, adapter, ia3, galore, multi_lora.
 """
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ OPS = {"lora": "lora", "adapter": "adapter", "ia3": "ia3", "galore": "galore", "
 
 
 def get_op(name: str):
-    """The module of an op by its CLI name (lora, adapter, ia3, galore, multi-lora)."""
+    """An op by its CLI name (lora, adapter, ia3, galore, multi-lora): its module, with opspec's defaults."""
     if name not in OPS:
         raise ValueError(f"op: expected one of {list(OPS)}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{OPS[name]}")
+    from .opspec import OpSpec
+
+    return OpSpec(importlib.import_module(f"{__name__}.{OPS[name]}"))
 
 
 __all__ = ["OPS", "get_op"]

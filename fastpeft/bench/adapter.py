@@ -20,8 +20,6 @@ from . import common
 from .common import BuildOptions
 
 NAME = "adapter"
-METRICS = ("fwd", "bwd", "fwd_bwd", "infer")
-FLOOR = None
 IMPLS = ("eager", common.COMPILED, "fastpeft")
 ACTIVATION = "gelu"  # erf GELU, as F.gelu
 DESCRIPTIONS = {
@@ -62,18 +60,6 @@ def cases(preset: str) -> list[Case]:
         return [h, dec]
     return common.dedupe([h, dec, *common.around(h, {"m": (1, 2048, 16384), "d": (768, 4096, 8192),
                                                      "a": (16, 64, 256)})[1:]])
-
-
-def main_metric(case: Case) -> str:
-    return "fwd_bwd"
-
-
-def needs_twin(case: Case) -> bool:
-    return False
-
-
-def impl_names(case: Case, backends=("torch", "triton")) -> list[str]:
-    return [n for f in IMPLS for n in ([f"fastpeft[{b}]" for b in backends if b != "cuda"] if f == "fastpeft" else [f])]
 
 
 def work(case: Case) -> dict:
@@ -149,7 +135,7 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     if name in ("eager", common.COMPILED):
         mod = EagerAdapter(inp)
         fwd = mod if name == "eager" else common.compiled(mod, opts)
-    elif name.startswith("fastpeft[") and name.endswith("]"):
+    elif common.is_fastpeft(name):
         import fastpeft
 
         backend = common.fastpeft_backend(name, inp.device)
@@ -159,9 +145,9 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
             return fastpeft.bottleneck_adapter(h, inp.down_w, inp.down_b, inp.up_w, inp.up_b, s, ACTIVATION,
                                                backend=backend)
     else:
-        raise ValueError(f"impl: expected one of {impl_names(inp.case)}, got {name!r}")
+        raise common.unknown_impl(name, IMPLS)
     return common.layer_impl(name, "adapter", fwd, inp.h, inp.dy, {"dh": inp.h, **inp.params})
 
 
-__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "impl_names",
-           "make_inputs", "reference", "build", "work", "main_metric", "needs_twin", "bytes_needed"]
+__all__ = ["NAME", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference", "build",
+           "work", "bytes_needed"]

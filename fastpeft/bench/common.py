@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .memory import reset_grads
+from .opspec import expand
 from .presets import DTYPES
 
 COMPILED = "compiled"
@@ -191,6 +192,17 @@ def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False) -> 
     return {"torch": None, "triton": triton, "cuda": cuda}
 
 
+def is_fastpeft(name: str) -> bool:
+    """Whether an implementation name is fastpeft[<backend>]."""
+    return name.startswith("fastpeft[") and name.endswith("]")
+
+
+def unknown_impl(name: str, families, has_cuda_kernels: bool = False) -> ValueError:
+    """The error an op's build() raises for a name that is none of its implementations."""
+    names = expand(families, ("torch", "triton", "cuda"), has_cuda_kernels)
+    return ValueError(f"impl: expected one of {names}, got {name!r}")
+
+
 def fastpeft_backend(name: str, device: torch.device, *, has_cuda_kernels: bool = False) -> str:
     """The backend of an impl named fastpeft[<backend>]; raises Unavailable when it cannot run here."""
     backend = name[len("fastpeft["):-1]
@@ -226,5 +238,5 @@ def f64(*tensors):
 
 
 __all__ = ["Unavailable", "CaseMixin", "dedupe", "around", "cross", "BuildOptions", "Impl", "layer_impl",
-           "compiled", "backend_reasons", "fastpeft_backend", "main_impl", "generator", "randn", "uniform", "f64",
-           "COMPILED", "COMPILED_DESCRIPTION"]
+           "compiled", "backend_reasons", "is_fastpeft", "unknown_impl", "fastpeft_backend", "main_impl", "generator",
+           "randn", "uniform", "f64", "COMPILED", "COMPILED_DESCRIPTION"]

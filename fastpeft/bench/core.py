@@ -1,15 +1,8 @@
 """The run loop every op shares: build each implementation on a case's shared inputs, check it against the
 float64 reference, measure its memory, time its metrics, and turn times into TFLOP/s and GB/s.
 
-An op is a module (fastpeft.bench.lora, adapter, ia3, galore, multi_lora) with:
-  NAME, METRICS (ordered), DESCRIPTIONS, FLOOR (the impl ratios are relative to, or None)
-  cases(preset) / headline(preset)     the preset's cases; the case --case overrides vary around
-  impl_names(case, backends)           the implementations that apply to a case
-  make_inputs(case, device, seed)      fresh random tensors shared by every implementation
-  build(name, inputs, BuildOptions)    -> common.Impl, or raises common.Unavailable(reason)
-  reference(inputs, ref)               float64 results keyed like Impl.run()'s
-  work(case)                           metric -> (necessary FLOPs, necessary bytes)
-  main_metric(case), needs_twin(case), bytes_needed(case)
+An op is a module of fastpeft.bench read through opspec.OpSpec (opspec's docstring lists what it defines);
+every public function here takes the module or its OpSpec.
 """
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import common
+from . import common, opspec, tolerances
 from .memory import measure, free_bytes
 from .timing import time_fn
 from .tolerances import error_ratio
@@ -34,19 +27,21 @@ def result(case, name: str, status: str, reason: str = "", **kw) -> dict:
 
 def memory_bound(op, case) -> bool:
     """Whether the case's main metric moves more bytes than its FLOPs can hide (a warm L2 would flatter it)."""
+    op = opspec.of(op)
     flops, nbytes = op.work(case)[op.main_metric(case)]
     return flops / max(nbytes, 1) < RIDGE_FLOP_PER_BYTE
 
 
-def compare(outputs: dict, ref: dict, dtype: torch.dtype) -> dict:
-    """Every named result against the reference; a missing (None) result fails."""
+def compare(outputs: dict, ref: dict, dtype: torch.dtype, k: int | None = None) -> dict:
+    """Every named result against the reference, with the tolerance of `dtype` for an accumulation length
+    `k` (tolerances.py); a missing (None) result fails."""
     worst, what = 0.0, ""
-    for k, v in outputs.items():
-        if k not in ref:
-            raise KeyError(f"result {k!r} has no reference (reference has {sorted(ref)})")
-        e = math.inf if v is None else error_ratio(v, ref[k], dtype)
+    for name, v in outputs.items():
+        if name not in ref:
+            raise KeyError(f"result {name!r} has no reference (reference has {sorted(ref)})")
+        e = math.inf if v is None else error_ratio(v, ref[name], dtype, k)
         if not e <= worst:
-            worst, what = e, k
+            worst, what = e, name
     return {"ok": bool(outputs) and worst <= 1.0, "worst": worst if math.isfinite(worst) else None, "what": what,
             "compared": sorted(outputs)}
 
@@ -61,7 +56,10 @@ def finite_with_shapes(outputs: dict, ref: dict) -> dict:
 def check(op, impl: common.Impl, outputs: dict, inp, opts: common.BuildOptions, ref_cache: dict) -> dict:
     """The timed instance's results against the reference; where the case is not deterministic (dropout),
     shapes and finiteness of the timed instance and the same implementation built exact vs the reference."""
-    case = inp.case
+    op, case = opspec.of(op), inp.case
+    k = op.accumulation(case)
+    row = tolerances.row(case.torch_dtype, inp.device)
+    used = {"row": row, "k": k, "bound": tolerances.bound(row, k)}  # recorded with the check
 
     def ref(kind):
         if kind not in ref_cache:
@@ -69,14 +67,16 @@ def check(op, impl: common.Impl, outputs: dict, inp, opts: common.BuildOptions, 
         return ref_cache[kind]
 
     if not op.needs_twin(case):
-        return dict(compare(outputs, ref(impl.ref), case.torch_dtype), mode="every result vs the float64 reference")
+        return dict(compare(outputs, ref(impl.ref), case.torch_dtype, k),
+                    mode="every result vs the float64 reference", tolerance=used)
     res = finite_with_shapes(outputs, ref(impl.ref))
     if res["ok"]:
         twin = op.build(impl.name, inp, common.BuildOptions(exact=True, compile_backend=opts.compile_backend))
-        res = compare(twin.run(), ref(twin.ref), case.torch_dtype)
+        res = compare(twin.run(), ref(twin.ref), case.torch_dtype, k)
         twin.cleanup()
     res["mode"] = ("random (dropout): finite with the right shapes; the same implementation without it vs the "
                    "float64 reference")
+    res["tolerance"] = used
     return res
 
 
@@ -93,7 +93,7 @@ def _time_metrics(op, impl: common.Impl, inp, st, flush: bool) -> dict:
 
 def run_impl(op, name: str, inp, st, ceilings, ref_cache: dict) -> dict:
     """Build, check, measure memory and time one implementation on one case's inputs."""
-    case = inp.case
+    op, case = opspec.of(op), inp.case
     opts = common.BuildOptions(compile_backend=st.compile_backend)
     try:
         impl = op.build(name, inp, opts)
@@ -140,7 +140,7 @@ def run_case(op, case, names: list[str], device: torch.device, st, ceilings,
              on_result: Callable[[dict], None] | None = None, first_compiled: bool = False) -> list[dict]:
     """Every implementation on one case's fresh inputs; a failure of one never stops the others.
     first_compiled: whether this is the op's first case with a compiled baseline (the "headline" policy)."""
-    results = []
+    op, results = opspec.of(op), []
 
     def emit(r):
         results.append(r)
@@ -175,7 +175,7 @@ def run_case(op, case, names: list[str], device: torch.device, st, ceilings,
 def run_op(op, cases: list, names_of: Callable, device: torch.device, st, ceilings, *, deadline: float | None = None,
            on_case: Callable | None = None) -> list[dict]:
     """Every case of an op in order; cases not started by `deadline` (time.monotonic) are recorded as skipped."""
-    results: list[dict] = []
+    op, results = opspec.of(op), []
     first = _first_compiled(cases, names_of)
     for i, case in enumerate(cases):
         names = names_of(case)
@@ -194,7 +194,7 @@ def run_op(op, cases: list, names_of: Callable, device: torch.device, st, ceilin
 def estimate_seconds(op, cases: list, names_of: Callable, st, device: torch.device) -> float:
     """A rough run time from the cases' FLOPs and bytes at nominal rates (~60% of an H100's bf16 peak on
     CUDA, ~20 GFLOP/s on one CPU thread), plus warm-up, checks and compilation."""
-    total = 0.0
+    op, total = opspec.of(op), 0.0
     cuda = device.type == "cuda"
     first = _first_compiled(cases, names_of)
     for i, c in enumerate(cases):

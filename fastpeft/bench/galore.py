@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import common, opspec
 from .common import BuildOptions, Unavailable
 
 NAME = "galore"
@@ -104,13 +104,8 @@ def main_metric(case: Case) -> str:
     return {"layer": "fwd_bwd", "step": "step", "refresh": "refresh"}[case.kind]
 
 
-def needs_twin(case: Case) -> bool:
-    return False
-
-
-def impl_names(case: Case, backends=("torch", "triton")) -> list[str]:
-    return [n for f in KIND_IMPLS[case.kind]
-            for n in ([f"fastpeft[{b}]" for b in backends if b != "cuda"] if f == "fastpeft" else [f])]
+def families(case: Case) -> tuple:
+    return KIND_IMPLS[case.kind]
 
 
 def work(case: Case) -> dict:
@@ -292,7 +287,7 @@ def _step(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         state["projector"].ortho_matrix = (p if p is not None else q).to(grad.dtype)
         state["exp_avg"], state["exp_avg_sq"] = (t.to(grad.dtype, copy=True) for t in (inp.m0, inp.v0))  # its dtype
         step = opt.step
-    elif name.startswith("fastpeft[") and name.endswith("]"):
+    elif common.is_fastpeft(name):
         from fastpeft.optim import GaLoreAdamW
 
         w.grad = grad
@@ -302,7 +297,7 @@ def _step(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         state.update({k: t for k, t in (("proj_p", p), ("proj_q", q)) if t is not None})
         step = opt.step
     else:
-        raise ValueError(f"impl: expected one of {impl_names(c)}, got {name!r}")
+        raise common.unknown_impl(name, families(c))
 
     def run():  # from the same state every time: W, moments and the step count (t = 1 before, 2 after)
         with torch.no_grad():
@@ -335,7 +330,7 @@ def _refresh(name: str, inp: Inputs) -> common.Impl:
             return pj.randomized_basis_factored(x, dy, c.rank, c.side, oversample=OVERSAMPLE,
                                                 power_iters=POWER_ITERS, generator=gen)
     else:
-        raise ValueError(f"impl: expected one of {impl_names(c)}, got {name!r}")
+        raise common.unknown_impl(name, families(c))
     return common.Impl(name, "refresh", lambda: {"energy": _energy(inp, *find())}, {"refresh": lambda: (find, None)},
                        [x, dy])
 
@@ -344,12 +339,13 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     kind = inp.case.kind
     family = "fastpeft" if name.startswith("fastpeft[") and name != RANDOMIZED else name
     if family not in KIND_IMPLS[kind]:
-        raise ValueError(f"impl {name!r}: not a {kind} implementation (expected one of {impl_names(inp.case)})")
+        raise ValueError(f"impl {name!r}: not a {kind} implementation (expected one of "
+                         f"{opspec.expand(families(inp.case))})")
     if kind == "layer":
         return _layer(name, inp)
     return _step(name, inp, opts) if kind == "step" else _refresh(name, inp)
 
 
-__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "impl_names",
-           "make_inputs", "reference", "build", "work", "main_metric", "needs_twin", "bytes_needed", "eager_step",
+__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "families",
+           "make_inputs", "reference", "build", "work", "main_metric", "bytes_needed", "eager_step",
            "load_galore_torch"]

@@ -21,7 +21,6 @@ from . import common
 from .common import BuildOptions
 
 NAME = "ia3"
-METRICS = ("fwd", "bwd", "fwd_bwd", "infer")
 FLOOR = "floor"
 IMPLS = ("floor", "eager", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
@@ -64,18 +63,6 @@ def cases(preset: str) -> list[Case]:
     grid = [dataclasses.replace(h, m=m, in_features=i, out_features=o, mode=md, tags=("grid",))
             for m in (1, 2048, 16384) for i, o in ((4096, 4096), (4096, 11008)) for md in ("output", "input")]
     return common.dedupe([h, inp, dec, *grid])
-
-
-def main_metric(case: Case) -> str:
-    return "fwd_bwd"
-
-
-def needs_twin(case: Case) -> bool:
-    return False
-
-
-def impl_names(case: Case, backends=("torch", "triton")) -> list[str]:
-    return [n for f in IMPLS for n in ([f"fastpeft[{b}]" for b in backends if b != "cuda"] if f == "fastpeft" else [f])]
 
 
 def work(case: Case) -> dict:
@@ -150,7 +137,7 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     if name in ("eager", common.COMPILED):
         mod = EagerIA3(inp)
         fwd = mod if name == "eager" else common.compiled(mod, opts)
-    elif name.startswith("fastpeft[") and name.endswith("]"):
+    elif common.is_fastpeft(name):
         import fastpeft
 
         backend = common.fastpeft_backend(name, inp.device)
@@ -158,10 +145,10 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         def fwd(x):
             return fastpeft.ia3_linear(x, inp.weight, inp.bias, inp.scale, inp.case.mode, backend=backend)
     else:
-        raise ValueError(f"impl: expected one of {impl_names(inp.case)}, got {name!r}")
+        raise common.unknown_impl(name, IMPLS)
     return common.layer_impl(name, "ia3", fwd, inp.x, inp.dy, {"dx": inp.x, "dl": inp.scale},
                              inputs=[inp.weight, inp.bias])
 
 
-__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "impl_names",
-           "make_inputs", "reference", "build", "work", "main_metric", "needs_twin", "bytes_needed"]
+__all__ = ["NAME", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
+           "build", "work", "bytes_needed"]

@@ -22,8 +22,8 @@ from . import common
 from .common import BuildOptions, Unavailable
 
 NAME = "lora"
-METRICS = ("fwd", "bwd", "fwd_bwd", "infer")
 FLOOR = "floor"
+HAS_CUDA_KERNELS = True
 IMPLS = ("floor", "eager", "peft", "addmm", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen nn.Linear alone (the floor)",
@@ -86,16 +86,8 @@ def cases(preset: str) -> list[Case]:
                                                      "dropout": (0.0, 0.1)})[1:], *widths, *decode])
 
 
-def main_metric(case: Case) -> str:
-    return "fwd_bwd"
-
-
 def needs_twin(case: Case) -> bool:
     return case.dropout > 0
-
-
-def impl_names(case: Case, backends=("torch", "triton")) -> list[str]:
-    return [n for f in IMPLS for n in ([f"fastpeft[{b}]" for b in backends] if f == "fastpeft" else [f])]
 
 
 def work(case: Case) -> dict:
@@ -280,16 +272,15 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif name == "peft":
         mod, a, b = _peft_layer(inp, p)
         fwd, notes = mod, "autocast_adapter_dtype=False"
-    elif name.startswith("fastpeft[") and name.endswith("]"):
-        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=True)
+    elif common.is_fastpeft(name):
+        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=HAS_CUDA_KERNELS)
         mod, a, b = _fastpeft_layer(inp, p, backend)
         fwd = mod
     else:
-        raise ValueError(f"impl: expected one of {impl_names(inp.case, ('torch', 'triton', 'cuda'))}, got {name!r}")
+        raise common.unknown_impl(name, IMPLS, HAS_CUDA_KERNELS)
     return common.layer_impl(name, "lora", fwd, inp.x, inp.dy, {"dx": inp.x, "da": a, "db": b}, module=mod,
                              inputs=[inp.weight, a, b], notes=notes)
 
 
-__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "impl_names",
-           "make_inputs", "reference", "build", "work", "main_metric", "needs_twin", "bytes_needed", "EagerLoRA",
-           "AddmmLoRAFunction"]
+__all__ = ["NAME", "FLOOR", "HAS_CUDA_KERNELS", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases",
+           "make_inputs", "reference", "build", "work", "needs_twin", "bytes_needed", "EagerLoRA", "AddmmLoRAFunction"]

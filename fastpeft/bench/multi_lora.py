@@ -24,7 +24,6 @@ from . import common
 from .common import BuildOptions, Unavailable
 
 NAME = "multi-lora"
-METRICS = ("fwd", "bwd", "fwd_bwd", "infer")
 FLOOR = "floor"
 IMPLS = ("floor", "single", "loop", "eager", common.COMPILED, "peft", "fastpeft")
 DESCRIPTIONS = {
@@ -89,18 +88,6 @@ def cases(preset: str) -> list[Case]:
                           Case(1, 1, 1, 16, tags=("decode",)), Case(512, 8, 8, 16, tags=("axis:m",)),
                           *common.around(h, {"adapters": (1, 8, 32)})[1:],
                           dataclasses.replace(h, per_token=True, tags=("per-token",))])
-
-
-def main_metric(case: Case) -> str:
-    return "fwd_bwd"
-
-
-def needs_twin(case: Case) -> bool:
-    return False
-
-
-def impl_names(case: Case, backends=("torch", "triton")) -> list[str]:
-    return [n for f in IMPLS for n in ([f"fastpeft[{b}]" for b in backends if b != "cuda"] if f == "fastpeft" else [f])]
 
 
 def _tokens_per_adapter(case: Case) -> list[float]:
@@ -283,7 +270,7 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     if name in ("eager", common.COMPILED):
         mod = EagerMulti(inp)
         fwd = mod if name == "eager" else common.compiled(mod, opts)
-    elif name.startswith("fastpeft[") and name.endswith("]"):
+    elif common.is_fastpeft(name):
         from fastpeft import multi_lora_linear
 
         backend = common.fastpeft_backend(name, inp.device)
@@ -293,10 +280,10 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
             return multi_lora_linear(x, inp.weight, inp.lora_a, inp.lora_b, ids, c.scalings(), list(c.ranks),
                                      check_ids=False, backend=backend)
     else:
-        raise ValueError(f"impl: expected one of {impl_names(inp.case)}, got {name!r}")
+        raise common.unknown_impl(name, IMPLS)
     return common.layer_impl(name, "multi", fwd, inp.x, inp.dy, {"dx": inp.x, "da": inp.lora_a, "db": inp.lora_b},
                              inputs=[inp.weight])
 
 
-__all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "impl_names",
-           "make_inputs", "reference", "build", "work", "main_metric", "needs_twin", "bytes_needed"]
+__all__ = ["NAME", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
+           "build", "work", "bytes_needed"]

@@ -2,8 +2,9 @@
 
 {"schema": "fastpeft-bench/2", "op", "meta" (date, command, device, versions, git commit, load),
  "settings" (preset, impls, timing, compile policy, ...), "ceilings" (measured GEMM TFLOP/s per dtype and
- copy GB/s), "results" (one record per case and implementation: check, memory, times_ms, timing, work,
- rates), "ratios" (per case and fastpeft implementation: time / floor, speed-up over each baseline)}.
+ copy GB/s), "results" (one record per case and implementation: check (worst error ratio; the tolerance
+ row, K and bound of tolerances.py), memory, times_ms, timing, work, rates), "ratios" (per case and fastpeft
+ implementation: time / floor, speed-up over each baseline)}.
 Files: <out>/<date>_<device>_<op>[_tag].json. Schema 1 files (the LoRA-only harness, <date>_<device>.json)
 load as op "lora" without ceilings or rates.
 """

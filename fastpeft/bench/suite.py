@@ -102,6 +102,8 @@ def run(benchmark, op_name: str, case, name: str, metric: str) -> None:
     benchmark.group = f"{op_name} {case.label} {metric}"
     benchmark.pedantic(target, setup=before, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     impl.cleanup()
+    if benchmark.stats is None:  # --benchmark-disable: run once as a test, nothing timed
+        return
     flops, nbytes = op.work(case)[metric]
     ceil = _ceilings().measure([case.torch_dtype])
     rates = ceil.rates(case.dtype, flops, nbytes, benchmark.stats.stats.median * 1e3)
