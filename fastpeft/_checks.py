@@ -51,3 +51,13 @@ def check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value}")
     return int(value)
+
+
+def check_finite_number_traceable(name: str, value):
+    """check_finite_number in a form Dynamo traces (the *_traced entry points): after a recompile a float
+    argument may be symbolic, and math.isfinite() of a symbolic float is a graph break; comparisons are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not value - value == 0:  # false exactly for inf and nan
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value

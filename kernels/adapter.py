@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON
+from ..ops.adapter_torch import ACTIVATIONS
 from .common import dot_precision, fma_dots, interpreting, launch_opts, tile_args, tiles_for
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 MAX_BOTTLENECK = ADAPTER_MAX_BOTTLENECK_TRITON  # fastpeft/limits.py
 

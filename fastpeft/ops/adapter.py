@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 
 from .._backend import requested_backend, resolve_backend
-from .._checks import check_finite_number, check_float_dtype, check_same_device, check_tensor
+from .._checks import (
+    check_finite_number, check_finite_number_traceable, check_float_dtype, check_same_device, check_tensor,
+)
 from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON as MAX_TRITON_BOTTLENECK  # the one limit: fastpeft/limits.py
-from .adapter_torch import adapter_bwd_torch, adapter_fwd_torch
+from .adapter_torch import ACTIVATIONS, adapter_bwd_torch, adapter_fwd_torch
 from .shapes import as_rows
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 DOUBLE_BACKWARD_MESSAGE = (
     "bottleneck_adapter: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
     "the fused backward is not differentiable; use torch.func or an eager adapter for higher-order gradients")
@@ -158,21 +159,11 @@ def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="g
     return _forward(name, h, residual, down_w, down_b, up_w, up_b, scaling, activation, False)[0]
 
 
-def _check_scaling_traceable(scaling):
-    """check_finite_number in a form Dynamo traces: after a recompile a float argument may be symbolic, and
-    math.isfinite() of a symbolic float is a graph break; a comparison is not (it guards)."""
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
-    if not scaling - scaling == 0:  # false exactly for inf and nan
-        raise ValueError(f"scaling: expected a finite number, got {scaling}")
-    return scaling
-
-
 def bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation, residual=None, backend=None):
     """fastpeft.bottleneck_adapter through the torch.library ops (adapter_custom_op.py): what a compiled graph
     calls. The same checks; the backend is resolved by the op at run time (a bad name fails while tracing)."""
     check_adapter_tensors(h, down_w, down_b, up_w, up_b, activation, residual)
-    scaling = _check_scaling_traceable(scaling)
+    scaling = check_finite_number_traceable("scaling", scaling)
     if backend is not None:
         requested_backend(backend)
     # Z is stored only when a gradient that needs it is wanted, as BottleneckAdapterFunction does

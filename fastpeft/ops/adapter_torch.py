@@ -10,6 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+# the activations every backend implements (kernels/adapter.py numbers them in this order)
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715

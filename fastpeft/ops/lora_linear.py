@@ -15,7 +15,8 @@ import torch
 
 from .._backend import requested_backend, resolve_backend
 from .._checks import (
-    FLOAT_DTYPES, check_finite_number, check_float_dtype, check_probability, check_same_device, check_tensor,
+    FLOAT_DTYPES, check_finite_number, check_finite_number_traceable, check_float_dtype, check_probability,
+    check_same_device, check_tensor,
 )
 from ..dropout import SEED_BOUND, keep_threshold, new_seed
 from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
@@ -192,11 +193,9 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
 def _check_scalars(scaling, dropout_p):
     """check_lora_inputs' scalar checks in a form Dynamo traces: after a recompile a float argument may be
     symbolic, and math.isfinite() of a symbolic float is a graph break; comparisons are not (they guard)."""
-    for name, v in (("scaling", scaling), ("dropout_p", dropout_p)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
-    if not scaling - scaling == 0:  # false exactly for inf and nan
-        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    check_finite_number_traceable("scaling", scaling)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a real number, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     return scaling, dropout_p
