@@ -126,6 +126,11 @@ def _register() -> None:
 
 
 if SUPPORTED:
-    _register()
+    try:  # private APIs change between torch releases: a failed registration must not break `import fastpeft`
+        _register()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no compiled GaLore on this torch, say why
+        SUPPORTED = False
+        UNSUPPORTED_REASON = (f"registering the GaLore ops failed on this torch ({torch.__version__}): "
+                              f"{type(exc).__name__}: {exc}")
 
 __all__ = ["GaLoreStateRef", "galore_linear_traced", "SUPPORTED", "UNSUPPORTED_REASON"]
