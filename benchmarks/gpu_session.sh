@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine without network: the test suite on the GPU (real compiled kernels, fp16 and
-# bf16), then every op's quick benchmark preset (python -m fastpeft.bench all --preset quick), then the LoRA
-# pytest-benchmark suite if time is left, all within SESSION_BUDGET seconds (default 470: the call must stay
+# bf16), then every op's quick benchmark preset (python -m fastpeft.bench all --preset quick), the whole-model
+# benchmark (python -m fastpeft.bench model --preset gpu --no-compile), then the LoRA pytest-benchmark suite if
+# time is left, all within SESSION_BUDGET seconds (default 470: the call must stay
 # under 8 minutes). Installs nothing: the source tree goes on PYTHONPATH. Writes
 # benchmarks/results/<date>_<device>_<op>.json and .png per op, the pytest-benchmark JSON, and the logs
 # under benchmarks/results/logs/; when $OUT is set, copies the files written into $OUT (flat).
@@ -65,9 +66,14 @@ stage tests 100 220 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations
 # 2. every op's quick preset (each op's headline and decode cases; torch.compile on each op's first case);
 #    --time-budget stops starting new cases early enough to write the JSON files and the plots, and shares
 #    the time among the ops by their estimates
-BENCH_T=$(( $(left) - 10 )); (( BENCH_T > 240 )) && BENCH_T=240
-stage bench 240 10 "$PY" -m fastpeft.bench all --preset quick --out "$RES" --time-budget $((BENCH_T > 80 ? BENCH_T - 45 : 30))
-# 3. the LoRA pytest-benchmark suite (headline and decode cases), saved for --benchmark-compare, only when
+BENCH_T=$(( $(left) - 100 )); (( BENCH_T > 170 )) && BENCH_T=170
+stage bench 170 100 "$PY" -m fastpeft.bench all --preset quick --out "$RES" --time-budget $((BENCH_T > 80 ? BENCH_T - 45 : 30))
+# 3. the whole-model benchmark (python -m fastpeft.bench model --preset gpu: 2 decoder layers at Llama-3-8B
+#    widths, seq 2048 x batch 4, bf16); without its torch.compile variants, whose two inductor compilations do
+#    not fit this call's budget (run them alone: python -m fastpeft.bench model --preset gpu, < 4 min); the JSON
+#    is rewritten after each variant, so a timeout keeps the variants measured so far
+stage model 90 0 "$PY" -m fastpeft.bench model --preset gpu --no-compile --out "$RES"
+# 4. the LoRA pytest-benchmark suite (headline and decode cases), saved for --benchmark-compare, only when
 #    time is left; the other ops' suites (benchmarks/bench_*.py) and torch.compile (timed in stage 2) are
 #    left out to keep the call's budget
 stage pytest-benchmark 60 0 "$PY" -m pytest benchmarks/bench_lora_linear.py --benchmark-only -q -p no:cacheprovider \
@@ -75,7 +81,7 @@ stage pytest-benchmark 60 0 "$PY" -m pytest benchmarks/bench_lora_linear.py --be
 
 echo "== summary (${SECONDS}s of ${BUDGET}s)"
 status=0
-for s in tests-lora tests bench pytest-benchmark; do
+for s in tests-lora tests bench model pytest-benchmark; do
   echo "  $s: exit ${RC[$s]:-?} in ${DUR[$s]:-0}s"
   [[ $s == pytest-benchmark && ${RC[$s]:-} == skipped ]] && continue  # optional: only when time is left
   [[ ${RC[$s]:-1} == 0 ]] || status=1

@@ -7,6 +7,7 @@ a float64 reference; print tables with TFLOP/s and GB/s as fractions of the devi
     python -m fastpeft.bench lora --case m=1,16 --case r=8,64 --dtype fp16   # a cross product around the headline
     python -m fastpeft.bench all --list --device cuda --preset full          # the cases and a run-time estimate
     python -m fastpeft.bench --summarize benchmarks/results/<file>.json --markdown
+    python -m fastpeft.bench model --preset cpu     # a whole Llama training step (fastpeft.bench.model)
 
 Exit status 1 when an implementation fails its correctness check or raises.
 """
@@ -177,6 +178,11 @@ def run_one(op, cases, names_of, device, st, ceilings, meta, base_settings: dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["model"]:  # the whole-model benchmark has its own options
+        from . import model
+
+        return model.main(argv[1:])
     args = parser().parse_args(argv)
     if args.summarize:
         return summarize(args.summarize, args.markdown, args.only_tags)
