@@ -109,3 +109,60 @@ def decaying_matrix(m, n, generator, decay=0.7, noise=1e-3, dtype=torch.float32)
     s = decay ** torch.arange(k, dtype=torch.float64)
     g = (u * s) @ v.t() + noise * torch.randn(m, n, generator=generator, dtype=torch.float64)
     return (g * math.sqrt(m * n) / g.norm()).to(dtype)
+
+
+def load_galore_torch():
+    """galore-torch's modules {"galore_projector", "adamw"}, loaded without its package __init__ (which imports
+    bitsandbytes for its 8-bit optimizer), or None when it is not installed."""
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("galore_torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    pkg = types.ModuleType("_galore_torch_ref")
+    pkg.__path__ = [root]
+    sys.modules.setdefault("_galore_torch_ref", pkg)
+    mods = {}
+    for name in ("galore_projector", "adamw"):
+        full = f"_galore_torch_ref.{name}"
+        if full not in sys.modules:
+            s = importlib.util.spec_from_file_location(full, os.path.join(root, f"{name}.py"))
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[full] = mod
+            s.loader.exec_module(mod)
+        mods[name] = sys.modules[full]
+    return mods
+
+
+def galore_torch_with_fastpeft_signs(monkeypatch):
+    """galore-torch's modules with its projector's bases given fastpeft's documented sign convention
+    (fastpeft.optim.projector.canonical_signs), nothing else changed; skips the test when galore-torch is
+    missing or does not import (its transformers import fails on some versions)."""
+    import pytest
+
+    from fastpeft.optim.projector import canonical_signs
+
+    try:
+        mods = load_galore_torch()
+    except Exception as exc:
+        pytest.skip(f"galore-torch does not import: {exc}")
+    if mods is None:
+        pytest.skip("galore-torch is not installed (pip install --no-deps galore-torch: its bitsandbytes dependency is "
+                    "not needed, only torch and transformers)")
+    proj_cls = mods["galore_projector"].GaLoreProjector
+    raw = proj_cls.get_orthogonal_matrix
+
+    def signed(self, weights, rank, type):
+        out = raw(self, weights, rank, type)
+        if type == "left":
+            return canonical_signs(out)
+        if type == "right":
+            return canonical_signs(out.t()).t()
+        return [canonical_signs(out[0]), canonical_signs(out[1].t()).t()]
+
+    monkeypatch.setattr(proj_cls, "get_orthogonal_matrix", signed)
+    return mods

@@ -29,6 +29,7 @@ from torch import nn
 
 import fastpeft
 from fastpeft.bench.tolerances import bound
+from reference_galore import galore_torch_with_fastpeft_signs
 from tiny_llama import BATCH, LINEAR_NAMES, SEQ, task_batch, tiny_llama, train
 
 pytest.importorskip("transformers")
@@ -164,28 +165,7 @@ def _galore_torch_signed(monkeypatch):
     a basis is refreshed while moments exist (update_proj_gap 10: refreshes at steps 0, 10, 20, 30, 40).
     The other documented differences do not arise here: fp32 moments equal galore-torch's for an fp32 model,
     and proj_type "std" with rank < min(m, n) back-projects on the same side in both."""
-    from fastpeft.optim.projector import canonical_signs
-    from test_galore_adamw import _load_galore_torch
-
-    try:
-        mods = _load_galore_torch()
-    except Exception as exc:  # its transformers import can fail on some versions
-        pytest.skip(f"galore-torch does not import: {exc}")
-    if mods is None:
-        pytest.skip("galore-torch is not installed")
-    proj_cls = mods["galore_projector"].GaLoreProjector
-    raw = proj_cls.get_orthogonal_matrix
-
-    def signed(self, weights, rank, type):
-        out = raw(self, weights, rank, type)
-        if type == "left":
-            return canonical_signs(out)
-        if type == "right":
-            return canonical_signs(out.t()).t()
-        return [canonical_signs(out[0]), canonical_signs(out[1].t()).t()]
-
-    monkeypatch.setattr(proj_cls, "get_orthogonal_matrix", signed)
-    return mods
+    return galore_torch_with_fastpeft_signs(monkeypatch)
 
 
 def _galore_groups(model):

@@ -1,16 +1,12 @@
 """GaLoreAdamW against a float64 GaLore written from the paper (tests/reference_galore.py), the Triton
 kernels of the step against float64 products, galore-torch parity where it is installed, bad input."""
-import importlib.util
 import io
-import os
-import sys
-import types
 
 import pytest
 import torch
 
 from fastpeft.optim import GaLoreAdamW
-from reference_galore import ReferenceGaLoreAdam, decaying_matrix
+from reference_galore import ReferenceGaLoreAdam, decaying_matrix, galore_torch_with_fastpeft_signs
 from tolerances import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -179,50 +175,9 @@ def test_state_dict_round_trip(backend):
 
 
 # -- galore-torch parity ---------------------------------------------------------------------------------------
-def _load_galore_torch():
-    # galore_torch/__init__ imports bitsandbytes for its 8-bit optimizer; load the two modules we need directly
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = list(spec.submodule_search_locations)[0]
-    pkg = types.ModuleType("_galore_torch_ref")
-    pkg.__path__ = [root]
-    sys.modules.setdefault("_galore_torch_ref", pkg)
-    mods = {}
-    for name in ("galore_projector", "adamw"):
-        full = f"_galore_torch_ref.{name}"
-        if full not in sys.modules:
-            s = importlib.util.spec_from_file_location(full, os.path.join(root, f"{name}.py"))
-            mod = importlib.util.module_from_spec(s)
-            sys.modules[full] = mod
-            s.loader.exec_module(mod)
-        mods[name] = sys.modules[full]
-    return mods
-
-
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_galore_torch_parity(proj_type, monkeypatch):
-    try:
-        mods = _load_galore_torch()
-    except Exception as exc:  # its transformers import can fail on some versions
-        pytest.skip(f"galore-torch does not import: {exc}")
-    if mods is None:
-        pytest.skip("galore-torch is not installed (pip install --no-deps galore-torch: its bitsandbytes dependency is "
-                    "not needed, only torch and transformers)")
-    from fastpeft.optim.projector import canonical_signs
-
-    proj_cls = mods["galore_projector"].GaLoreProjector
-    raw = proj_cls.get_orthogonal_matrix
-
-    def signed(self, weights, rank, type):  # fastpeft's documented sign convention, nothing else changed
-        out = raw(self, weights, rank, type)
-        if type == "left":
-            return canonical_signs(out)
-        if type == "right":
-            return canonical_signs(out.t()).t()
-        return [canonical_signs(out[0]), canonical_signs(out[1].t()).t()]
-
-    monkeypatch.setattr(proj_cls, "get_orthogonal_matrix", signed)
+    mods = galore_torch_with_fastpeft_signs(monkeypatch)
     gen = torch.Generator().manual_seed(6)
     for shape in [(18, 27), (27, 18)]:
         w0 = torch.randn(*shape, generator=gen)
