@@ -127,6 +127,20 @@ def test_cli_lora_memory_and_ratios(cli_run):
     assert "floor" not in e["speedup"] and "fastpeft[triton]" not in e["speedup"]
 
 
+def test_cli_reports_host_overhead_on_tiny_twins(cli_run):
+    """Issue 14: host µs per call (CPU time on the case's tiny twin) for every implementation that has one."""
+    _, docs, stdout = cli_run
+    assert "host µs infer" in stdout and "host µs fwd+bwd" in stdout
+    for op in ("lora", "adapter", "ia3", "multi-lora"):
+        for r in docs[op]["results"]:
+            if r["status"] == "ok" and r["impl"] != "compiled":
+                host = r["host_us"]
+                assert set(host) <= {"infer", "fwd_bwd"} and host, (op, r["impl"])
+                assert all(math.isfinite(v) and v > 0 for v in host.values()), (op, r["impl"], host)
+    tiny = get_op("lora").tiny(lb.cases("cpu")[0])
+    assert (tiny.m, tiny.in_features, tiny.out_features, tiny.r) == (1, 16, 16, 4) and tiny.dropout == 0.1
+
+
 def test_summarize_prints_markdown_of_new_and_old_files(cli_run, capsys):
     out, docs, _ = cli_run
     name = [f for f in os.listdir(out) if f.endswith("_galore.json")][0]

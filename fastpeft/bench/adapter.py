@@ -62,6 +62,11 @@ def cases(preset: str) -> list[Case]:
                                                      "a": (16, 64, 256)})[1:]])
 
 
+def tiny(case: Case) -> Case:
+    """The case at tiny sizes (M=1, d=16, a=4): its time per call is host overhead."""
+    return dataclasses.replace(case, m=1, d=16, a=4, tags=())
+
+
 def work(case: Case) -> dict:
     """Necessary FLOPs and bytes: h and dY read once, y and dh written once, the weights read once and their
     gradients written once; the [M, a] activation written in forward and read in backward."""
@@ -150,4 +155,4 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
 
 
 __all__ = ["NAME", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference", "build",
-           "work", "bytes_needed"]
+           "work", "tiny", "bytes_needed"]

@@ -15,7 +15,7 @@ import torch
 
 from . import common, opspec, tolerances
 from .memory import measure, free_bytes
-from .timing import time_fn
+from .timing import host_us, time_fn
 from .tolerances import error_ratio
 
 RIDGE_FLOP_PER_BYTE = 300.0  # H100/H200 bf16: ~990 TFLOP/s over ~3.4-4.8 TB/s
@@ -91,8 +91,31 @@ def _time_metrics(op, impl: common.Impl, inp, st, flush: bool) -> dict:
     return out
 
 
-def run_impl(op, name: str, inp, st, ceilings, ref_cache: dict) -> dict:
-    """Build, check, measure memory and time one implementation on one case's inputs."""
+HOST_METRICS = ("infer", "fwd_bwd")  # the metrics whose host overhead per call is reported
+
+
+def host_overhead(op, name: str, tiny_inp, st) -> dict:
+    """CPU µs per call of the implementation on the case's tiny twin (op.tiny): its host overhead, for the
+    metrics in HOST_METRICS. torch.compile is not rebuilt for it (tens of seconds per case)."""
+    op = opspec.of(op)
+    if tiny_inp is None or name == common.COMPILED:
+        return {}
+    try:
+        impl = op.build(name, tiny_inp, common.BuildOptions(compile_backend=st.compile_backend))
+    except common.Unavailable:
+        return {}
+    out = {}
+    for m in HOST_METRICS:
+        if m in impl.timers and (not st.metrics or m in st.metrics):
+            fn, setup = impl.timers[m]()
+            out[m] = host_us(fn, tiny_inp.device, setup=setup)
+    impl.cleanup()
+    return out
+
+
+def run_impl(op, name: str, inp, st, ceilings, ref_cache: dict, tiny_inp=None) -> dict:
+    """Build, check, measure memory and time one implementation on one case's inputs (and its host overhead
+    on tiny_inp, the case's tiny twin, when given)."""
     op, case = opspec.of(op), inp.case
     opts = common.BuildOptions(compile_backend=st.compile_backend)
     try:
@@ -117,7 +140,8 @@ def run_impl(op, name: str, inp, st, ceilings, ref_cache: dict) -> dict:
     res.update(l2_flush=flush, times_ms={k: t.median_ms for k, t in times.items()},
                timing={k: t.as_dict() for k, t in times.items()},
                work={k: {"flops": work[k][0], "bytes": work[k][1]} for k in times},
-               rates={k: ceilings.rates(case.dtype, *work[k], t.median_ms) for k, t in times.items()})
+               rates={k: ceilings.rates(case.dtype, *work[k], t.median_ms) for k, t in times.items()},
+               host_us=host_overhead(op, name, tiny_inp, st))
     return res
 
 
@@ -153,6 +177,8 @@ def run_case(op, case, names: list[str], device: torch.device, st, ceilings,
             emit(result(case, n, "skip", f"needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free"))
         return results
     inp = op.make_inputs(case, device, st.seed)
+    tiny = op.tiny(case)
+    tiny_inp = None if tiny is None else op.make_inputs(tiny, device, st.seed)
     ref_cache: dict = {}
     for n in names:
         why = compile_skip(st, first_compiled) if n == common.COMPILED else None
@@ -160,12 +186,12 @@ def run_case(op, case, names: list[str], device: torch.device, st, ceilings,
             emit(result(case, n, "skip", why))
             continue
         try:
-            emit(run_impl(op, n, inp, st, ceilings, ref_cache))
+            emit(run_impl(op, n, inp, st, ceilings, ref_cache, tiny_inp))
         except torch.cuda.OutOfMemoryError as exc:
             emit(result(case, n, "skip", f"out of memory: {str(exc).splitlines()[0]}"))
         except Exception as exc:  # recorded, and the run goes on: one broken implementation must not hide the rest
             emit(result(case, n, "error", f"{type(exc).__name__}: {exc}"))
-    del inp, ref_cache
+    del inp, tiny_inp, ref_cache
     if device.type == "cuda":  # on CUDA only: a full collection costs ~0.5 s once transformers is imported
         gc.collect()
         torch.cuda.empty_cache()

@@ -97,6 +97,11 @@ def _tokens_per_adapter(case: Case) -> list[float]:
     return [per_seq * len(range(i, case.seqs, case.adapters)) for i in range(case.adapters)]
 
 
+def tiny(case: Case) -> Case:
+    """The case at tiny sizes (2 tokens, 16x16, r=2): its time per call is host overhead."""
+    return dataclasses.replace(case, m=2, seqs=min(case.seqs, 2), r=2, in_features=16, out_features=16, tags=())
+
+
 def work(case: Case) -> dict:
     """Necessary FLOPs and bytes: W0 and x read once, each used adapter read once, y written once."""
     e, m, k, n = case.torch_dtype.itemsize, case.m, case.in_features, case.out_features
@@ -286,4 +291,4 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
 
 
 __all__ = ["NAME", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
-           "build", "work", "bytes_needed"]
+           "build", "work", "tiny", "bytes_needed"]

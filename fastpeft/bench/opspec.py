@@ -17,6 +17,8 @@ and, only where it differs from the default here:
   main_metric(case) -> "fwd_bwd"       the metric that headlines a case
   needs_twin(case) -> False            results are random (dropout): check an exact twin instead
   accumulation(case) -> the largest dimension of the case: the K its tolerances are derived from
+  tiny(case) -> None                   the case at tiny sizes, where a call's time is its host overhead (the
+                                       "host µs" columns); None: no such column
 The harness reads an op through OpSpec, which adds these defaults and derives impl_names(case, backends).
 """
 from __future__ import annotations
@@ -46,8 +48,12 @@ def _accumulation(op, case) -> int:
                for v in [getattr(case, f.name)] if isinstance(v, int) and not isinstance(v, bool))
 
 
+def _tiny(op, case):
+    return None
+
+
 _METHODS = {"families": _families, "main_metric": _main_metric, "needs_twin": _needs_twin,
-            "accumulation": _accumulation}
+            "accumulation": _accumulation, "tiny": _tiny}
 
 
 def expand(families, backends=BACKENDS, has_cuda_kernels: bool = False) -> list[str]:

@@ -55,6 +55,12 @@ def _case_metrics(impls: dict) -> tuple[list[str], str]:
     return [m for m in METRIC_ORDER if m in present or m == main], main
 
 
+def _host_metrics(impls: dict) -> list[str]:
+    """The metrics with a host-overhead figure (CPU µs per call on tiny tensors) in any result."""
+    present = {m for r in impls.values() for m in (r.get("host_us") or {})}
+    return [m for m in METRIC_ORDER if m in present]
+
+
 def _rate_metrics(metrics: list[str], main: str) -> list[str]:
     return list(dict.fromkeys(m for m in (main, "infer") if m in metrics))
 
@@ -65,6 +71,7 @@ def header(impls: dict, floor: str | None) -> list[str]:
     for m in _rate_metrics(metrics, main):
         h += [f"{TITLES[m]} TFLOP/s (GEMM)", f"{TITLES[m]} GB/s (copy)"]
     h += ["peak MiB", "saved+ MiB"]
+    h += [f"host µs {TITLES[m]}" for m in _host_metrics(impls)]
     if floor and floor in impls:
         h.append(f"{TITLES[main]}/floor")
     return h
@@ -74,6 +81,7 @@ def case_rows(impls: dict, floor: str | None) -> list[list[str]]:
     metrics, main = _case_metrics(impls)
     rate = _rate_metrics(metrics, main)
     floor_t = time_of(impls.get(floor), main) if floor else None
+    host = _host_metrics(impls)
     rows = []
     for name, r in impls.items():
         st = r.get("status")
@@ -87,6 +95,7 @@ def case_rows(impls: dict, floor: str | None) -> list[list[str]]:
             row += ["-", "-"] if not rt else [f"{_fmt(rt['tflops'])} ({_pct(rt.get('gemm_frac'))})",
                                               f"{_fmt(rt['gbps'])} ({_pct(rt.get('copy_frac'))})"]
         row += [_mib(r.get("peak_bytes")), _mib(r.get("saved_beyond_inputs_bytes"))]
+        row += ["-" if (r.get("host_us") or {}).get(m) is None else f"{r['host_us'][m]:.1f}" for m in host]
         if floor and floor in impls:
             ratio = _div(time_of(r, main), floor_t)
             row.append("-" if ratio is None else f"{ratio:.3f}")
@@ -161,6 +170,9 @@ def summary_text(doc: dict, main_impl: str | None = None) -> str:
             parts.append(f"{TITLES.get(m, m)} at {_pct(rt.get('gemm_frac'))} of GEMM, "
                          f"{_pct(rt.get('copy_frac'))} of copy")
         parts.append(f"saved+ {_mib(e.get('saved_beyond_inputs_bytes'))} MiB")
+        host = recs.get((e["case"], e["impl"]), {}).get("host_us") or {}
+        if host:
+            parts.append("host " + ", ".join(f"{TITLES.get(k, k)} {v:.1f} µs" for k, v in host.items()))
         lines.append(f"  {e['case']} {e['impl']}: " + ", ".join(parts))
     skips: dict = {}
     for r in doc["results"]:

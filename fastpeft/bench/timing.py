@@ -102,4 +102,26 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, setup: Callable[[
     return summarize([one() for _ in range(n)])
 
 
-__all__ = ["Timing", "time_fn", "synchronize", "l2_flush_buffer", "summarize"]
+def host_us(fn: Callable[[], object], device: torch.device, *, setup: Callable[[], object] | None = None,
+            calls: int = 200, warmup: int = 20) -> float:
+    """Median CPU time of this thread per call of fn(), in µs: the host side of a call (Python, dispatch,
+    launches). Meant for tiny tensors, where the kernels' own work is negligible; on CUDA the kernels run
+    asynchronously, so only their launch is counted."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    synchronize(device)
+    times = []
+    clock = time.thread_time_ns
+    for _ in range(calls):
+        if setup is not None:
+            setup()
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    synchronize(device)
+    return statistics.median(times) / 1e3
+
+
+__all__ = ["Timing", "time_fn", "host_us", "synchronize", "l2_flush_buffer", "summarize"]
