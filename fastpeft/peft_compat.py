@@ -23,7 +23,8 @@ from torch import nn
 
 from ._backend import requested_backend
 from ._checks import FLOAT_DTYPES
-from .autocast import autocast_dtype, lora_linear_amp
+from .autocast import autocast_dtype
+from .ops.lora_linear_cached import LoRACallCache, call_signature, lora_linear_cached
 
 _PATCHED_NAME = "FastpeftLoraLinear"
 _PEFT_KWARGS = frozenset(("adapter_names", "alora_offsets"))
@@ -133,34 +134,49 @@ def _fused_forward(self, x, *args, **kwargs):
             _warn_once("adapter_names", "fastpeft.patch_peft: a forward with adapter_names (a mixed batch) runs on "
                                         "PEFT's own path; fastpeft fuses calls without adapter_names")
         return peft_forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    base = self.base_layer
+    mods = self._modules
+    lora_as = mods["lora_A"]._modules
+    active = [a for a in self.active_adapters if a in lora_as]
     if not active:
         return peft_forward(self, x)
-    for a in active:
-        reason = _adapter_reason(self, a)
-        if reason is not None:
-            _warn_once(("adapter", a, reason),
-                       f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
-                       f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
-            return peft_forward(self, x)
+    a0 = active[0]
+    lin_a, lin_b, drop = lora_as[a0], mods["lora_B"]._modules[a0], mods["lora_dropout"]._modules[a0]
+    ok = self.__dict__.get("_fastpeft_ok")
+    # the adapters' structural checks hold while the adapter's modules are the same objects (PEFT replaces them
+    # when it (re)creates an adapter); a bias added to lora_A later is checked on every call
+    if ok is None or ok[0] != active or ok[1] is not lin_a or ok[2] is not lin_b or ok[3] is not drop \
+            or lin_a._parameters.get("bias") is not None:
+        for a in active:
+            reason = _adapter_reason(self, a)
+            if reason is not None:
+                _warn_once(("adapter", a, reason),
+                           f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
+                           f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
+                return peft_forward(self, x)
+        self.__dict__["_fastpeft_ok"] = (active, lin_a, lin_b, drop)
+    base = mods["base_layer"]
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-            or "forward" in vars(base)):
+            or "forward" in base.__dict__):
         _warn_once(("hooks", self._fastpeft_name),
                    f"fastpeft.patch_peft: the base layer of {self._fastpeft_name} has hooks or its own forward; "
                    "it runs on PEFT's path so that they run")
         return peft_forward(self, x)
-    a0 = active[0]
-    lora_a, lora_b = self.lora_A[a0].weight, self.lora_B[a0].weight
-    reason = _dtype_reason(x, base.weight, lora_a, lora_b)
-    if reason is not None:
-        _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like it run "
-                                      "on PEFT's path, which casts")
-        return peft_forward(self, x)
-    drop = self.lora_dropout[a0]
-    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-    result = lora_linear_amp(x, base.weight, lora_a, lora_b, self.scaling[a0], bias=base.bias, dropout_p=p,
-                             training=drop.training, backend=self._fastpeft_backend)
+    weight, bias = base.weight, base.bias
+    lora_a, lora_b = lin_a.weight, lin_b.weight
+    cache = self.__dict__.get("_fastpeft_cache")
+    if cache is None:
+        cache = self.__dict__["_fastpeft_cache"] = LoRACallCache()
+    p = drop.p if type(drop) is nn.Dropout else 0.0
+    scaling = self.scaling[a0]
+    backend = self._fastpeft_backend
+    key = call_signature(x, weight, lora_a, lora_b, bias, scaling, p, backend)
+    if key is None or key != cache.key:  # checked again only when a dtype, device or shape changes
+        reason = _dtype_reason(x, weight, lora_a, lora_b)
+        if reason is not None:
+            _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like it "
+                                          "run on PEFT's path, which casts")
+            return peft_forward(self, x)
+    result = lora_linear_cached(cache, x, weight, lora_a, lora_b, scaling, bias, p, drop.training, backend, key=key)
     if len(active) > 1:  # further adapters: PEFT's own term for each, summed as PEFT sums them
         dtype = result.dtype
         for a in active[1:]:
@@ -228,7 +244,7 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if type(mod) is fused:
             mod.__class__ = linear_cls
-            for attr in ("_fastpeft_backend", "_fastpeft_name"):
+            for attr in ("_fastpeft_backend", "_fastpeft_name", "_fastpeft_ok", "_fastpeft_cache"):
                 mod.__dict__.pop(attr, None)
     return model
 

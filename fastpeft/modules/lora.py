@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .._checks import check_finite_number, check_positive_int, check_probability
-from ..autocast import lora_linear_amp as lora_linear  # honours torch.autocast like nn.Linear
+from ..ops.lora_linear_cached import LoRACallCache, lora_linear_cached  # honours torch.autocast like nn.Linear
 from .merged_state import MergedState
 
+_MISSING = object()
 _MERGE_CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row block of a mixed-precision merge (4 MiB)
 
 
@@ -49,6 +50,7 @@ class LoRALinear(MergedState, nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, base_layer.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, self.r, device=w.device, dtype=dtype))
         self.merged = False
+        self._call_cache = LoRACallCache()  # the validated signature of the last call (see lora_linear_cached)
         self.reset_lora_parameters()
 
     @property
@@ -74,8 +76,18 @@ class LoRALinear(MergedState, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return lora_linear(x, self.base_layer.weight, self.lora_A, self.lora_B, self.scaling, bias=self.base_layer.bias,
-                           dropout_p=self.lora_dropout, training=self.training, backend=self.backend)
+        # parameters straight from the registries when they are there (a module attribute lookup costs ~0.7 µs);
+        # getattr when something else provides them (a parametrization, a functional_call)
+        base = self._modules.get("base_layer")
+        if base is None:
+            base = self.base_layer
+        bp, own = base._parameters, self._parameters
+        w, bias = bp.get("weight"), bp.get("bias", _MISSING)
+        a, b = own.get("lora_A"), own.get("lora_B")
+        if w is None or bias is _MISSING or a is None or b is None:
+            w, bias, a, b = base.weight, base.bias, self.lora_A, self.lora_B
+        return lora_linear_cached(self._call_cache, x, w, a, b, self.scaling, bias, self.lora_dropout, self.training,
+                                  self.backend)
 
     @torch.no_grad()
     def merge(self) -> None:
