@@ -10,6 +10,10 @@ Kernels (x [M, K], W0 [N, K], A [R, K], B [N, R]):
 Reductions across programs (dB over rows, dS over column splits, dA over row splits) go to fp32 partial
 buffers summed afterwards, so results are deterministic. Saved for backward: x, S and the seed only.
 
+The seed: an int, passed as a kernel argument, or a 0-d int64 tensor on the kernels' device, which the kernels
+load themselves (SEED_PTR), so nothing is read on the host and a CUDA graph replays a freshly drawn seed
+(fastpeft.dropout.draw_seed). Same value, same mask.
+
 Argument legend: P [M, K] and Q [K, N] the main product's operands (Q_KN: Q stored
 [K, N], else read from Qᵀ [N, K]; the K loop is kernels/gemm_loop.py's); L [M, R] and RM [R, N] ("R
 matrix", RM to keep it apart from the rank R) the low-rank factors; c = lora_scale; thr the dropout
@@ -31,7 +35,7 @@ from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastp
     GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SKINNY_CONFIGS, gemm_config, gemm_config_name,
     gemm_rank_block, skinny_config,
 )
-from .philox import dropout_keep
+from .philox import dropout_keep, dropout_seed
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -42,10 +46,12 @@ def _lora_shrink_kernel(
     X, A, S, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed, thr, drop_scale,
-    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if HAS_DROPOUT:
+        key = dropout_seed(seed, SEED_PTR)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -72,7 +78,7 @@ def _lora_shrink_kernel(
         else:
             x = tl.load(x_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, k0, thr, BLOCK_M, BLOCK_K), x, 0.0)
+            x = tl.where(dropout_keep(key, offs_m, k0, thr, BLOCK_M, BLOCK_K), x, 0.0)
         acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
         if not USE_TMA:
             x_ptrs += BLOCK_K * stride_xk
@@ -88,8 +94,8 @@ def _lora_gemm_kernel(
     P, Q, L, RM, BIAS, OUT, M, N, K, R,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     stride_bias, lora_scale, seed, thr,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -110,7 +116,8 @@ def _lora_gemm_kernel(
         acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     acc = acc * lora_scale
     if HAS_DROPOUT:
-        acc = tl.where(dropout_keep(seed, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
+        key = dropout_seed(seed, SEED_PTR)
+        acc = tl.where(dropout_keep(key, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
 
     # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
     acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
@@ -179,7 +186,7 @@ def _lora_bwd_da_kernel(
     X, DS, DA_PART, M, K, R, m_per_split,
     stride_xm, stride_xk, stride_dsm, stride_dsr,
     seed, thr, drop_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -202,8 +209,9 @@ def _lora_bwd_da_kernel(
         else:
             x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_M, BLOCK_K), x, 0.0)
+        if HAS_DROPOUT:  # a tensor seed is loaded here, at its use: loaded once before the loop it spilled (sm_90, r16)
+            key = dropout_seed(seed, SEED_PTR)
+            x = tl.where(dropout_keep(key, offs_m, pid_k * BLOCK_K, thr, BLOCK_M, BLOCK_K), x, 0.0)
         ds = tl.load(DS + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
@@ -216,28 +224,61 @@ def _lora_bwd_da_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, thr: int) -> torch.Tensor:
-    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] and A [R, K] with any strides."""
+def seed_arg(seed, device: torch.device) -> tuple:
+    """(the kernel's seed argument, SEED_PTR): an int as it is; a 0-d int64 tensor on `device`, loaded by the kernel."""
+    if not isinstance(seed, torch.Tensor):
+        return seed, False
+    if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"seed: expected an int or a 0-d torch.int64 tensor on {device} (the kernels' device), "
+                         f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
+    return seed, True
+
+
+# compiled int-seed dropout kernels whose tensor-seed variant is loaded too (_launch)
+_TENSOR_SEED_READY: set = set()
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), with `seed`, HAS_DROPOUT and SEED_PTR among the keywords.
+
+    On a GPU, a dropout launch with an int seed also compiles and loads, once per compiled kernel, the same
+    kernel with the seed as a tensor, launched on an empty grid (no work). A CUDA graph capture of the same call
+    (fastpeft.dropout.draw_seed hands the kernels a tensor there) then finds it loaded: warm-up runs outside
+    capture see int seeds, and loading a module during capture fails ("operation not permitted when stream is
+    capturing")."""
+    compiled = kernel[grid](*args, **kwargs)
+    if (kwargs["HAS_DROPOUT"] and not kwargs["SEED_PTR"] and args[0].device.type == "cuda"
+            and compiled not in _TENSOR_SEED_READY):
+        seed_t = torch.zeros((), dtype=torch.int64, device=args[0].device)
+        kernel[(0,)](*args, **{**kwargs, "seed": seed_t, "SEED_PTR": True})
+        _TENSOR_SEED_READY.add(compiled)
+    return compiled
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed, thr: int) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] and A [R, K] with any strides; seed an int or a tensor (seed_arg)."""
     M, K = x.shape
     R = a.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     path = path_for(x.device, x)
     cfg = skinny_config("shrink", R, x.dtype, path)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _lora_shrink_kernel[grid](
+    seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
+    _launch(
+        _lora_shrink_kernel, grid,
         x, a, s, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-        seed, thr, 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype),
+        seed=seed, thr=thr, drop_scale=1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype),
         USE_TMA=path == "tma", BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
     )
     return s
 
 
-def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[int, int] | None) -> torch.Tensor:
+def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple | None) -> torch.Tensor:
     """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
 
-    dropout: (seed, thr) to apply the keep-mask to the low-rank term, or None. Every tensor may have any
-    strides, bias [N] included (stride 0: one value for every column).
+    dropout: (seed, thr) to apply the keep-mask to the low-rank term (seed: an int or a tensor, see seed_arg), or
+    None. Every tensor may have any strides, bias [N] included (stride 0: one value for every column).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
@@ -248,12 +289,14 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple[i
     cfg = gemm_config(M, p_mat.dtype, path, dropout is not None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     seed, thr = dropout if dropout is not None else (0, 0)
-    _lora_gemm_kernel[grid](
+    seed, seed_ptr = seed_arg(seed, p_mat.device)
+    _launch(
+        _lora_gemm_kernel, grid,
         p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
         p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
         rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        lora_scale, seed, thr,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        lora_scale, seed=seed, thr=thr,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,
         BLOCK_R=gemm_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg),
     )
@@ -286,7 +329,7 @@ def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbi
     return ds, db, dbias
 
 
-def lora_bwd_da(x, ds, p: float, seed: int, thr: int) -> torch.Tensor:
+def lora_bwd_da(x, ds, p: float, seed, thr: int) -> torch.Tensor:
     """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated."""
     M, K = x.shape
     R = ds.shape[1]
@@ -295,23 +338,28 @@ def lora_bwd_da(x, ds, p: float, seed: int, thr: int) -> torch.Tensor:
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     m_per, m_splits = split_blocks(triton.cdiv(M, cfg["BLOCK_M"]), k_blocks, target_programs(x.device))
     da_part = torch.empty((m_splits, R, K), device=x.device, dtype=torch.float32)
-    _lora_bwd_da_kernel[(k_blocks, m_splits)](
+    seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
+    _launch(
+        _lora_bwd_da_kernel, (k_blocks, m_splits),
         x, ds, da_part, M, K, R, m_per * cfg["BLOCK_M"],
-        x.stride(0), x.stride(1), ds.stride(0), ds.stride(1), seed, thr, 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma", BLOCK_R=rank_block(R),
+        x.stride(0), x.stride(1), ds.stride(0), ds.stride(1), seed=seed, thr=thr, drop_scale=1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma",
+        BLOCK_R=rank_block(R),
         **tile_args(cfg), **launch_opts(cfg),
     )
     return da_part[0] if m_splits == 1 else da_part.sum(0)
 
 
-def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int):
-    """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] saved for backward)."""
+def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int):
+    """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] saved for backward).
+
+    seed: an int, or a 0-d int64 tensor on x's device (read by the kernels, never on the host)."""
     s = lora_shrink(x, lora_a, p, seed, thr)
     y = lora_gemm(x, weight, s, lora_b, bias, scaling, None)
     return y, s
 
 
-def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs):
+def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed, thr: int, needs):
     """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed)."""
     need_dx, need_da, need_db, need_dbias = needs
     ds, db, dbias = lora_bwd_dy(dy, lora_b, s, scaling, need_dx or need_da, need_db, need_dbias)

@@ -4,6 +4,10 @@ The stream is ours (not tl.rand) so that it is the same in every Triton version,
 (fastpeft.dropout) and in the CUDA backend. Element (row, col) of a [M, K] mask takes word col % 4 of
 Philox4x32-10 with counter (col // 4, row, 0, 0) and key (seed, 0); it is kept when word >> 1 >= thr,
 thr = round(p * 2**31). One Philox call serves four adjacent columns.
+
+The seed reaches a kernel either as an int argument or, behind a constexpr flag, as a 0-d int64 tensor on the
+kernel's device that the kernel loads (`dropout_seed`): the second is what a CUDA graph can replay with a fresh
+seed each time, since the host never reads it. Both give the same key, so the same mask, bit for bit.
 """
 import triton
 import triton.language as tl
@@ -23,6 +27,17 @@ def _philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
     return c0, c1, c2, c3
+
+
+@triton.jit
+def dropout_seed(seed, SEED_PTR: tl.constexpr):
+    """The seed as the key takes it: `seed` itself (an int argument), or, with SEED_PTR, the value of the 0-d int64
+    tensor it points to, as an int32 (its low 32 bits: all that dropout_keep's key uses, so an int and a tensor of
+    the same value give the same mask)."""
+    s = seed
+    if SEED_PTR:
+        s = tl.load(seed).to(tl.int32)
+    return s
 
 
 @triton.jit

@@ -7,10 +7,14 @@ variant that can select a config. bf16 and fp16 share register and shared-memory
 for both; fp32 has its own halved tiles, compiled with TF32 dots and with "ieee" ones (torch's default fp32
 matmul precision 'highest'): those run on FMA units, with no tensor-core instruction, and take their own
 smaller reduction tiles (kernels/common.py `tiles_for`).
+Every kernel that applies dropout also compiles with the seed as a tensor the kernel loads (SEED_PTR: the form a
+CUDA graph replays with a fresh seed, fastpeft.dropout.draw_seed), named "...-tensorseed...": the one extra
+load must cost no spill either.
 Run `python tests/test_lora_kernels_static.py` for the full report.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -33,10 +37,13 @@ def _strides(*names):
     return {n: "i32" for n in names}
 
 
-# Which GEMM variants can select each size: (name, has bias, has dropout, Q stored [K, N]).
-FWD, BWD, BWD_DROPOUT = ("fwd", True, False, False), ("bwd", False, False, True), ("bwd-dropout", False, True, True)
-GEMM_VARIANTS = {"decode": (FWD, BWD, BWD_DROPOUT), "mid": (FWD, BWD, BWD_DROPOUT), "large": (FWD, BWD),
-                 "large_dropout": (BWD_DROPOUT,)}
+# Which GEMM variants can select each size: (name, has bias, has dropout, Q stored [K, N], seed as a tensor).
+FWD, BWD = ("fwd", True, False, False, False), ("bwd", False, False, True, False)
+BWD_DROPOUT = ("bwd-dropout", False, True, True, False)
+BWD_DROPOUT_TSEED = ("bwd-dropout-tensorseed", False, True, True, True)  # the seed loaded from a device tensor
+GEMM_VARIANTS = {"decode": (FWD, BWD, BWD_DROPOUT, BWD_DROPOUT_TSEED),
+                 "mid": (FWD, BWD, BWD_DROPOUT, BWD_DROPOUT_TSEED),
+                 "large": (FWD, BWD), "large_dropout": (BWD_DROPOUT, BWD_DROPOUT_TSEED)}
 
 
 def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precision="tf32"):
@@ -49,14 +56,15 @@ def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precis
             rank_blocks = (chunks[0], chunks[-1]) if extremes else (chunks[-1],)
             tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
             for br in rank_blocks:
-                for direction, has_bias, has_dropout, q_kn in variants_of[size]:
+                for direction, has_bias, has_dropout, q_kn, seed_ptr in variants_of[size]:
                     sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}",
                            "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
                            **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
                                       "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on",
                                       "stride_bias"),
-                           "lora_scale": "fp32", "seed": "i32", "thr": "i32"}
-                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, EVEN_K=False, DOT_PRECISION=precision,
+                           "lora_scale": "fp32", "seed": "*i64" if seed_ptr else "i32", "thr": "i32"}
+                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, SEED_PTR=seed_ptr, EVEN_K=False,
+                              DOT_PRECISION=precision,
                               USE_TMA=path == "tma", Q_KN=q_kn, BLOCK_R=br, **tile)
                     for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
                         cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{label}-sm{arch}", "_lora_gemm_kernel",
@@ -69,15 +77,17 @@ def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
     label = dt + ("ieee" if precision == "ieee" else "")
     for kind, table in k.SKINNY_CONFIGS.items():
         for path, by_rank in table.items():
-            for br in rank_blocks:
+            seed_forms = (False,) if kind == "dy" else (False, True)  # the dy kernel applies no dropout
+            for br, seed_ptr in itertools.product(rank_blocks, seed_forms):
                 cfg = k.tiles_for(by_rank[br], dtype, precision)
                 tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
+                seed_type = "*i64" if seed_ptr else "i32"
                 if kind == "shrink":
                     fn = "_lora_shrink_kernel"
                     sig = {"X": f"*{dt}", "A": f"*{dt}", "S": f"*{dt}",
                            **_strides("M", "K", "R", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr"),
-                           "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
-                    ce = dict(HAS_DROPOUT=True, EVEN_K=False)
+                           "seed": seed_type, "thr": "i32", "drop_scale": "fp32"}
+                    ce = dict(HAS_DROPOUT=True, SEED_PTR=seed_ptr, EVEN_K=False)
                 elif kind == "dy":
                     fn = "_lora_bwd_dy_kernel"
                     sig = {"DY": f"*{dt}", "B": f"*{dt}", "S": f"*{dt}", "DS_PART": "*fp32", "DB_PART": "*fp32",
@@ -89,11 +99,11 @@ def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
                     fn = "_lora_bwd_da_kernel"
                     sig = {"X": f"*{dt}", "DS": "*fp32", "DA_PART": "*fp32",
                            **_strides("M", "K", "R", "m_per_split", "stride_xm", "stride_xk", "stride_dsm", "stride_dsr"),
-                           "seed": "i32", "thr": "i32", "drop_scale": "fp32"}
-                    ce = dict(HAS_DROPOUT=True)
+                           "seed": seed_type, "thr": "i32", "drop_scale": "fp32"}
+                    ce = dict(HAS_DROPOUT=True, SEED_PTR=seed_ptr)
                 ce.update(DOT_PRECISION=precision, USE_TMA=path == "tma", BLOCK_R=br, **tile)
                 for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                    cases.append((f"{kind}-{path}-r{br}-{label}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+                    cases.append((f"{kind}-{path}-r{br}-{label}{'-tensorseed' if seed_ptr else ''}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
     return cases
 
 
@@ -142,6 +152,9 @@ def test_every_config_is_enumerated():
                  "gemm-ptr-decode-r16-fwd-bf16-sm80",
                  "gemm-tma-large-r32-bwd-fp32-sm90", "shrink-ptr-r256-bf16-sm80", "dy-tma-r256-fp32-sm90",
                  "da-ptr-r16-bf16-sm90", "gemm-tma-large-r8-fwd-fp32ieee-sm90",
+                 "gemm-tma-large_dropout-r32-bwd-dropout-tensorseed-bf16-sm90",
+                 "gemm-ptr-decode-r8-bwd-dropout-tensorseed-fp32ieee-sm80", "shrink-tma-r256-bf16-tensorseed-sm90",
+                 "da-ptr-r16-fp32ieee-tensorseed-sm80",
                  "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80"):
         assert must in names
     # every fp32 case also at "ieee", the precision the launchers pass under torch's default 'highest'

@@ -18,7 +18,7 @@ from .._checks import (
     FLOAT_DTYPES, check_finite_number, check_finite_number_traceable, check_float_dtype, check_probability,
     check_same_device, check_tensor,
 )
-from ..dropout import SEED_BOUND, keep_threshold, new_seed
+from ..dropout import SEED_BOUND, draw_seed, keep_threshold
 from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
 from .shapes import as_rows
 
@@ -86,6 +86,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
         y2, s, thr = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+        # seed: an int, or a 0-d device tensor (draw_seed under CUDA graph capture), kept as it is: backward reads
+        # the tensor's memory, which a replay's forward has refilled with that replay's seed
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
         ctx.has_bias = bias is not None
         return y2
@@ -177,8 +179,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     name = resolve_lora_backend(backend, x.device, lora_a.shape[0])
     p = dropout_p if training else 0.0
     if p > 0:
-        if seed is None:
-            seed = new_seed()
+        if seed is None:  # an int; a device tensor while a CUDA graph is captured, so each replay gets a fresh mask
+            seed = draw_seed(x.device)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
             raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}] or None, got {seed!r}")
     else:
@@ -205,32 +207,37 @@ def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=
                        seed=None, backend=None):
     """fastpeft.lora_linear through the torch.library ops (lora_linear_custom_op.py): what a compiled graph calls.
 
-    Same arguments and checks as fastpeft.lora_linear; `seed` may also be a 0-d integer tensor.
+    Same arguments and checks as fastpeft.lora_linear; `seed` may also be a 0-d torch.int64 tensor, on the CPU
+    or on x's device.
 
     The seed. A compiled graph cannot turn a tensor into a Python int without a graph break (.item()), and a
     Python int baked into the graph would repeat one dropout mask every step. So the seed travels as a 0-d
-    int64 CPU tensor: drawn inside the graph by torch.randint (from torch's CPU generator, fresh on every call)
-    when the caller passes none, and read with int() only inside the ops' real implementations, which the
-    compiler treats as opaque. It lives on the CPU, so reading it never synchronises a GPU.
+    int64 tensor on x's device: drawn inside the graph by torch.randint when the caller passes none (fresh on
+    every call; on CUDA from CUDA's generator, which a CUDA graph replays with a fresh value, so
+    mode="reduce-overhead" captures the layer and each replay gets its own mask), and read on the device by
+    the kernels and the PyTorch twin, never on the host. A graph on CUDA tensors thus holds no CPU op, which
+    would make Inductor skip CUDA graphs. An int seed becomes a tensor on x's device. A CPU tensor seed for
+    CUDA x is read on the host by the ops (CPU memory: no GPU sync), so a graph holding one is not captured.
+    Without dropout no seed enters the graph at all.
     """
     scaling, dropout_p = _check_scalars(scaling, dropout_p)
     check_lora_inputs(x, weight, lora_a, lora_b, bias, 1.0, 0.0)  # the tensor checks
     if backend is not None:
         requested_backend(backend)  # a bad name fails while tracing, not at the first run
     p = dropout_p if training else 0.0
-    if p > 0 and seed is None:
-        seed_t = torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device="cpu")
-    elif p > 0 and isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-            raise ValueError(f"seed: expected a 0-d torch.int64 CPU tensor, got shape {tuple(seed.shape)}, "
-                             f"{seed.dtype} on {seed.device}")
+    if p == 0:
+        seed_t = None  # no seed, no RNG op in the graph (decode)
+    elif seed is None:
+        seed_t = torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=x.device)
+    elif isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or (seed.device.type != "cpu" and seed.device != x.device):
+            raise ValueError(f"seed: expected a 0-d torch.int64 tensor on the CPU or on {x.device} (x's device), "
+                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
         seed_t = seed
-    elif p > 0:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
-            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}] or None, got {seed!r}")
-        seed_t = torch.tensor(seed, dtype=torch.int64)
     else:
-        seed_t = torch.zeros((), dtype=torch.int64)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
+            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}], a 0-d int64 tensor or None, got {seed!r}")
+        seed_t = torch.full((), seed, dtype=torch.int64, device=x.device)  # (torch.tensor breaks Dynamo on meta x)
     y2, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
     return _unrows(y2, x)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..autocast import lora_linear_amp
-from ..dropout import keep_threshold, new_seed
+from ..dropout import draw_seed, keep_threshold
 from .lora_linear import LoRALinearFunction, _impl, check_lora_inputs, resolve_lora_backend
 
 _is_compiling = torch.compiler.is_compiling
@@ -77,7 +77,7 @@ def lora_linear_cached(cache: LoRACallCache, x, weight, lora_a, lora_b, scaling,
         _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend)
     scaling = cache.scaling  # as floats, checked
     p = cache.p if training else 0.0
-    seed = new_seed() if p > 0 else 0
+    seed = draw_seed(x.device) if p > 0 else 0  # a device tensor inside CUDA graph capture (see draw_seed)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                     or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.backend)

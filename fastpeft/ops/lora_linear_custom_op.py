@@ -6,6 +6,10 @@ stay on LoRALinearFunction: a custom op's dispatch costs microseconds that matte
 fastpeft.lora_linear calls them, through lora_linear_traced (ops/lora_linear.py, where the seed's handling
 is described), only while torch.compiler.is_compiling(). This module imports ops/lora_linear.py, never the
 reverse: the ops are reached through torch.ops.fastpeft, and fastpeft/__init__.py imports this module.
+
+The seed is an optional 0-d int64 tensor (None without dropout). The ops hand a seed on x's device to the
+launchers and to the PyTorch twin as it is, to be read on the device (no host read: a CUDA graph replays it);
+see `_kernel_seed` for a CPU seed with CUDA x.
 """
 
 import math
@@ -23,10 +27,29 @@ def _resolved(backend: str, x: torch.Tensor, r: int) -> str:
     return resolve_lora_backend(backend or None, x.device, r)  # the choice fastpeft.lora_linear makes eagerly
 
 
+def _kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, x: torch.Tensor):
+    """The seed as the backends take it: 0 without dropout; a seed on x's device as it is (read on the device);
+    a CPU seed for x on another device as an int, read on the host (CPU memory, so no GPU sync), except while
+    a CUDA graph is captured: the graph would keep that one value for every replay."""
+    if dropout_p == 0:
+        return 0
+    if seed is None or seed.dim() != 0 or seed.dtype != torch.int64:
+        got = "None" if seed is None else f"shape {tuple(seed.shape)}, {seed.dtype}"
+        raise ValueError(f"seed: expected a 0-d torch.int64 tensor when dropout_p > 0, got {got}")
+    if seed.device == x.device:
+        return seed
+    if seed.device.type != "cpu":
+        raise ValueError(f"seed: expected a tensor on the CPU or on {x.device} (x's device), got one on {seed.device}")
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"seed: a CPU seed tensor cannot be used inside CUDA graph capture (its value would be "
+                           f"replayed unchanged); pass the seed on {x.device}, or pass none to draw one there")
+    return int(seed)
+
+
 @torch.library.custom_op("fastpeft::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: torch.Tensor,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       bias: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                       seed: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [M, out] in x's dtype, the rows of x [..., in]; S [M, r] saved for backward); inputs already validated.
 
     y comes back as rows, not viewed to x's leading shape: lora_linear_traced reshapes it outside the op, so
@@ -38,8 +61,8 @@ def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tens
     if m == 0 or n == 0:  # nothing to compute; no kernel is launched on an empty grid
         return x.new_empty((m, n)), x.new_zeros((m, r))
     fwd, _ = _impl(_resolved(backend, x, r))
-    seed_i = int(seed) if dropout_p > 0 else 0
-    return fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_i, keep_threshold(dropout_p))
+    return fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, _kernel_seed(seed, dropout_p, x),
+               keep_threshold(dropout_p))
 
 
 @lora_linear_fwd_op.register_fake
@@ -50,8 +73,8 @@ def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
 
 @torch.library.custom_op("fastpeft::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
-                       need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+                       lora_b: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float,
+                       seed: Optional[torch.Tensor], need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB, dbias) for dy [M, out], the rows of y; a gradient not needed comes back as an empty [0] tensor."""
     x2, dy2 = as_rows(x), as_rows(dy)
@@ -61,9 +84,9 @@ def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dbias = dy.new_zeros(weight.shape[0])
     else:
         _, bwd = _impl(_resolved(backend, x, r))
-        seed_i = int(seed) if dropout_p > 0 else 0
-        dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed_i,
-                                keep_threshold(dropout_p), (need_dx, need_da, need_db, need_dbias))
+        dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p,
+                                _kernel_seed(seed, dropout_p, x), keep_threshold(dropout_p),
+                                (need_dx, need_da, need_db, need_dbias))
         if dx is not None:
             dx = dx.view(x.shape)
     # a custom op's outputs may not alias each other: a fresh empty tensor for each gradient not needed
@@ -81,7 +104,7 @@ def _(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)  # seed: a tensor or None
     ctx.scaling, ctx.dropout_p, ctx.backend, ctx.has_bias = scaling, dropout_p, backend, bias is not None
     ctx.mark_non_differentiable(output[1])
 
@@ -96,7 +119,7 @@ def _backward(ctx, dy, _ds):
         needs = (need_dx, need_da, need_db, need_dbias)
         if any(needs):
             dx, da, db, dbias = _differentiable_backward(dy, as_rows(x), weight, lora_a, lora_b, ctx.scaling,
-                                                         ctx.dropout_p, int(seed) if ctx.dropout_p > 0 else 0, needs)
+                                                         ctx.dropout_p, _kernel_seed(seed, ctx.dropout_p, x), needs)
             dx = dx.view(x.shape) if dx is not None else None
     elif need_dx or need_da or need_db or need_dbias:
         dx, da, db, dbias = torch.ops.fastpeft.lora_linear_bwd(
