@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: setup.py Makefile $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so that nothing later can pull a multi-GB CUDA build onto a CPU machine
 	$(PY) -m pip install -q $(TORCH) $(TRITON)

