@@ -96,7 +96,7 @@ def find_nvcc(cuda_home: str | None) -> str | None:
 #                     1: a compile error fails the install.
 ENV_BUILD_CPU = "FASTPEFT_BUILD_CPU"
 CPU_DIR = os.path.join(CSRC, "cpu")
-CPU_SOURCES = ("bindings_cpu.cpp", "dropout_cpu.cpp")  # in csrc/cpu/; the kernel file is torch-free
+CPU_SOURCES = ("bindings_cpu.cpp", "dropout_cpu.cpp", "lora_cpu.cpp")  # in csrc/cpu/; the kernel file is torch-free
 # No -march: the kernel picks AVX-512, AVX2 or the baseline at run time, so the binary runs on any x86-64.
 # -ffp-contract=off: no multiply is ever fused with an add (the kernels match torch's rounding bit for bit).
 CPU_CXX_FLAGS = ("/O2",) if os.name == "nt" else ("-O3", "-ffp-contract=off")

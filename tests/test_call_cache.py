@@ -216,9 +216,9 @@ def test_patched_peft_layer_sees_a_new_adapter():
     layer = pm.base_model.model[0]
     x = torch.randn(3, 24)
     layer(x)
-    pm.add_adapter("other", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["0"], use_dora=True))
+    pm.add_adapter("other", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["0"], lora_bias=True))
     pm.set_adapter("other")
-    with pytest.warns(UserWarning, match="DoRA"):
+    with pytest.warns(UserWarning, match="lora_bias=True"):
         y = layer(x)
     fastpeft.unpatch_peft(pm)
     assert torch.equal(y, layer(x))

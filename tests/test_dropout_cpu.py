@@ -300,7 +300,7 @@ def test_bad_inputs_raise_clear_errors(ext):
 # ---- the whole op ---------------------------------------------------------------------------------------------
 def _op_outputs(x, w, a, b, bias, seed, p, requires):
     leaves = {"x": x, "a": a, "b": b, "bias": bias}
-    leaves = {k: v.detach().clone().requires_grad_(k in requires) for k, v in leaves.items()}
+    leaves = {k: v if v is None else v.detach().clone().requires_grad_(k in requires) for k, v in leaves.items()}
     y = fastpeft.lora_linear(leaves["x"], w, leaves["a"], leaves["b"], 0.5, leaves["bias"], dropout_p=p, seed=seed,
                              backend="torch")
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
@@ -308,21 +308,66 @@ def _op_outputs(x, w, a, b, bias, seed, p, requires):
     return [y.detach()] + [leaves[k].grad for k in sorted(requires)]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("requires", [("x", "a", "b", "bias"), ("a",), ("x",), ("x", "b")], ids="+".join)
-def test_lora_linear_torch_backend_same_bits_with_and_without_cpp(ext, monkeypatch, dtype, requires):
+def test_lora_linear_torch_backend_same_bits_with_and_without_cpp(ext, monkeypatch, dtype, requires, p):
+    """The C++ passes (lora_fwd / lora_bwd, csrc/cpu/lora_cpu.cpp) against the Python ops they replace."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 7, 130, generator=gen).to(dtype)[:, :, 1:]  # [3, 7, 129] non-contiguous rows
     w = torch.randn(45, 129, generator=gen).to(dtype)
     a = torch.randn(8, 129, generator=gen).to(dtype)
     b = torch.randn(45, 8, generator=gen).to(dtype)
     bias = torch.randn(45, generator=gen).to(dtype)
-    with_cpp = _op_outputs(x, w, a, b, bias, 1234, 0.3, requires)
+    with_cpp = _op_outputs(x, w, a, b, bias, 1234, p, requires)
     monkeypatch.setattr(_ext_cpu, "_cached", None)  # the twin, as when the extension is unavailable
-    twin = _op_outputs(x, w, a, b, bias, 1234, 0.3, requires)
+    twin = _op_outputs(x, w, a, b, bias, 1234, p, requires)
     assert len(with_cpp) == len(twin) == 1 + len(requires)
     for got, want in zip(with_cpp, twin):
         assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cpp_passes_with_fp32_adapters_no_bias_and_inference(ext, monkeypatch, dtype, p):
+    """fp32 adapters over 16-bit activations (gradients come back in fp32), no bias, M=1 and a no-grad call."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(33, 40, generator=gen).to(dtype)[:, ::2]  # [33, 20] strided
+    w = torch.randn(17, 20, generator=gen).to(dtype)
+    a, b = torch.randn(3, 20, generator=gen), torch.randn(17, 3, generator=gen)
+
+    def run():
+        out = _op_outputs(x, w, a, b, None, 77, p, ("x", "a", "b"))
+        with torch.no_grad():
+            out.append(fastpeft.lora_linear(x[:1], w, a, b, 0.5, None, dropout_p=p, seed=77, backend="torch"))
+        return out
+
+    with_cpp = run()
+    assert with_cpp[1].dtype == with_cpp[2].dtype == torch.float32 and with_cpp[3].dtype == dtype  # dA, dB; dX
+    monkeypatch.setattr(_ext_cpu, "_cached", None)
+    for got, want in zip(with_cpp, run()):
+        assert same_bits(got, want)
+
+
+def test_cpp_passes_are_taken(ext, monkeypatch):
+    """lora_linear_fwd/bwd_torch call the extension on CPU rows with an int seed, never under a grad graph."""
+    from fastpeft.ops import lora_linear_torch as lt
+
+    calls = []
+    spy = type("Spy", (), {name: staticmethod(lambda *a, _n=name: (calls.append(_n), getattr(ext, _n)(*a))[1])
+                           for name in ("lora_fwd", "lora_bwd", "dropped", "dropped_pair")})
+    monkeypatch.setattr(_ext_cpu, "_cached", spy)
+    x = torch.randn(4, 9, requires_grad=True)
+    w, a, b = torch.randn(6, 9), torch.randn(2, 9, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    fastpeft.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, backend="torch").sum().backward()
+    assert calls == ["lora_fwd", "lora_bwd"]
+    calls.clear()
+    y = fastpeft.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, seed=3, backend="torch")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)  # double backward: differentiable torch ops
+    assert "lora_bwd" not in calls and gx.requires_grad
+    with torch.no_grad():
+        lt.lora_linear_fwd_torch(x, w, a, b, None, 2.0, 0.1, torch.tensor(3), 0)  # a tensor seed: the twin
+    assert calls == ["lora_fwd"]
 
 
 def test_cuda_backend_import_of_dropped_still_works():

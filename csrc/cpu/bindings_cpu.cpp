@@ -19,6 +19,7 @@
 #include <string>
 
 #include "dropout_cpu.h"
+#include "ops_cpu.h"
 
 #ifndef FASTPEFT_BUILD_KIND
 #define FASTPEFT_BUILD_KIND unknown
@@ -86,6 +87,44 @@ float check_scale(double scale) {
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
 
+}  // namespace
+
+namespace fastpeft_cpu {
+
+at::Tensor dropped_tensor(const at::Tensor& x, uint32_t seed, uint32_t thr, float scale) {
+  const DType dt = dtype_of(x, "x");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor out = at::empty({rows, cols}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const void* xp = x.data_ptr();
+  void* op = out.data_ptr();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
+    dropped_rows(dt, xp, xs0, xs1, op, cols, r0, r1, seed, thr, scale);
+  });
+  return out;
+}
+
+at::Tensor dropped_pair_tensor(const at::Tensor& x, const at::Tensor& low, uint32_t seed, uint32_t thr, float scale) {
+  const DType dt = dtype_of(x, "x");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor out = at::empty({rows, cols}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  if (!low.is_inference()) low.unsafeGetTensorImpl()->bump_version();  // an in-place write, as autograd counts them
+  const void* xp = x.data_ptr();
+  void* op = out.data_ptr();
+  void* lp = low.data_ptr();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
+    dropped_pair_rows(dt, xp, xs0, xs1, op, lp, cols, r0, r1, seed, thr, scale);
+  });
+  return out;
+}
+
+}  // namespace fastpeft_cpu
+
+namespace {
+
 Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t thr) {
   const uint32_t s = check_seed(seed), t = check_thr(thr);
   check_sizes(rows, cols);
@@ -99,25 +138,16 @@ Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t thr) {
 }
 
 Tensor dropped(const Tensor& x, int64_t seed, int64_t thr, double scale) {
-  const fastpeft_cpu::DType dt = check_matrix(x, "x");
+  check_matrix(x, "x");
   const uint32_t s = check_seed(seed), t = check_thr(thr);
   const float sc = check_scale(scale);
-  const int64_t rows = x.size(0), cols = x.size(1);
-  check_sizes(rows, cols);
-  Tensor out = at::empty({rows, cols}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  const void* xp = x.data_ptr();
-  void* op = out.data_ptr();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  check_sizes(x.size(0), x.size(1));
   pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
-    fastpeft_cpu::dropped_rows(dt, xp, xs0, xs1, op, cols, r0, r1, s, t, sc);
-  });
-  return out;
+  return fastpeft_cpu::dropped_tensor(x, s, t, sc);
 }
 
 Tensor dropped_pair(const Tensor& x, const Tensor& low, int64_t seed, int64_t thr, double scale) {
-  const fastpeft_cpu::DType dt = check_matrix(x, "x");
+  check_matrix(x, "x");
   check_matrix(low, "low");
   TORCH_CHECK_TYPE(low.scalar_type() == x.scalar_type(), "low: expected dtype ", x.scalar_type(), " (that of x), got ",
                    low.scalar_type());
@@ -128,20 +158,9 @@ Tensor dropped_pair(const Tensor& x, const Tensor& low, int64_t seed, int64_t th
                     "low: expected memory that does not overlap x's (low is written in place while x is read)");
   const uint32_t s = check_seed(seed), t = check_thr(thr);
   const float sc = check_scale(scale);
-  const int64_t rows = x.size(0), cols = x.size(1);
-  check_sizes(rows, cols);
-  Tensor out = at::empty({rows, cols}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  if (!low.is_inference()) low.unsafeGetTensorImpl()->bump_version();  // an in-place write, as autograd counts them
-  const void* xp = x.data_ptr();
-  void* op = out.data_ptr();
-  void* lp = low.data_ptr();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  check_sizes(x.size(0), x.size(1));
   pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
-    fastpeft_cpu::dropped_pair_rows(dt, xp, xs0, xs1, op, lp, cols, r0, r1, s, t, sc);
-  });
-  return out;
+  return fastpeft_cpu::dropped_pair_tensor(x, low, s, t, sc);
 }
 
 std::string set_isa(const std::string& name) {
@@ -166,6 +185,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"),
         "One pass, one mask: returns dropped(x) and scales `low` (contiguous, x's shape and dtype) in place the "
         "same way.");
+  fastpeft_cpu::register_lora(m);
   m.def("isa", &fastpeft_cpu::isa, "The instruction set the kernels run with: avx512, avx2 or generic.");
   m.def("available_isas", &fastpeft_cpu::available_isas, "The instruction sets this build and CPU can run.");
   m.def("set_isa", &set_isa, py::arg("name"), "Run with another instruction set (tests); returns the previous one.");

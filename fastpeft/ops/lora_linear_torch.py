@@ -3,14 +3,32 @@
 Same signatures, same saved tensors (x, S, seed) and the same dropout stream as kernels/lora_linear.py,
 so the two backends are interchangeable within one training run. This is the CPU path.
 
-Dropout on CPU tensors runs in C++ (fastpeft.dropout_cpu: the mask computed on the fly, one pass for both of the
-backward's uses), with the PyTorch twin of the stream as the fallback and the oracle: the same bits either way.
+On CPU tensors, where autograd needs no graph of the computation itself (always, but for double backward),
+the same ops run in one C++ call per pass (fastpeft._C_cpu.lora_fwd / lora_bwd, csrc/cpu/lora_cpu.cpp: the
+same bits, without a Python round trip per op), and dropout there runs in C++ (fastpeft.dropout_cpu: the mask
+computed on the fly, one pass for both of the backward's uses). The Python below is the fallback and the
+oracle: the same bits either way.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _ext_cpu
 from ..dropout_cpu import dropped, dropped_pair, twin_dropped
+
+_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _cpp(x: torch.Tensor, seed):
+    """The C++ module when these rows may go to it (CPU, a supported dtype, an int seed, no graph wanted)."""
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in _DTYPES and type(seed) is int
+            and not torch.is_grad_enabled()):
+        return _ext_cpu.get()
+    return None
 
 
 def _dropped(x: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,39 +42,49 @@ def _dropped(x: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None = N
 def lora_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """S = dropout(x)·Aᵀ [M, R] in x's dtype, differentiable in x and A."""
     xd = _dropped(x, p, seed) if p > 0 else x
-    return xd @ lora_a.to(x.dtype).t()
+    return xd @ _as(lora_a, x.dtype).t()
 
 
 def lora_linear_fwd_torch(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0):
     """Forward on 2-D x [M, K] (any strides): returns (y [M, N], S [M, R]) in x's dtype."""
+    ext = _cpp(x, seed)
+    if ext is not None:
+        return ext.lora_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed, thr)
     s = lora_shrink_torch(x, lora_a, p, seed)
     y = torch.nn.functional.linear(x, weight, bias)
-    y.addmm_(s, lora_b.to(x.dtype).t(), alpha=scaling)
+    y.addmm_(s, _as(lora_b, x.dtype).t(), alpha=scaling)
     return y, s
 
 
 def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs):
     """Backward on 2-D tensors; needs = (dx, dA, dB, dbias). Returns those four (None where not needed)."""
+    ext = _cpp(x, seed)
+    if ext is not None and type(dy) is torch.Tensor:
+        return ext.lora_bwd(dy, x, weight, lora_a, lora_b, s, scaling, p, seed, thr, *needs)
     need_dx, need_da, need_db, need_dbias = needs
     dx = da = db = dbias = xd = None
     # the mask is regenerated once per backward, for both dX's and dA's low-rank terms (never stored):
     # dropped_pair computes it once for both
     if need_dx or need_da:
-        ds = (dy @ lora_b.to(dy.dtype)) * scaling
+        ds = (dy @ _as(lora_b, dy.dtype)).mul_(scaling)
     if need_db:
-        db = ((dy.t() @ s) * scaling).to(lora_b.dtype)
+        db = _as((dy.t() @ s).mul_(scaling), lora_b.dtype)
     if need_dx:
-        low = ds @ lora_a.to(dy.dtype)
-        if p > 0 and need_da:  # the forward's mask and 1/(1-p), applied to dS·A, and dA's input, in one pass
-            xd, low = dropped_pair(x, low, p, seed)
-        elif p > 0:
-            low = dropped(low, p, seed)
+        a = _as(lora_a, dy.dtype)
         dx = dy @ weight
-        dx += low
+        if p > 0:  # the forward's mask and 1/(1-p) on dS·A; with dA wanted, dA's input under the same mask
+            low = ds @ a
+            if need_da:
+                xd, low = dropped_pair(x, low, p, seed)
+            else:
+                low = dropped(low, p, seed)
+            dx += low
+        else:
+            dx.addmm_(ds, a)
     if need_da:
         if xd is None:
             xd = dropped(x, p, seed) if p > 0 else x
-        da = (ds.t() @ xd).to(lora_a.dtype)
+        da = _as(ds.t() @ xd, lora_a.dtype)
     if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        dbias = _as(dy.sum(0, dtype=torch.float32), dy.dtype)
     return dx, da, db, dbias
