@@ -93,7 +93,9 @@ def resolve_backend(backend: str | None, device: torch.device, *, triton_ok: str
         if reason is not None:
             raise BackendUnavailableError(f"backend='cuda' cannot run: {reason}")
         return "cuda"
-    if name == "auto" and device.type == "cuda":
+    if name == "auto" and device.type != "cuda":  # the CPU interpreter is a test vehicle, never chosen for speed
+        return "torch"
+    if name == "auto":
         measured = AUTO_CHOICE.get((op, device_class(device)))
         if measured == "cuda" and cuda_unavailable_reason(device) is None and cuda_ok is None:
             return "cuda"

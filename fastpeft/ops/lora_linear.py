@@ -123,6 +123,8 @@ class LoRALinearFunction(torch.autograd.Function):
 def check_lora_tensors(x, weight, lora_a, lora_b, bias, *, noun: str = "shape", rank: str = "r") -> None:
     """Shapes, devices and dtypes of a LoRA linear's tensors (lora_a [rank, in], lora_b [out, rank]);
     `noun` and `rank` name lora_a's layout in the messages (a multi-adapter pool passes its own)."""
+    if _all_valid(x, weight, lora_a, lora_b, bias):  # the common case in one expression; the checks below name
+        return                                        # what is wrong otherwise
     check_tensor("x", x)
     check_tensor("weight", weight, 2)
     check_tensor("lora_a", lora_a, 2)
@@ -154,6 +156,27 @@ def check_lora_tensors(x, weight, lora_a, lora_b, bias, *, noun: str = "shape", 
         raise TypeError(f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
     if lora_a.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got {lora_a.dtype}")
+
+
+_Tensor = torch.Tensor
+
+
+def _all_valid(x, weight, lora_a, lora_b, bias) -> bool:
+    """Whether check_lora_tensors would pass, cheaply (it runs on every functional call)."""
+    if not (isinstance(x, _Tensor) and isinstance(weight, _Tensor) and isinstance(lora_a, _Tensor)
+            and isinstance(lora_b, _Tensor) and (bias is None or isinstance(bias, _Tensor))):
+        return False
+    ws, a_s, b_s, xdt, adt = weight.shape, lora_a.shape, lora_b.shape, x.dtype, lora_a.dtype
+    if not (len(ws) == 2 and len(a_s) == 2 and len(b_s) == 2 and x.dim() >= 1 and ws[1] != 0
+            and x.shape[-1] == ws[1] and a_s[0] >= 1 and a_s[1] == ws[1] and b_s[0] == ws[0] and b_s[1] == a_s[0]):
+        return False
+    if not (xdt in FLOAT_DTYPES and weight.dtype == xdt and lora_b.dtype == adt
+            and (adt == xdt or adt == torch.float32)):
+        return False
+    dev = x.device
+    if not (weight.device == dev and lora_a.device == dev and lora_b.device == dev):
+        return False
+    return bias is None or (bias.dim() == 1 and bias.shape[0] == ws[0] and bias.dtype == xdt and bias.device == dev)
 
 
 def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tuple[float, float]:
