@@ -281,9 +281,14 @@ def report(results, args, n_train, n_test, device):
             print(f"WARNING: {r['kind']}: counted {r['trainable']:,} trainable parameters, closed form "
                   f"{r['closed_form']:,}")
     if device.type == "cpu":
-        print("note: on the CPU fastpeft runs its PyTorch reference backend (the fused kernels' decomposition in "
-              "plain torch ops,\n      with the Philox dropout stream computed in int64 arithmetic): its time "
-              "per step is not the point\n      there. On a GPU the same script runs fastpeft's fused Triton kernels.")
+        from fastpeft import _ext_cpu
+
+        mod, why = _ext_cpu.status()
+        how = ("each layer's forward and backward in one C++ call, the dropout mask computed on the fly in C++ "
+               "(fastpeft._C_cpu)" if mod is not None else f"plain torch ops and the PyTorch twin of the dropout "
+               f"stream, because {why}")
+        print(f"note: on the CPU fastpeft runs its PyTorch backend: {how}.\n      On a GPU the same script runs "
+              "fastpeft's fused Triton kernels.")
     print("\nloss (mean of the last 10 steps)")
     points = sorted({min(args.steps - 1, round(i * (args.steps - 1) / 9)) for i in range(10)})
     print(f"{'step':>6}" + "".join(f"{r['kind']:>12}" for r in results))
