@@ -222,3 +222,61 @@ def test_patched_peft_layer_sees_a_new_adapter():
         y = layer(x)
     fastpeft.unpatch_peft(pm)
     assert torch.equal(y, layer(x))
+
+
+# ---- the same for the adapter and IA3 modules (fastpeft/ops/call_cache.py) ----------------------------------
+def _count(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_ia3_module_checks_once_and_again_after_a_change(monkeypatch):
+    import fastpeft.ops.ia3 as ia3_ops
+
+    calls = _count(monkeypatch, ia3_ops, "check_ia3_inputs")
+    layer = fastpeft.IA3Linear(nn.Linear(12, 10), scale="output", backend="torch")
+    with torch.no_grad():
+        layer.ia3_scale.uniform_(0.5, 1.5)
+    x = torch.randn(3, 12)
+    y = layer(x)
+    for _ in range(3):
+        assert torch.equal(layer(x), y)
+    assert len(calls) == 1
+    expected = (x.double() @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double()) * layer.ia3_scale.double()
+    assert_close(y, expected, torch.float32, "ia3 y")
+    layer.ia3_scale.data = torch.ones(12)
+    with pytest.raises(ValueError, match=r"scale: expected shape \[10\]"):
+        layer(x)
+    assert copy.deepcopy(layer)._call_cache.key is None
+
+
+def test_adapter_module_checks_once_and_again_after_a_change(monkeypatch):
+    import fastpeft.ops.adapter as adapter_ops
+
+    calls = _count(monkeypatch, adapter_ops, "check_adapter_inputs")
+    ad = fastpeft.BottleneckAdapter(16, 4, activation="relu", scaling=0.5, backend="torch")
+    with torch.no_grad():
+        ad.up_weight.normal_()
+    h = torch.randn(2, 5, 16)
+    y = ad(h)
+    ad(torch.randn(7, 16))
+    assert len(calls) == 1
+    z = torch.relu(h.double() @ ad.down_weight.double().t() + ad.down_bias.double())
+    assert_close(y, h.double() + 0.5 * (z @ ad.up_weight.double().t() + ad.up_bias.double()), torch.float32, "y")
+    with pytest.raises(ValueError, match="residual: expected shape"):  # checked on every call: it follows h
+        ad(h, torch.randn(2, 4, 16))
+    ad.scaling = float("nan")
+    with pytest.raises(ValueError, match="scaling: expected a finite number"):
+        ad(h)
+    ad.scaling = 0.5
+    ad.up_weight.data = torch.randn(16, 3)
+    with pytest.raises(ValueError, match=r"up_w: expected shape \[16, 4\]"):
+        ad(h)
+    assert pickle.loads(pickle.dumps(ad))._call_cache.key is None

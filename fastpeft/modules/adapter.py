@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .._checks import check_finite_number, check_positive_int
-from ..ops.adapter import ACTIVATIONS, bottleneck_adapter
+from ..ops.adapter import ACTIVATIONS, bottleneck_adapter_cached
+from ..ops.call_cache import CallCache
 
 
 class BottleneckAdapter(nn.Module):
@@ -38,6 +39,7 @@ class BottleneckAdapter(nn.Module):
         self.up_weight = nn.Parameter(torch.empty(d_model, bottleneck, **kw))
         self.down_bias = nn.Parameter(torch.empty(bottleneck, **kw)) if bias else None
         self.up_bias = nn.Parameter(torch.empty(d_model, **kw)) if bias else None
+        self._call_cache = CallCache()  # the validated signature of the last call (fastpeft/ops/call_cache.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -56,8 +58,9 @@ class BottleneckAdapter(nn.Module):
             x = self.norm(h)
             if residual is None:
                 residual = h
-        return bottleneck_adapter(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias,
-                                  self.scaling, self.activation, residual=residual, backend=self.backend)
+        return bottleneck_adapter_cached(self._call_cache, x, self.down_weight, self.down_bias, self.up_weight,
+                                         self.up_bias, self.scaling, self.activation, residual=residual,
+                                         backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "

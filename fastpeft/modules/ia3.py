@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.ia3 import SCALE_MODES, ia3_linear
+from ..ops.call_cache import CallCache
+from ..ops.ia3 import SCALE_MODES, ia3_linear_cached
 from .merged_state import MergedState
 
 
@@ -41,12 +42,14 @@ class IA3Linear(MergedState, nn.Module):
         self.ia3_scale = nn.Parameter(torch.ones(n, device=linear.weight.device, dtype=dtype or linear.weight.dtype))
         self.merged = False
         self.merge_lossy = False  # merge() flushed or overflowed some weights: unmerge() cannot restore them
+        self._call_cache = CallCache()  # the validated signature of the last call (fastpeft/ops/call_cache.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return ia3_linear(x, self.base_layer.weight, self.base_layer.bias, self.ia3_scale, self.scale_mode,
-                          backend=self.backend)
+        base = self.base_layer
+        return ia3_linear_cached(self._call_cache, x, base.weight, base.bias, self.ia3_scale, self.scale_mode,
+                                 self.backend)
 
     def _check_scale(self, op: str, allow_zero: bool) -> torch.Tensor:
         """The vector in fp32, after checking (before any weight changes) that every entry can be applied."""

@@ -19,6 +19,7 @@ from .._checks import (
 )
 from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON as MAX_TRITON_BOTTLENECK  # the one limit: fastpeft/limits.py
 from .adapter_torch import ACTIVATIONS, adapter_bwd_torch, adapter_fwd_torch
+from .call_cache import CallCache, cacheable, tensor_key
 from .shapes import as_rows
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -153,10 +154,33 @@ def bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling=1.0, activation="g
         return bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation, residual, backend)
     scaling = check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual)
     name = resolve_adapter_backend(backend, h.device, down_w.shape[0])
+    return _run(name, h, down_w, down_b, up_w, up_b, scaling, activation, residual)
+
+
+def _run(name, h, down_w, down_b, up_w, up_b, scaling, activation, residual):
     tensors = (h, residual, down_w, down_b, up_w, up_b)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return BottleneckAdapterFunction.apply(h, residual, down_w, down_b, up_w, up_b, scaling, activation, name)
     return _forward(name, h, residual, down_w, down_b, up_w, up_b, scaling, activation, False)[0]
+
+
+def bottleneck_adapter_cached(cache: CallCache, h, down_w, down_b, up_w, up_b, scaling=1.0, activation="gelu", *,
+                              residual=None, backend=None):
+    """fastpeft.bottleneck_adapter with its checks and backend choice cached in `cache` (ops/call_cache.py): what
+    BottleneckAdapter calls. residual's shape follows h's, so it is compared on every call."""
+    if not cacheable(h) or (residual is not None and (type(residual) is not torch.Tensor or residual.shape != h.shape)):
+        return bottleneck_adapter(h, down_w, down_b, up_w, up_b, scaling, activation, residual=residual,
+                                  backend=backend)
+    key = (h.dtype, h.device, h.shape[-1], tensor_key(down_w), tensor_key(down_b), tensor_key(up_w),
+           tensor_key(up_b), None if residual is None else (residual.dtype, residual.device), scaling, activation,
+           backend)
+    if key != cache.key:
+        cache.key = None
+        checked = check_adapter_inputs(h, down_w, down_b, up_w, up_b, scaling, activation, residual)
+        cache.plan = (resolve_adapter_backend(backend, h.device, down_w.shape[0]), checked)
+        cache.key = key
+    name, scaling = cache.plan
+    return _run(name, h, down_w, down_b, up_w, up_b, scaling, activation, residual)
 
 
 def bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation, residual=None, backend=None):
@@ -174,5 +198,5 @@ def bottleneck_adapter_traced(h, down_w, down_b, up_w, up_b, scaling, activation
     return y
 
 
-__all__ = ["bottleneck_adapter", "BottleneckAdapterFunction", "bottleneck_adapter_traced", "check_adapter_inputs",
+__all__ = ["bottleneck_adapter", "bottleneck_adapter_cached", "BottleneckAdapterFunction", "bottleneck_adapter_traced", "check_adapter_inputs",
            "check_adapter_tensors", "resolve_adapter_backend", "ACTIVATIONS"]

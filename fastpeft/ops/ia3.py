@@ -16,6 +16,7 @@ import torch
 
 from .._backend import requested_backend, resolve_backend
 from .._checks import check_float_dtype, check_same_device, check_tensor
+from .call_cache import CallCache, cacheable, tensor_key
 from .ia3_torch import ia3_bwd_torch, ia3_fwd_torch
 from .shapes import as_rows
 
@@ -126,10 +127,27 @@ def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
         return ia3_linear_traced(x, weight, bias, scale, mode, backend=backend)
     check_ia3_inputs(x, weight, bias, scale, mode)
-    name = resolve_backend(backend, x.device)
+    return _run(resolve_backend(backend, x.device), x, weight, bias, scale, mode)
+
+
+def _run(name, x, weight, bias, scale, mode):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale)):
         return IA3LinearFunction.apply(x, weight, bias, scale, mode, name)
     return _forward(name, x, weight, bias, scale, mode)
+
+
+def ia3_linear_cached(cache: CallCache, x, weight, bias, scale, mode="output", backend=None):
+    """fastpeft.ia3_linear with its checks and backend choice cached in `cache` (see ops/call_cache.py): what
+    IA3Linear calls."""
+    if not cacheable(x):
+        return ia3_linear(x, weight, bias, scale, mode, backend=backend)
+    key = (x.dtype, x.device, x.shape[-1], tensor_key(weight), tensor_key(bias), tensor_key(scale), mode, backend)
+    if key != cache.key:
+        cache.key = None
+        check_ia3_inputs(x, weight, bias, scale, mode)
+        cache.plan = resolve_backend(backend, x.device)
+        cache.key = key
+    return _run(cache.plan, x, weight, bias, scale, mode)
 
 
 def ia3_linear_traced(x, weight, bias, scale, mode="output", *, backend=None):
@@ -141,4 +159,4 @@ def ia3_linear_traced(x, weight, bias, scale, mode="output", *, backend=None):
     return torch.ops.fastpeft.ia3_linear_fwd(x, weight, bias, scale, mode, backend or "")
 
 
-__all__ = ["ia3_linear", "IA3LinearFunction", "ia3_linear_traced", "check_ia3_inputs", "SCALE_MODES"]
+__all__ = ["ia3_linear", "ia3_linear_cached", "IA3LinearFunction", "ia3_linear_traced", "check_ia3_inputs", "SCALE_MODES"]

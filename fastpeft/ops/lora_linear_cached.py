@@ -19,6 +19,7 @@ import torch
 
 from ..autocast import lora_linear_amp
 from ..dropout import draw_seed, keep_threshold
+from .call_cache import CallCache
 from .lora_linear import LoRALinearFunction, _impl, check_lora_inputs, resolve_lora_backend
 
 _is_compiling = torch.compiler.is_compiling
@@ -26,26 +27,17 @@ _autocast_on = torch.is_autocast_enabled
 _AUTOCAST_TYPES = frozenset(("cuda", "cpu", "xpu", "mps", "hpu"))
 
 
-class LoRACallCache:
+class LoRACallCache(CallCache):
     """What the last validated call of one layer established: its signature, backend and forward launcher.
 
-    Not part of the layer's state: a copy of the layer starts with an empty cache (see __deepcopy__)."""
+    Not part of the layer's state: a copy of the layer starts with an empty cache (see CallCache)."""
 
-    __slots__ = ("key", "backend", "fwd", "thr", "scaling", "p")
+    __slots__ = ("backend", "fwd", "thr", "scaling", "p")
 
     def __init__(self):
-        self.key = None
+        super().__init__()
         self.backend = self.fwd = None
         self.thr, self.scaling, self.p = 0, 1.0, 0.0
-
-    def clear(self) -> None:
-        self.key = None
-
-    def __deepcopy__(self, memo):
-        return LoRACallCache()
-
-    def __reduce__(self):  # pickles as a fresh cache: the signature refers to this process's devices
-        return (LoRACallCache, ())
 
 
 def call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend):
