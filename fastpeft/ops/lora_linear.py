@@ -33,10 +33,13 @@ def _triton_impl():
 
 
 def resolve_lora_backend(backend: str | None, device: torch.device, r: int) -> str:
-    """The backend that runs a LoRA linear of rank r on `device` (see fastpeft._backend.resolve_backend)."""
+    """The backend that runs a LoRA linear of rank r on `device` (see fastpeft._backend.resolve_backend):
+    'torch', 'triton', 'cuda', 'cublas', or for auto on a CUDA device 'measured' (each pass dispatched by shape
+    to the backend measured fastest: ops/lora_linear_auto.py; `_impl` takes the name like the others)."""
     triton_reason = None if r <= MAX_TRITON_RANK else f"r={r} exceeds the kernels' maximum rank {MAX_TRITON_RANK}"
     cuda_reason = None if r <= LORA_MAX_RANK_CUDA else f"r={r} exceeds the CUDA kernels' maximum rank {LORA_MAX_RANK_CUDA}"
-    return resolve_backend(backend, device, triton_ok=triton_reason, cuda_ok=cuda_reason, op="lora_linear")
+    return resolve_backend(backend, device, triton_ok=triton_reason, cuda_ok=cuda_reason, op="lora_linear",
+                           cublas_ok=triton_reason, measured=True)
 
 
 def _impl(backend: str):
@@ -46,6 +49,14 @@ def _impl(backend: str):
         from .lora_linear_cuda import lora_linear_bwd_cuda, lora_linear_fwd_cuda
 
         return lora_linear_fwd_cuda, lora_linear_bwd_cuda
+    if backend == "cublas":
+        from .lora_linear_cublas import lora_linear_bwd_cublas, lora_linear_fwd_cublas
+
+        return lora_linear_fwd_cublas, lora_linear_bwd_cublas
+    if backend == "measured":
+        from .lora_linear_auto import lora_linear_bwd_measured, lora_linear_fwd_measured
+
+        return lora_linear_fwd_measured, lora_linear_bwd_measured
     return lora_linear_fwd_torch, lora_linear_bwd_torch
 
 
@@ -194,7 +205,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     tensor (for x of other than 2 dims, a view of one made outside the autograd Function), so in-place ops
     on it train; double backward works on every backend. Dropout applies only when `training`; its mask
     comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
-    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda" or "torch" (see fastpeft._backend).
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda", "cublas" or "torch" (see fastpeft._backend).
     """
     if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
         return lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed=seed, backend=backend)
