@@ -180,16 +180,19 @@ def compiled(module: torch.nn.Module, opts: BuildOptions) -> Callable:
     return torch.compile(module, backend=opts.compile_backend, dynamic=False)
 
 
-def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False) -> dict:
+def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False, has_cublas: bool = False) -> dict:
     """Each fastpeft backend -> None if it is timed on this device, else why not."""
-    from fastpeft._backend import cuda_unavailable_reason, triton_unavailable_reason
+    from fastpeft._backend import cublas_unavailable_reason, cuda_unavailable_reason, triton_unavailable_reason
 
     if device.type == "cuda":
         triton = triton_unavailable_reason(device)
+        cublas = cublas_unavailable_reason(device)
     else:
-        triton = "the Triton interpreter on the CPU is a test vehicle, not a speed figure"
+        triton = cublas = "the Triton interpreter on the CPU is a test vehicle, not a speed figure"
     cuda = cuda_unavailable_reason(device) if has_cuda_kernels else "this op has no CUDA C++ kernels"
-    return {"torch": None, "triton": triton, "cuda": cuda}
+    if not has_cublas:
+        cublas = "this op has no cuBLAS path"
+    return {"torch": None, "triton": triton, "cuda": cuda, "cublas": cublas}
 
 
 def is_fastpeft(name: str) -> bool:
@@ -197,16 +200,17 @@ def is_fastpeft(name: str) -> bool:
     return name.startswith("fastpeft[") and name.endswith("]")
 
 
-def unknown_impl(name: str, families, has_cuda_kernels: bool = False) -> ValueError:
+def unknown_impl(name: str, families, has_cuda_kernels: bool = False, has_cublas: bool = False) -> ValueError:
     """The error an op's build() raises for a name that is none of its implementations."""
-    names = expand(families, ("torch", "triton", "cuda"), has_cuda_kernels)
+    names = expand(families, ("torch", "triton", "cuda", "cublas"), has_cuda_kernels, has_cublas)
     return ValueError(f"impl: expected one of {names}, got {name!r}")
 
 
-def fastpeft_backend(name: str, device: torch.device, *, has_cuda_kernels: bool = False) -> str:
+def fastpeft_backend(name: str, device: torch.device, *, has_cuda_kernels: bool = False,
+                     has_cublas: bool = False) -> str:
     """The backend of an impl named fastpeft[<backend>]; raises Unavailable when it cannot run here."""
     backend = name[len("fastpeft["):-1]
-    reasons = backend_reasons(device, has_cuda_kernels=has_cuda_kernels)
+    reasons = backend_reasons(device, has_cuda_kernels=has_cuda_kernels, has_cublas=has_cublas)
     if backend not in reasons:
         raise ValueError(f"impl {name!r}: expected a backend among {list(reasons)}")
     if reasons[backend] is not None:

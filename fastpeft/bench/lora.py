@@ -24,6 +24,7 @@ from .common import BuildOptions, Unavailable
 NAME = "lora"
 FLOOR = "floor"
 HAS_CUDA_KERNELS = True
+HAS_CUBLAS = True
 IMPLS = ("floor", "eager", "peft", "addmm", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen nn.Linear alone (the floor)",
@@ -34,6 +35,7 @@ DESCRIPTIONS = {
     "fastpeft[torch]": "fastpeft.LoRALinear, PyTorch backend",
     "fastpeft[triton]": "fastpeft.LoRALinear, Triton kernels",
     "fastpeft[cuda]": "fastpeft.LoRALinear, CUDA C++ kernels around cuBLAS",
+    "fastpeft[cublas]": "fastpeft.LoRALinear, cuBLAS addmm with the low-rank term as C (Triton skinny kernels)",
 }
 
 
@@ -279,14 +281,14 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         mod, a, b = _peft_layer(inp, p)
         fwd, notes = mod, "autocast_adapter_dtype=False"
     elif common.is_fastpeft(name):
-        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=HAS_CUDA_KERNELS)
+        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=HAS_CUDA_KERNELS, has_cublas=HAS_CUBLAS)
         mod, a, b = _fastpeft_layer(inp, p, backend)
         fwd = mod
     else:
-        raise common.unknown_impl(name, IMPLS, HAS_CUDA_KERNELS)
+        raise common.unknown_impl(name, IMPLS, HAS_CUDA_KERNELS, HAS_CUBLAS)
     return common.layer_impl(name, "lora", fwd, inp.x, inp.dy, {"dx": inp.x, "da": a, "db": b}, module=mod,
                              inputs=[inp.weight, a, b], notes=notes)
 
 
-__all__ = ["NAME", "FLOOR", "HAS_CUDA_KERNELS", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases",
+__all__ = ["NAME", "FLOOR", "HAS_CUDA_KERNELS", "HAS_CUBLAS", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases",
            "make_inputs", "reference", "build", "work", "needs_twin", "tiny", "bytes_needed", "EagerLoRA", "AddmmLoRAFunction"]

@@ -48,7 +48,7 @@ class Settings:
     seed: int = 0
     compile: str = "none"  # which cases time the torch.compile baseline: "none", "headline" or "all"
     compile_backend: str = "inductor"
-    backends: tuple = ("torch", "triton")  # fastpeft backends timed where they can run
+    backends: tuple = ("torch", "triton", "cublas")  # fastpeft backends timed where they can run
     extra: dict = field(default_factory=dict)
 
     @classmethod
