@@ -36,10 +36,19 @@ Non-finite gradients: on a refresh step a gradient with inf/NaN raises FloatingP
 before the basis, the moments or the weight change (randomized: in the backward; svd: in opt.step()).
 Checking costs a host sync, which the refresh's SVD makes anyway; other steps are not checked.
 
-Limitations: data-parallel training would need R (and the randomized refresh) reduced across ranks, which
-this mode does not do; use GaLoreAdamW on ordinary gradients there.
+Data parallelism (DDP, FSDP2, or a process group of your own): call fastpeft.distributed.galore_data_parallel
+on the wrapped model. R (G on an exact-SVD refresh step) is then averaged across the data-parallel group by
+fastpeft, asynchronously and in buckets launched from the layers' backward, and GaLoreAdamW.step waits for it
+before it reads R; a randomized refresh reduces its sketch so that every rank computes the range finder of
+the averaged gradient (see fastpeft.distributed). enable() lists the targeted weights in the model's
+`_ddp_params_and_buffers_to_ignore` (and marks each weight `_ddp_ignored`), so that DistributedDataParallel,
+which would otherwise wait for their never-written .grad, leaves them alone; wrap the model after enable().
+Under torch.distributed with more than one rank and no galore_data_parallel, the first backward warns: each
+rank would then train its own weights.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -78,6 +87,24 @@ class GaLoreLinearState:
         self.has_R = False
         self.G = None
         self.op_ref = GaLoreStateRef(self)  # how compiled graphs reach this state (galore_linear_custom_op)
+        self.reducer = None  # a fastpeft.distributed.GaLoreReducer under data parallelism (not copied or pickled)
+        self.pending = None  # the reducer's bucket holding this state's R / G while its all-reduce is in flight
+
+    def __getstate__(self):  # pickle, deepcopy: a copy is not attached to this process's process group
+        state = dict(self.__dict__)
+        state["reducer"] = state["pending"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("reducer", None)  # a state pickled before data-parallel support
+        self.__dict__.setdefault("pending", None)
+
+    def wait_reduction(self) -> None:
+        """Wait for the data-parallel all-reduce of this state's R / G, if one is in flight (GaLoreAdamW.step
+        calls it before it reads R)."""
+        if self.reducer is not None:
+            self.reducer.wait()
 
     def set_basis(self, new) -> None:
         if not self.refreshed:
@@ -92,28 +119,45 @@ class GaLoreLinearState:
         self.discard()
 
     def discard(self) -> None:
-        """Drop the accumulated R / G (what zero_grad does to .grad)."""
+        """Drop the accumulated R / G (what zero_grad does to .grad); an all-reduce in flight is waited for first."""
+        self.wait_reduction()
         self.has_R = False
         self.G = None
 
     def accumulate(self, x2: torch.Tensor, dy2: torch.Tensor) -> None:
         """Called by the backward with this micro-batch's X [M, in] and dY [M, out]."""
+        red = self.reducer
+        if red is None:
+            _warn_if_unreduced(self)
+        else:
+            # an all-reduce of this R already in flight (the layer ran twice in one forward, or a micro-batch follows
+            # a synced one before the step) is waited for first; averaging the average again leaves it unchanged
+            red.before_accumulate(self)
         backend = kernel_backend(self.backend, x2)
         if self.refresh_due and self.projector == "svd":
             if self.G is None:
                 self.G = torch.zeros(self.shape, device=x2.device, dtype=torch.float32)
             full_grad_accumulate(x2, dy2, self.G, backend)
+            if red is not None and red.sync_now(self):
+                red.ready(self, self.G)
             return
-        if self.refresh_due and x2.shape[0] > 0:
+        # under data parallelism every rank takes part in the refresh's collectives, an empty micro-batch too
+        if self.refresh_due and (x2.shape[0] > 0 or red is not None):
+            seed = int(torch.randint(0, 2**62, ()))
+            if red is not None:
+                seed = red.shared_seed(seed, x2.device)  # the same sketch Ω on every rank
             gen = torch.Generator(device=x2.device)
-            gen.manual_seed(int(torch.randint(0, 2**62, ())))
+            gen.manual_seed(seed)
             try:
                 new = pj.randomized_basis_factored(x2, dy2, self.rank, self.side, oversample=self.oversample,
-                                                   power_iters=self.power_iters, generator=gen)
+                                                   power_iters=self.power_iters, generator=gen,
+                                                   reduce=None if red is None else red.mean_)
             except pj.NonFiniteError:
                 raise FloatingPointError(
                     f"galore: layer {self.name!r}: non-finite gradient (X or dY holds inf/NaN) on a projector refresh "
                     "step; the weight, its basis and the optimizer are unchanged (opt.zero_grad() and skip the batch)") from None
+            if red is not None:
+                new = red.same_basis(new)
             self.set_basis(new)
             self.refresh_due = False
         if self.P is None and self.Q is None:
@@ -125,6 +169,8 @@ class GaLoreLinearState:
             self.R.zero_()
         self.has_R = True
         projected_grad_accumulate(x2, dy2, self.P, self.Q, self.R, backend)
+        if red is not None and red.sync_now(self):
+            red.ready(self, self.R)
 
     def to_(self, fn) -> None:
         """Follow the module through Module._apply(fn) (.to, .cuda, .half, ...): the basis takes fn like the
@@ -140,6 +186,36 @@ class GaLoreLinearState:
         self.R, self.G = move(self.R), move(self.G)
 
 
+_warned_unreduced = False
+
+
+def _warn_if_unreduced(st: GaLoreLinearState) -> None:
+    global _warned_unreduced
+    if _warned_unreduced:
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _warned_unreduced = True
+        warnings.warn(
+            f"galore: layer {st.name!r}: torch.distributed runs {dist.get_world_size()} ranks, but the projected "
+            "gradient R of gradient-free GaLore layers is not reduced across them (DDP and FSDP skip these weights): "
+            "each rank trains its own weights. For data-parallel training call "
+            "fastpeft.distributed.galore_data_parallel(model) after wrapping the model", stacklevel=3)
+
+
+def ddp_ignore_names(root: nn.Module) -> list[str]:
+    """The names (relative to root) of the weights of root's gradient-free GaLore layers."""
+    return [f"{name}.weight" if name else "weight" for name, mod in root.named_modules() if isinstance(mod, GaLoreLinear)]
+
+
+def mark_ddp_ignored(root: nn.Module) -> None:
+    """Add root's gradient-free weights to root._ddp_params_and_buffers_to_ignore (what
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model sets), keeping names already there."""
+    names = list(getattr(root, "_ddp_params_and_buffers_to_ignore", None) or [])
+    names += [n for n in ddp_ignore_names(root) if n not in names]
+    root._ddp_params_and_buffers_to_ignore = names
+
+
 class GaLoreLinear(nn.Linear):
     """An nn.Linear in gradient-free GaLore mode; made by enable() (in place, by changing the module's
     class), turned back by disable(). `galore` is its GaLoreLinearState."""
@@ -151,6 +227,8 @@ class GaLoreLinear(nn.Linear):
         # Parameter has lost it (Parameter.__deepcopy__ drops attributes): every such path re-makes it.
         if getattr(self.weight, _ATTR, None) is not self.galore:
             setattr(self.weight, _ATTR, self.galore)
+            # DDP (and its compiled form) skips it: its gradient is never written, as R instead (see the docstring)
+            self.weight._ddp_ignored = True
         if not isinstance(getattr(self.galore, "op_ref", None), GaLoreStateRef):  # a state pickled before op_ref
             self.galore.op_ref = GaLoreStateRef(self.galore)
 
@@ -223,15 +301,22 @@ def enable(model: nn.Module, target_modules, rank: int, update_proj_gap: int = 2
         mod.__class__ = GaLoreLinear  # in place: references to the layer and its weight stay valid
         mod.galore = st
         mod._link()
+    mark_ddp_ignored(model)
     return model
 
 
 def disable(model: nn.Module) -> nn.Module:
     """Restore the ordinary forward of every gradient-free layer (their GaLore bases and R are dropped)."""
+    gone = set(ddp_ignore_names(model))
+    ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+    if ignored is not None:
+        model._ddp_params_and_buffers_to_ignore = [n for n in ignored if n not in gone]
     for mod in model.modules():
         if isinstance(mod, GaLoreLinear):
-            if _ATTR in mod.weight.__dict__:
-                delattr(mod.weight, _ATTR)
+            mod.galore.wait_reduction()
+            for attr in (_ATTR, "_ddp_ignored"):
+                if attr in mod.weight.__dict__:
+                    delattr(mod.weight, attr)
             del mod.galore
             mod.__class__ = nn.Linear
     return model

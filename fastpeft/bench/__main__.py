@@ -8,6 +8,7 @@ a float64 reference; print tables with TFLOP/s and GB/s as fractions of the devi
     python -m fastpeft.bench all --list --device cuda --preset full          # the cases and a run-time estimate
     python -m fastpeft.bench --summarize benchmarks/results/<file>.json --markdown
     python -m fastpeft.bench model --preset cpu     # a whole Llama training step (fastpeft.bench.model)
+    python -m fastpeft.bench comm                   # bytes all-reduced per data-parallel step (fastpeft.bench.comm)
 
 Exit status 1 when an implementation fails its correctness check or raises.
 """
@@ -55,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="only these implementations (names or families: floor eager compiled fastpeft ...)")
     p.add_argument("--exclude", nargs="+", default=[],
                    help="leave these implementations out (e.g. peft: its import takes ~10 s)")
-    p.add_argument("--backend", nargs="+", default=["torch", "triton"], choices=["torch", "triton", "cuda"],
+    p.add_argument("--backend", nargs="+", default=["torch", "triton", "cublas"],
+                   choices=["torch", "triton", "cuda", "cublas"],
                    help="fastpeft backends to time where they can run")
     p.add_argument("--metrics", nargs="+", choices=report.METRIC_ORDER)
     p.add_argument("--compile", choices=presets.COMPILE_POLICIES,
@@ -183,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import model
 
         return model.main(argv[1:])
+    if argv[:1] == ["comm"]:  # data-parallel bytes per step, counted and on paper
+        from . import comm
+
+        return comm.main(argv[1:])
     args = parser().parse_args(argv)
     if args.summarize:
         return summarize(args.summarize, args.markdown, args.only_tags)

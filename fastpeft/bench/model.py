@@ -6,6 +6,10 @@ a per-op time breakdown and the loss of every step; writes <out>/<date>_<device>
     python -m fastpeft.bench model --preset gpu            # 2 layers at Llama-3-8B widths, seq 2048 x batch 4, bf16
     python -m fastpeft.bench model --layers 4 --hidden 256 --variants full_ft peft fastpeft
 
+Communication: each variant's bytes all-reduced per data-parallel step and rank, counted under DDP in a
+1-process group (fastpeft.bench.comm: DDP's buckets, GaLore's R), printed next to time and memory and
+recorded as "comm" (with the figure on paper); --no-comm leaves it out.
+
 Checks first: every variant must start from the same base weights and give the reference's first-step loss
 (full_ft's, else the first variant's) within tolerances.py's bound for the dtype; a variant that fails is
 recorded as failed and not timed. Exit status 1 when a variant fails or raises.
@@ -240,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tag")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-json", action="store_true")
+    p.add_argument("--no-comm", action="store_true", help="do not count the bytes all-reduced per data-parallel step")
     return p
 
 
@@ -247,9 +252,10 @@ def label_of(cfg: dict) -> str:
     return "L{layers}_h{hidden}_i{intermediate}_s{seq}x{batch}_{dtype}".format(**cfg)
 
 
-def run(cfg: dict, variants, device, *, seed: int = 0, builder=build, on_variant=None) -> list[dict]:
+def run(cfg: dict, variants, device, *, seed: int = 0, builder=build, on_variant=None, comm: bool = False) -> list[dict]:
     """Every variant on the same weights and batches; records in the harness's result format. on_variant(results)
-    after each variant (the CLI rewrites its JSON then, so a run cut short by a timeout keeps what it measured)."""
+    after each variant (the CLI rewrites its JSON then, so a run cut short by a timeout keeps what it measured).
+    comm: also count each variant's bytes all-reduced per data-parallel step (rec["comm"], fastpeft.bench.comm)."""
     dtype = DTYPES[cfg["dtype"]]
     state = reference_state(cfg, seed)
     data = batches(cfg, cfg["warmup"] + cfg["steps"] + 3, seed, device)
@@ -264,6 +270,8 @@ def run(cfg: dict, variants, device, *, seed: int = 0, builder=build, on_variant
             rec = run_variant(name, cfg, state, data, ref, opts, device, dtype, builder)
         except Exception as exc:  # recorded and reported; the other variants still run
             rec = {"impl": name, "status": "error", "error": f"{type(exc).__name__}: {exc}", "losses": []}
+        if comm and rec["status"] == "ok":
+            rec["comm"] = _count_comm(name, cfg, state, data, opts, device, dtype, builder)
         rec["case"], rec["wall_s"] = case, round(time.monotonic() - t0, 1)
         results.append(rec)
         print(_line(rec), flush=True)
@@ -276,6 +284,32 @@ def run(cfg: dict, variants, device, *, seed: int = 0, builder=build, on_variant
     return results
 
 
+def _count_comm(name, cfg, state, data, opts, device, dtype, builder) -> dict:
+    from . import comm
+
+    try:
+        rec = comm.count_variant(name, cfg, state, data, opts, device, dtype, builder)
+    except Exception as exc:  # the timed record stands; the count says why it is missing
+        rec = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        rec["paper_bytes_per_step"] = comm.paper_bytes(cfg, name, galore_rank=opts["galore_rank"],
+                                                       grad_bytes=torch.empty((), dtype=dtype).element_size())["total"]
+    except ValueError:  # a variant the paper formulas do not know (a test's builder)
+        rec["paper_bytes_per_step"] = None
+    return rec
+
+
+def _comm_text(r: dict) -> str:
+    c = r.get("comm")
+    if c is None:
+        return ""
+    if c.get("status") != "ok":
+        return f"  comm {c.get('status')}"
+    from .comm import human_bytes
+
+    return f"  comm {human_bytes(c['bytes_per_step'])}/step"
+
+
 def _line(r: dict) -> str:
     if r["status"] == "error":
         return f"  {r['impl']:<18} ERROR {r['error']}"
@@ -285,7 +319,7 @@ def _line(r: dict) -> str:
     if r["status"] != "ok":
         return head + "  FAILED the check, not timed"
     return (head + f"  {r['tokens_per_s']:.0f} tok/s  step {r['times_ms']['step']:.1f} ms  peak "
-            f"{r['peak_bytes'] / MIB:.1f} MiB  saved {r['saved_beyond_inputs_bytes'] / MIB:.1f} MiB  "
+            f"{r['peak_bytes'] / MIB:.1f} MiB  saved {r['saved_beyond_inputs_bytes'] / MIB:.1f} MiB{_comm_text(r)}  "
             f"[{r['wall_s']} s]")
 
 
@@ -318,7 +352,9 @@ def main(argv=None) -> int:
                     loss_tolerance=loss_tolerance(cfg, DTYPES[cfg["dtype"]], device),
                     method="tokens/s: wall clock over the timed steps after the first step and the warm-up, "
                            "synchronised; saved activations: saved_tensors_hooks over one forward, storages once, "
-                           "parameters excluded; top_ops: torch.profiler self time of one further step")
+                           "parameters excluded; top_ops: torch.profiler self time of one further step; comm: "
+                           "bytes all-reduced per data-parallel step and rank, DDP in a 1-process group "
+                           "(fastpeft.bench.comm), after the timed steps")
 
     def doc_of(results):
         doc = schema.document("model", "full_ft", meta, dict(settings, elapsed_s=round(time.monotonic() - t0, 1)),
@@ -330,7 +366,7 @@ def main(argv=None) -> int:
         if not args.no_json:
             schema.write_json(doc_of(results), path)
 
-    results = run(cfg, variants, device, seed=args.seed, on_variant=on_variant)
+    results = run(cfg, variants, device, seed=args.seed, on_variant=on_variant, comm=not args.no_comm)
     doc = doc_of(results)
     for k, v in doc["comparisons"].items():
         if k != "targets":

@@ -29,11 +29,18 @@ Deliberate differences from galore-torch:
 
 Parameters of nn.Linear layers put into gradient-free mode by fastpeft.galore.enable are recognised and
 stepped from their accumulated projected gradient; their GaLore settings come from enable().
+
+Data parallelism (fastpeft.distributed): step() first waits for the all-reduce of every gradient-free layer's
+R still in flight; on an exact-SVD refresh the first rank's basis is broadcast. Parameters that are DTensors
+(FSDP2's fully_shard): AdamW groups keep DTensor moments; a gradient-free weight sharded on dim 0 gets the
+rank-r update on its local rows (its basis, R and moments are replicated, small); ordinary-gradient GaLore
+groups ("rank") on DTensors raise NotImplementedError.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -60,6 +67,12 @@ def _check_number(name, value, lo=None, lo_open=False, hi=None):
 
 def _galore_state(p):
     return getattr(p, "_fastpeft_galore", None)
+
+
+def _is_dtensor(t) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -186,6 +199,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 st = _galore_state(p)
                 if st is not None:
                     dense, what = st.G, f"layer {st.name!r} (gradient-free GaLore)"
+                elif p.grad is not None and "rank" in group and _is_dtensor(p):
+                    raise NotImplementedError(
+                        f"GaLoreAdamW: {self._param_name(group, gi, i, p)} in a GaLore group ('rank') is a DTensor (FSDP2 "
+                        "or tensor parallel): projecting a sharded gradient is not supported yet; use the gradient-free "
+                        "mode (fastpeft.galore.enable + fastpeft.distributed.galore_data_parallel) or a group without 'rank'")
                 elif p.grad is not None and not p.grad.is_sparse and "rank" in group and self._refresh_due(p, group):
                     dense, what = p.grad, self._param_name(group, gi, i, p)
                 else:
@@ -200,6 +218,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # data parallelism: R must be averaged before anything reads it
+            for p in group["params"]:
+                st = _galore_state(p)
+                if st is not None:
+                    st.wait_reduction()
         self._check_before_step()
         for group in self.param_groups:
             for p in group["params"]:
@@ -234,7 +257,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
         g = p.grad.float()
-        self._init_moments(state, p.shape, p.device)
+        if "exp_avg" not in state:  # zeros_like: a DTensor parameter (FSDP2) gets DTensor moments, sharded like it
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         b1, b2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(b1).add_(g, alpha=1.0 - b1)
@@ -264,6 +289,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             pj.rotate_moments(state["exp_avg"], state["exp_avg_sq"], old, new)
 
     def _step_galore(self, p, group):
+        if _is_dtensor(p):
+            raise NotImplementedError(
+                f"GaLoreAdamW: a parameter of shape {tuple(p.shape)} in a GaLore group ('rank') is a DTensor (FSDP2 or "
+                "tensor parallel): projecting a sharded gradient is not supported yet; use the gradient-free mode "
+                "(fastpeft.galore.enable + fastpeft.distributed.galore_data_parallel) or a group without 'rank'")
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
@@ -297,7 +327,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
         if st.G is not None:  # an exact-SVD refresh step: G was accumulated for this step only
-            st.set_basis(pj.svd_basis(st.G, st.rank, st.side, dtype=p.dtype))
+            new = pj.svd_basis(st.G, st.rank, st.side, dtype=p.dtype)
+            if st.reducer is not None:  # G is the same on every rank; the first rank's basis makes them bitwise equal
+                new = st.reducer.same_basis(new)
+            st.set_basis(new)
             r = pj.project(st.G, *(None if t is None else t.float() for t in (st.P, st.Q)))
             st.G = None
         else:
@@ -348,7 +381,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _update_weight(w, n, basis, alpha, lr_wd, backend):
-        """W <- (W - alpha·back(N))·(1 - lr·wd), in place, never forming an m×n update."""
+        """W <- (W - alpha·back(N))·(1 - lr·wd), in place, never forming an m×n update. A DTensor W sharded on
+        dim 0 (FSDP2): its local rows get the same rows of the rank-r product a·b (rows of a only)."""
         p_, q_ = basis
         if p_ is not None and q_ is not None:
             a, b = p_, n @ q_.float()
@@ -356,6 +390,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
             a, b = p_, n
         else:
             a, b = n, q_
+        if _is_dtensor(w):
+            from ..distributed import local_rows
+
+            w, row0 = local_rows(w)
+            a = a[row0:row0 + w.shape[0]]
+            if w.shape[0] == 0:
+                return
         decay = 1.0 - lr_wd
         if backend == "triton":
             _triton().galore_update(w, a, b, alpha, decay)

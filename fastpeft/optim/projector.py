@@ -164,12 +164,21 @@ def randomized_basis_dense(g: torch.Tensor, rank: int, side: str, dtype=None, **
                             dtype=dtype or g.dtype, work_dtype=work.dtype, **kw)
 
 
-def randomized_basis_factored(x: torch.Tensor, dy: torch.Tensor, rank: int, side: str, dtype=None, **kw):
+def randomized_basis_factored(x: torch.Tensor, dy: torch.Tensor, rank: int, side: str, dtype=None,
+                              reduce: Callable | None = None, **kw):
     """Randomized basis of G = dyᵀ·x (x [M, n], dy [M, m]) through skinny products only: G·Z = dyᵀ·(x·Z),
-    Gᵀ·Y = xᵀ·(dy·Y). Products run in x's dtype (no fp32 copy of x or dy); QR and SVD in fp32."""
+    Gᵀ·Y = xᵀ·(dy·Y). Products run in x's dtype (no fp32 copy of x or dy); QR and SVD in fp32.
+
+    reduce: data parallelism: every product G_i·Z (and G_iᵀ·Y) of this rank's G_i = dy_iᵀ·x_i goes through
+    reduce(t) -> the average of t over the ranks, so that with the same Ω (the same generator seed) on every
+    rank each rank runs the range finder of the averaged gradient (1/w)·Σ G_i, never forming it."""
     wd = x.dtype
-    return randomized_basis(lambda z: dy.t() @ (x @ z), lambda y: x.t() @ (dy @ y), (dy.shape[1], x.shape[1]), rank,
-                            side, device=x.device, dtype=dtype or x.dtype, work_dtype=wd, **kw)
+    apply, apply_t = (lambda z: dy.t() @ (x @ z)), (lambda y: x.t() @ (dy @ y))
+    if reduce is not None:
+        apply = (lambda f: lambda z: reduce(f(z)).to(wd))(apply)
+        apply_t = (lambda f: lambda y: reduce(f(y)).to(wd))(apply_t)
+    return randomized_basis(apply, apply_t, (dy.shape[1], x.shape[1]), rank, side, device=x.device,
+                            dtype=dtype or x.dtype, work_dtype=wd, **kw)
 
 
 def project(g: torch.Tensor, p, q) -> torch.Tensor:
