@@ -61,7 +61,9 @@ fi
 #    in test_cuda_ops.py) cannot crowd them out of the stage's time.
 LORA_TESTS="tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_errors.py tests/test_lora_module.py tests/test_inject_lora.py"
 stage tests-lora 110 320 "$PY" -m pytest $LORA_TESTS -q -rs -p no:cacheprovider --durations=10
+#    The gloo data-parallel tests (tests/test_distributed*.py, ~2 min of CPU processes) are CI's, left out here.
 stage tests 100 220 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15 -k "not static" \
+  --ignore-glob='tests/test_distributed*' \
   $(for f in $LORA_TESTS; do printf -- '--deselect %s ' "$f"; done)
 # 2. every op's quick preset (each op's headline and decode cases; torch.compile on each op's first case);
 #    --time-budget stops starting new cases early enough to write the JSON files and the plots, and shares
