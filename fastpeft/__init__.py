@@ -24,8 +24,10 @@ _alias_kernels()
 from ._backend import backend_report  # noqa: E402
 from .errors import BackendUnavailableError  # noqa: E402
 from .inject_lora import count_parameters, inject_lora  # noqa: E402  (the function: it shadows its module's name)
-from .modules.lora import LoRALinear  # noqa: E402
+from .modules.lora import DoRALinear, LoRALinear  # noqa: E402
 from .ops.lora_linear import LoRALinearFunction, lora_linear  # noqa: E402
+from .ops.dora_linear import DoRALinearFunction, dora_linear  # noqa: E402
+from .ops.qlora_linear import QLoRALinearFunction, qlora_linear  # noqa: E402
 from .autocast import lora_linear_amp  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .peft_compat import patch_peft, unpatch_peft  # noqa: E402
@@ -40,19 +42,22 @@ from .inject_multi import inject_multi_lora, load_multi_adapter, multi_lora_batc
 # the torch.library registrations (torch.ops.fastpeft.<op>_fwd/bwd) that each op calls under torch.compile; each
 # imports its op's module, never the reverse, so they are imported here
 from .ops import (  # noqa: E402,F401
-    adapter_custom_op as _adapter_custom_op, ia3_custom_op as _ia3_custom_op,
+    adapter_custom_op as _adapter_custom_op, dora_linear_custom_op as _dora_linear_custom_op,
+    ia3_custom_op as _ia3_custom_op,
     lora_linear_custom_op as _lora_linear_custom_op, multi_lora_custom_op as _multi_lora_custom_op,
+    qlora_linear_custom_op as _qlora_linear_custom_op,
 )
-from . import galore, optim  # noqa: E402
+from . import distributed, galore, optim  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "backend_report",
     "lora_linear", "LoRALinearFunction", "LoRALinear", "inject_lora", "count_parameters",
+    "dora_linear", "DoRALinearFunction", "DoRALinear", "qlora_linear", "QLoRALinearFunction",
     "lora_linear_amp", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
     "bottleneck_adapter", "BottleneckAdapterFunction", "BottleneckAdapter", "inject_adapters",
     "SeriesAdapterLayer", "ParallelAdapterLayer", "ia3_linear", "IA3LinearFunction", "IA3Linear",
     "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "inject_multi_lora", "load_multi_adapter",
     "unload_multi_adapter", "multi_lora_batch",
-    "galore", "optim",
+    "galore", "optim", "distributed",
 ]

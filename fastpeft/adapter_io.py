@@ -9,6 +9,16 @@ then takes the target's place in one rename, so a crash never leaves a half-writ
 was; other files of the directory are kept, a symlink is followed, and the directory keeps its mode.
 Loading validates the config and every key, shape, dtype and value of every layer against the model before
 touching it (all or nothing), and names the file, layer and key that do not match.
+
+Under torch.distributed (a process group of more than one rank): save_adapter is collective: call it on every
+rank. Every rank gathers the full adapter (FSDP2-sharded LoRA weights are all-gathered with
+DTensor.full_tensor(), so the file is the ordinary, unsharded PEFT format), the group's first rank writes it,
+and a broadcast of the outcome acts as the barrier: no rank returns before the files are complete, and an
+error of the writer is raised on every rank. distributed=False writes from the calling process alone (no
+communication; refused for sharded weights). load_adapter runs on every rank, each reading the files: a
+sharded (DTensor) LoRA weight takes its own shard of the file's tensor, without communication. A model
+wrapped in DistributedDataParallel (or DataParallel, torch.compile) may be passed: its inner module's names
+are used.
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ _SHOWN = 5  # names listed in an error message before "... and N more"
 
 # config fields whose non-default values describe adapters fastpeft's LoRALinear cannot represent
 _UNSUPPORTED = {
-    "use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None), "bias": ("none", None), "lora_bias": (False, None),
     "modules_to_save": (None, []), "layers_to_transform": (None, []), "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None), "target_parameters": (None, []), "trainable_token_indices": (None,),
     "megatron_config": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
@@ -48,6 +58,28 @@ _UNSUPPORTED = {
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile's wrapper: PEFT's names are the
+    plain model's (no `module.` or `_orig_mod.` prefix)."""
+    from .distributed import unwrap
+
+    return unwrap(model)
+
+
+def _is_dtensor(t) -> bool:
+    from .distributed import is_dtensor
+
+    return is_dtensor(t)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of t; a DTensor (FSDP2) is all-gathered first (a collective: every rank calls it)."""
+    t = t.detach()
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.to("cpu").contiguous()
 
 
 def _plain_module_names(model: nn.Module, lora: dict[str, LoRALinear]) -> list[str]:
@@ -69,12 +101,13 @@ def _number(x: float):
 def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = None,
                    task_type: str | None = None) -> dict:
     """The PEFT LoraConfig (as a dict) describing the LoRA layers of a fastpeft model."""
+    model = _unwrap(model)
     lora = _lora_layers(model)
     if not lora:
         raise ValueError(f"model: expected a model with fastpeft LoRALinear layers (fastpeft.inject_lora), "
                          f"found none in {type(model).__name__}")
     fields = {"r": lambda m: m.r, "lora_alpha": lambda m: m.lora_alpha, "lora_dropout": lambda m: m.lora_dropout,
-              "use_rslora": lambda m: m.use_rslora}
+              "use_rslora": lambda m: m.use_rslora, "use_dora": lambda m: m.use_dora}
     first_name, first = next(iter(lora.items()))
     for field, get in fields.items():
         other = [n for n, m in lora.items() if get(m) != get(first)]
@@ -95,34 +128,54 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "revision": None, "inference_mode": True,
         "r": first.r, "lora_alpha": _number(first.lora_alpha), "lora_dropout": first.lora_dropout,
         "use_rslora": first.use_rslora, "target_modules": target,
-        "fan_in_fan_out": False, "bias": "none", "use_dora": False, "modules_to_save": None,
+        "fan_in_fan_out": False, "bias": "none", "use_dora": first.use_dora, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights of a fastpeft model under PEFT's key names (detached CPU tensors)."""
+    """The LoRA weights of a fastpeft model under PEFT's key names (detached CPU tensors; FSDP2-sharded weights
+    are gathered, which is a collective: call it on every rank then)."""
     out = {}
-    for name, m in _lora_layers(model).items():
-        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    for name, m in _lora_layers(_unwrap(model)).items():
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A)
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = _full(m.lora_B)
+        if m.use_dora:  # DoRA: PEFT's file key of the magnitude vector
+            out[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = _full(m.lora_magnitude_vector)
     return out
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> str:
+                 task_type: str | None = None, distributed: bool | None = None, process_group=None) -> str:
     """Write the LoRA adapter of a fastpeft model in PEFT's format: `directory`/adapter_model.safetensors and
     adapter_config.json, atomically (other files already in `directory` are kept, and its mode; a symlink is
     followed). Returns the directory written (the link's target for a symlink).
 
     base_model_name_or_path defaults to model.config._name_or_path when the model has one; task_type is
     PEFT's (e.g. "CAUSAL_LM", "SEQ_CLS") or None.
+
+    distributed: None (default): collective when torch.distributed is initialized and process_group (default
+    the world) has more than one rank: call it on every rank; sharded weights are gathered, the group's first
+    rank writes, and every rank returns once the files are complete (the outcome is broadcast: a barrier that
+    also carries the writer's error to every rank). False: this process writes alone, without communication
+    (replicated weights only, e.g. `if rank == 0: save_adapter(model, d, distributed=False)`).
     """
     from safetensors.torch import save_file
 
-    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    tensors = adapter_state_dict(model)
+    from .distributed import is_distributed
+
+    collective = is_distributed(process_group) if distributed is None else bool(distributed)
+    if collective and not is_distributed(process_group):
+        raise ValueError("distributed=True: torch.distributed is not initialized with more than one rank")
+    inner = _unwrap(model)
+    if not collective:
+        sharded = [n for n, p in inner.named_parameters() if "lora_" in n and _is_dtensor(p)]
+        if sharded:
+            raise ValueError(f"distributed=False: the LoRA weights {sharded[:3]} are sharded (DTensor, FSDP2): "
+                             "gathering them is collective; call save_adapter on every rank (distributed=None)")
+    config = adapter_config(inner, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    tensors = adapter_state_dict(inner)  # every rank: the all-gathers of sharded weights are collective
 
     def write(tmp: str) -> None:
         weights = os.path.join(tmp, WEIGHTS_NAME)
@@ -131,7 +184,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         write_json(os.path.join(tmp, CONFIG_NAME), config)
 
     # a stale adapter_model.bin would hold the old weights: not carried over
-    return write_directory(directory, write, replaced={WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME})
+    replaced = {WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME}
+    if not collective:
+        return write_directory(directory, write, replaced=replaced)
+    dist = torch.distributed
+    src = dist.get_global_rank(process_group if process_group is not None else dist.group.WORLD, 0)
+    outcome = [None, None]  # (the directory written, the writer's error)
+    exc = None
+    if dist.get_rank() == src:
+        try:
+            outcome[0] = write_directory(directory, write, replaced=replaced)
+        except Exception as e:  # noqa: BLE001 - carried to every rank, re-raised as it is here
+            exc, outcome[1] = e, f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(outcome, src=src, group=process_group)  # the barrier
+    if exc is not None:
+        raise exc
+    if outcome[1] is not None:
+        raise RuntimeError(f"save_adapter: rank {src} failed to write {os.fspath(directory)}: {outcome[1]}")
+    return outcome[0]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -188,8 +258,11 @@ def _check_config(cfg: dict, path: str) -> dict:
                 re.compile(value)
             except re.error as exc:
                 raise ValueError(f"{path}: {field}: {value!r} is not a valid regex ({exc})") from exc
+    dora = cfg.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise ValueError(f"{path}: use_dora: expected true or false, got {dora!r}")
     return {"r": r, "lora_alpha": float(alpha), "lora_dropout": float(p), "use_rslora": rslora,
-            "target_modules": target, "exclude_modules": exclude or None}
+            "target_modules": target, "exclude_modules": exclude or None, "use_dora": dora}
 
 
 def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -227,7 +300,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
         raise FileNotFoundError(f"directory: {directory} is not a directory")
     cfg_path = os.path.join(directory, CONFIG_NAME)
     cfg = _check_config(_read_config(directory), cfg_path)
+    wrapped, model = model, _unwrap(model)
     lora = _lora_layers(model)
+    if not lora and wrapped is not model:
+        raise ValueError(f"model: {type(wrapped).__name__} wraps a model without LoRA layers; load_adapter would "
+                         "inject them behind the wrapper's back: inject (or load) before wrapping")
     plain = _plain_module_names(model, lora)
     targets = {n for n in plain if matches_target(n, cfg["target_modules"], cfg["exclude_modules"])}
     if not targets:
@@ -242,7 +319,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
                                              f"targeted layers without LoRA: {_listing(missing)}" if missing else "")
                                  if s))
         expected_scaling = {"r": lambda m: m.r, "lora_alpha": lambda m: m.lora_alpha,
-                            "lora_dropout": lambda m: m.lora_dropout, "use_rslora": lambda m: m.use_rslora}
+                            "lora_dropout": lambda m: m.lora_dropout, "use_rslora": lambda m: m.use_rslora,
+                            "use_dora": lambda m: m.use_dora}
         for name, m in lora.items():
             for field, get in expected_scaling.items():
                 if get(m) != cfg[field]:
@@ -272,6 +350,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
     for name, (fan_in, fan_out) in shapes.items():
         expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = (name, "A", (r, fan_in))
         expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = (name, "B", (fan_out, r))
+        if cfg["use_dora"]:
+            expected[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = (name, "M", (fan_out,))
+    tensors = {k[:-7] if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         parts = [f"missing keys: {_listing(missing)}" if missing else "",
@@ -284,8 +365,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
         t, home = tensors[key], homes[name]
         where = f"{weights_path}: layer {name}: {key}"
         if tuple(t.shape) != shape:
-            dims = "[r, in_features]" if which == "A" else "[out_features, r]"
-            raise ValueError(f"{where}: expected shape {list(shape)}, got {list(t.shape)} (lora_{which} is {dims})")
+            dims = {"A": "lora_A is [r, in_features]", "B": "lora_B is [out_features, r]",
+                    "M": "lora_magnitude_vector is [out_features]"}[which]
+            raise ValueError(f"{where}: expected shape {list(shape)}, got {list(t.shape)} ({dims})")
         if not t.is_floating_point():
             raise ValueError(f"{where}: expected a floating-point tensor, got {t.dtype}")
         if not torch.isfinite(t).all():
@@ -299,12 +381,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
     # only now is the model changed; inject_lora is all or nothing, and copies of checked tensors cannot fail
     if not lora:
         inject_lora(model, target_modules=pattern, r=r, alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                    use_rslora=cfg["use_rslora"], backend=backend)
+                    use_rslora=cfg["use_rslora"], backend=backend, use_dora=cfg["use_dora"])
         lora = _lora_layers(model)
     with torch.no_grad():
         for name, which, value in ready.values():
-            (lora[name].lora_A if which == "A" else lora[name].lora_B).copy_(value)
-    return model
+            param = getattr(lora[name], {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}[which])
+            if _is_dtensor(param):  # FSDP2: this rank's shard of the file's tensor, no communication
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
+    return wrapped
 
 
 __all__ = ["save_adapter", "load_adapter", "adapter_config", "adapter_state_dict"]

@@ -34,7 +34,7 @@ def find_target_linears(model: nn.Module, target_modules: str | Iterable[str], e
 
 def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, alpha: float = 16,
                 dropout: float = 0.0, use_rslora: bool = False, backend: str | None = None, *,
-                exclude_modules: str | Iterable[str] | None = None) -> nn.Module:
+                exclude_modules: str | Iterable[str] | None = None, use_dora: bool = False) -> nn.Module:
     """Replace every targeted nn.Linear of `model` by a LoRALinear in place, freeze every other parameter
     (adapters of earlier injections, fastpeft's or PEFT's, keep their requires_grad) and return the model.
 
@@ -43,12 +43,16 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 
     All or nothing: every target and argument is checked before the model changes; a target that matches
     nothing, is not a plain nn.Linear, sits inside another adapter layer or inside a module that bypasses it
     (nn.MultiheadAttention's out_proj) raises, naming it and why.
+    use_dora=True: PEFT's DoRA (LoraConfig(use_dora=True)) in every targeted layer (a DoRALinear, see
+    fastpeft.LoRALinear), each magnitude initialised as PEFT does.
     """
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora: expected True or False, got {use_dora!r}")
     names = find_target_linears(model, target_modules, exclude_modules)
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     try:
         layers = {name: LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
-                                   use_rslora=use_rslora, backend=backend) for name in names}
+                                   use_rslora=use_rslora, backend=backend, use_dora=use_dora) for name in names}
     except BaseException:  # a bad argument: LoRALinear froze the base layers it got before raising
         for p, flag in trainable:
             p.requires_grad_(flag)

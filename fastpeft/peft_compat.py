@@ -8,9 +8,15 @@ honoured, and the p and training flag of lora_dropout[name]), so training, save_
 set_adapter, merge and disable_adapter all keep working. Further active adapters add their terms with PEFT's
 own modules. State dict, parameters and hooks are untouched; unpatch_peft swaps the class back.
 
-What fastpeft cannot fuse stays on PEFT's path, never silently: DoRA and other LoRA variants, lora_bias,
-fan_in_fan_out, LoRA on non-Linear bases (Embedding, Conv, quantized layers), base layers with their own
-hooks or forward, adapter_names mixed batches, and dtype combinations PEFT handles by casting.
+DoRA adapters (use_dora=True) are fused too: a first active DoRA adapter runs through fastpeft.dora_linear with
+PEFT's magnitude (lora_magnitude_vector[name].weight) and PEFT's semantics (dropout's base term included), ‖w_i‖²
+of the frozen base weight cached on the layer (ops/dora_linear_cached.py); a DoRA adapter active after another
+one runs PEFT's own DoRA forward on the summed result, as PEFT computes it.
+
+What fastpeft cannot fuse stays on PEFT's path, never silently: other LoRA variants, lora_bias, fan_in_fan_out,
+LoRA on non-Linear bases (Embedding, Conv, quantized layers), base layers with their own hooks or forward,
+adapter_names mixed batches, DoRA with backend="cuda" (no CUDA C++ kernels for it), and dtype combinations PEFT
+handles by casting.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from torch import nn
 from ._backend import requested_backend
 from ._checks import FLOAT_DTYPES
 from .autocast import autocast_dtype
+from .ops.dora_linear_cached import DoRACallCache, dora_linear_cached
 from .ops.lora_linear_cached import LoRACallCache, call_signature, lora_linear_cached
 
 _PATCHED_NAME = "FastpeftLoraLinear"
@@ -82,12 +89,40 @@ def _layer_reason(layer) -> str | None:
     return None
 
 
-def _adapter_reason(layer, name: str) -> str | None:
+def _is_dora(layer, name: str) -> bool:
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    return bool(getattr(layer, "use_dora", {}).get(name, False)) or (
+        variant is not None and type(variant).__name__ == "DoraLinearVariant")
+
+
+def _dora_reason(layer, name: str, backend: str | None) -> str | None:
+    """Why DoRA adapter `name` stays on PEFT's path, or None."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is None or type(variant).__name__ != "DoraLinearVariant":
+        return f"DoRA with LoRA variant {type(variant).__name__}"
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    mag = mags[name] if mags is not None and name in mags else None
+    weight = getattr(mag, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return "DoRA without a 1-D lora_magnitude_vector weight"
+    if getattr(mag, "fan_in_fan_out", False):
+        return "DoRA with fan_in_fan_out=True"
+    if getattr(layer, "ephemeral_gpu_offload", False):
+        return "DoRA with ephemeral_gpu_offload=True"
+    if backend is not None and backend.lower() == "cuda":
+        return "DoRA with backend='cuda' (no CUDA C++ kernels for DoRA)"
+    return None
+
+
+def _adapter_reason(layer, name: str, backend: str | None = None) -> str | None:
     """Why adapter `name` of this layer stays on PEFT's path, or None."""
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if variant is not None or getattr(layer, "use_dora", {}).get(name, False):
-        is_dora = getattr(layer, "use_dora", {}).get(name, False) or "Dora" in type(variant).__name__
-        return "DoRA (use_dora=True)" if is_dora else f"LoRA variant {type(variant).__name__}"
+    if _is_dora(layer, name):
+        reason = _dora_reason(layer, name, backend)
+        if reason is not None:
+            return reason
+    elif variant is not None:
+        return f"LoRA variant {type(variant).__name__}"
     if getattr(layer, "lora_bias", {}).get(name, False):
         return "lora_bias=True"
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
@@ -147,7 +182,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if ok is None or ok[0] != active or ok[1] is not lin_a or ok[2] is not lin_b or ok[3] is not drop \
             or lin_a._parameters.get("bias") is not None:
         for a in active:
-            reason = _adapter_reason(self, a)
+            reason = _adapter_reason(self, a, self._fastpeft_backend)
             if reason is not None:
                 _warn_once(("adapter", a, reason),
                            f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
@@ -163,35 +198,64 @@ def _fused_forward(self, x, *args, **kwargs):
         return peft_forward(self, x)
     weight, bias = base.weight, base.bias
     lora_a, lora_b = lin_a.weight, lin_b.weight
-    cache = self.__dict__.get("_fastpeft_cache")
-    if cache is None:
-        cache = self.__dict__["_fastpeft_cache"] = LoRACallCache()
     p = drop.p if type(drop) is nn.Dropout else 0.0
     scaling = self.scaling[a0]
     backend = self._fastpeft_backend
     key = call_signature(x, weight, lora_a, lora_b, bias, scaling, p, backend)
-    if key is None or key != cache.key:  # checked again only when a dtype, device or shape changes
-        reason = _dtype_reason(x, weight, lora_a, lora_b)
-        if reason is not None:
-            _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like it "
-                                          "run on PEFT's path, which casts")
+    if a0 in self.__dict__.get("lora_variant", ()):  # DoRA (the only variant _adapter_reason lets through)
+        result = _dora_first(self, x, key, weight, bias, lora_a, lora_b, a0, p, drop, scaling, backend)
+        if result is None:
             return peft_forward(self, x)
-    result = lora_linear_cached(cache, x, weight, lora_a, lora_b, scaling, bias, p, drop.training, backend, key=key)
+    else:
+        cache = self.__dict__.get("_fastpeft_cache")
+        if cache is None:
+            cache = self.__dict__["_fastpeft_cache"] = LoRACallCache()
+        if key is None or key != cache.key:  # checked again only when a dtype, device or shape changes
+            reason = _dtype_reason(x, weight, lora_a, lora_b)
+            if reason is not None:
+                _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like "
+                                              "it run on PEFT's path, which casts")
+                return peft_forward(self, x)
+        result = lora_linear_cached(cache, x, weight, lora_a, lora_b, scaling, bias, p, drop.training, backend,
+                                    key=key)
     if len(active) > 1:  # further adapters: PEFT's own term for each, summed as PEFT sums them
         dtype = result.dtype
         for a in active[1:]:
             lin_a = self.lora_A[a]
             xa = self._cast_input_dtype(x, lin_a.weight.dtype)
-            result = result + self.lora_B[a](lin_a(self.lora_dropout[a](xa))) * self.scaling[a]
+            if a in self.__dict__.get("lora_variant", ()):  # DoRA: PEFT's own forward on the sum so far, as PEFT
+                result = self.lora_variant[a].forward(self, active_adapter=a, x=xa, result=result)
+            else:
+                result = result + self.lora_B[a](lin_a(self.lora_dropout[a](xa))) * self.scaling[a]
         result = result.to(dtype)
     return result
+
+
+def _dora_first(self, x, key, weight, bias, lora_a, lora_b, a0, p, drop, scaling, backend):
+    """The first active adapter, a DoRA one, through fastpeft.dora_linear; None: PEFT's path (dtypes it casts)."""
+    cache = self.__dict__.get("_fastpeft_dora_cache")
+    if cache is None:
+        cache = self.__dict__["_fastpeft_dora_cache"] = DoRACallCache()
+    if key is None or key != cache.sig:  # checked again only when a dtype, device or shape changes
+        reason = _dtype_reason(x, weight, lora_a, lora_b)
+        if reason is not None:
+            _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like it "
+                                          "run on PEFT's path, which casts")
+            return None
+    magnitude = self._modules["lora_magnitude_vector"]._modules[a0].weight
+    # PEFT drops (base term included) when the layer trains and its dropout is an nn.Dropout; nn.Dropout in eval
+    # mode is the identity
+    training = self.training and drop.training
+    return dora_linear_cached(cache, x, weight, lora_a, lora_b, magnitude, scaling, bias, p, training, backend,
+                              key=key)
 
 
 # ------------------------------------------------------------------------------------------ public API
 
 
 def patch_peft(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Run the LoRA Linear layers of a PEFT model (peft.get_peft_model / PeftModel) through fastpeft.
+    """Run the LoRA Linear layers of a PEFT model (peft.get_peft_model / PeftModel) through fastpeft, DoRA
+    (use_dora=True) layers through fastpeft.dora_linear.
 
     Patches in place and returns `model`. Outputs and gradients match PEFT's; parameters, state dict,
     save_pretrained and load_adapter are unchanged. Layers or adapters fastpeft cannot fuse stay on PEFT's
@@ -217,7 +281,7 @@ def patch_peft(model: nn.Module, backend: str | None = None) -> nn.Module:
             skipped.setdefault(reason, []).append(name)
             continue
         for a in mod.lora_A:
-            reason = _adapter_reason(mod, a)
+            reason = _adapter_reason(mod, a, backend)
             if reason is not None:
                 skipped.setdefault(f"adapter {a!r}: {reason}", []).append(name)
                 _warned.add(("adapter", a, reason))  # named below: no second warning at forward time
@@ -244,7 +308,8 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if type(mod) is fused:
             mod.__class__ = linear_cls
-            for attr in ("_fastpeft_backend", "_fastpeft_name", "_fastpeft_ok", "_fastpeft_cache"):
+            for attr in ("_fastpeft_backend", "_fastpeft_name", "_fastpeft_ok", "_fastpeft_cache",
+                         "_fastpeft_dora_cache"):
                 mod.__dict__.pop(attr, None)
     return model
 

@@ -4,6 +4,9 @@ Kernels (x [M, K], W0 [N, K], A [R, K], B [N, R]):
   _lora_shrink_kernel   S = dropout(x)·Aᵀ                      one read of x, mask from the seed
   _lora_gemm_kernel     out = P·Q + c·keep⊙(L·Rm) + bias         forward:  P=x,  Q=W0ᵀ, L=S,  Rm=Bᵀ, c=s
                                                                  backward: P=dY, Q=W0,  L=dS, Rm=A,  c=1/(1-p)
+  _lora_gemm_scaled_kernel  the same with a per-column scale (DoRA's m/‖W0 + s·B·A‖, ops/dora_linear.py):
+                        out = col⊙(P·Q + c·L·Rm) + bias (epilogue; optionally also storing the unscaled tile), or
+                        out = (P⊙col)·Q + c·keep⊙(L·Rm) (prologue: dY's columns in the backward)
   _lora_bwd_dy_kernel   dS = s·dY·B, dB = s·dYᵀ·S, dbias = Σ dY   one read of dY
   _lora_bwd_da_kernel   dA = dSᵀ·dropout(x)                      one read of x, mask regenerated
 
@@ -17,8 +20,9 @@ load themselves (SEED_PTR), so nothing is read on the host and a CUDA graph repl
 Argument legend: P [M, K] and Q [K, N] the main product's operands (Q_KN: Q stored
 [K, N], else read from Qᵀ [N, K]; the K loop is kernels/gemm_loop.py's); L [M, R] and RM [R, N] ("R
 matrix", RM to keep it apart from the rank R) the low-rank factors; c = lora_scale; thr the dropout
-threshold (kernels/philox.py); *_PART fp32 per-program partials; BLOCK_R the rank tile (a chunk of R in the
-GEMM). stride_<t><d> is tensor t's stride along dimension d.
+threshold (kernels/philox.py); COL a per-column scale (COL_SCALE), PRE the unscaled output (STORE_PRE);
+*_PART fp32 per-program partials; BLOCK_R the rank tile (a chunk of R in the GEMM). stride_<t><d> is tensor
+t's stride along dimension d.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exporte
 )
 from .gemm_loop import gemm_k_loop
 from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.lora_linear.*)
-    GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SKINNY_CONFIGS, gemm_config, gemm_config_name,
-    gemm_rank_block, skinny_config,
+    GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SCALED_GEMM_CONFIGS, SKINNY_CONFIGS, STORE_PRE_PATHS,
+    gemm_config, gemm_config_name, gemm_rank_block, scaled_gemm_config, skinny_config,
 )
 from .philox import dropout_keep, dropout_seed
 
@@ -89,16 +93,20 @@ def _lora_shrink_kernel(
     tl.store(s_ptrs, acc.to(S.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _lora_gemm_kernel(
-    P, Q, L, RM, BIAS, OUT, M, N, K, R,
+@triton.jit
+def _lora_gemm_tile(
+    P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    stride_bias, lora_scale, seed, thr,
+    stride_bias, stride_col, lora_scale, seed, thr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr, COL_SCALE: tl.constexpr,
+    STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One output tile of _lora_gemm_kernel / _lora_gemm_scaled_kernel (inlined into each: the compiled code is
+    the kernel's own). COL_SCALE: 0 none; 1 the epilogue scales the output's columns by COL (before the bias;
+    STORE_PRE also stores the tile before that scale to PRE); 2 the prologue scales P's columns (the K
+    dimension) by COL, through gemm_loop's operand-scaling hook. PRE has OUT's shape and strides."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,11 +128,21 @@ def _lora_gemm_kernel(
         acc = tl.where(dropout_keep(key, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
 
     # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
-    acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                      stride_pm, stride_pk, stride_qk, stride_qn, 0,
-                      P_DESC=USE_TMA, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=False, EVEN_K=EVEN_K,
+    acc = gemm_k_loop(acc, P, Q, COL, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                      stride_pm, stride_pk, stride_qk, stride_qn, stride_col,
+                      P_DESC=USE_TMA, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=COL_SCALE == 2, EVEN_K=EVEN_K,
                       DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
+    if COL_SCALE == 1:
+        if STORE_PRE:  # the tile before its column scale (DoRA saves it for the magnitude's gradient)
+            if USE_TMA:
+                pre_desc = tl.make_tensor_descriptor(PRE, shape=[M, N], strides=[stride_om, 1],
+                                                     block_shape=[BLOCK_M, BLOCK_N])
+                pre_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(PRE.dtype.element_ty))
+            else:  # the same offsets as OUT's below (PRE has OUT's strides): computed once
+                pre_ptrs = PRE + (offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on)
+                tl.store(pre_ptrs, acc.to(PRE.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        acc = acc * tl.load(COL + cols * stride_col).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     if USE_TMA:
@@ -133,6 +151,43 @@ def _lora_gemm_kernel(
     else:
         out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_gemm_kernel(
+    P, Q, L, RM, BIAS, OUT, M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    stride_bias, lora_scale, seed, thr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    _lora_gemm_tile(P, Q, L, RM, BIAS, OUT, OUT, OUT, M, N, K, R,
+                    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+                    stride_om, stride_on, stride_bias, 0, lora_scale, seed, thr,
+                    HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
+                    DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, Q_KN=Q_KN, COL_SCALE=0, STORE_PRE=False,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, GROUP_M=GROUP_M)
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_gemm_scaled_kernel(
+    P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    stride_bias, stride_col, lora_scale, seed, thr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr, COL_SCALE: tl.constexpr,
+    STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    _lora_gemm_tile(P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
+                    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+                    stride_om, stride_on, stride_bias, stride_col, lora_scale, seed, thr,
+                    HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
+                    DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, Q_KN=Q_KN, COL_SCALE=COL_SCALE,
+                    STORE_PRE=STORE_PRE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+                    GROUP_M=GROUP_M)
 
 
 @triton.jit
@@ -274,33 +329,58 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed, thr: int) -> t
     return s
 
 
-def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple | None) -> torch.Tensor:
+def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple | None, *, col=None,
+              col_mode: str = "epilogue", store_pre: bool = False):
     """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
 
     dropout: (seed, thr) to apply the keep-mask to the low-rank term (seed: an int or a tensor, see seed_arg), or
     None. Every tensor may have any strides, bias [N] included (stride 0: one value for every column).
+    col: an optional per-column scale (DoRA's m/‖W0 + s·B·A‖), any float dtype and strides; the column-scaled
+    kernel takes its own tiles (scaled_gemm_config). col_mode "epilogue": col [N] scales the output's columns
+    before the bias, out = col ⊙ (P·Q + c·L·Rm) + bias; with store_pre the unscaled product is returned too,
+    (out, pre) (on the pointer path, whose compiled variant would spill, the kernel stores the unscaled product
+    and col and bias are applied in PyTorch). col_mode "prologue": col [K] scales P's columns,
+    out = (P ⊙ col)·Q + c·keep⊙(L·Rm) (+ bias), the product rounded to P's dtype as it is loaded.
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
     R = l_mat.shape[1]
+    if col is not None:
+        if col_mode not in ("epilogue", "prologue"):
+            raise ValueError(f"col_mode: expected 'epilogue' or 'prologue', got {col_mode!r}")
+        n_col = N if col_mode == "epilogue" else K
+        if col.dim() != 1 or col.shape[0] != n_col:
+            raise ValueError(f"col: expected shape [{n_col}] for col_mode={col_mode!r}, got {tuple(col.shape)}")
+        if store_pre and col_mode != "epilogue":
+            raise ValueError("store_pre: only with col_mode='epilogue'")
     out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)
-    cfg = gemm_config(M, p_mat.dtype, path, dropout is not None)
+    if col is not None and store_pre and path not in STORE_PRE_PATHS:  # two passes (see the docstring)
+        pre = lora_gemm(p_mat, q_t, l_mat, rm_t, None, lora_scale, dropout)
+        out.copy_(pre * col)
+        if bias is not None:
+            out += bias
+        return out, pre
+    cfg = gemm_config(M, p_mat.dtype, path, dropout is not None) if col is None else \
+        scaled_gemm_config(M, p_mat.dtype, path)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     seed, thr = dropout if dropout is not None else (0, 0)
     seed, seed_ptr = seed_arg(seed, p_mat.device)
-    _launch(
-        _lora_gemm_kernel, grid,
-        p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
-        p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
-        rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        lora_scale, seed=seed, thr=thr,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma", Q_KN=q_kn,
-        BLOCK_R=gemm_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg),
-    )
-    return out
+    common = (p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
+              rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0)
+    consts = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr,
+                  EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma",
+                  Q_KN=q_kn, BLOCK_R=gemm_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg))
+    if col is None:
+        _launch(_lora_gemm_kernel, grid, p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
+                *common, lora_scale, seed=seed, thr=thr, **consts)
+        return out
+    pre = torch.empty_like(out) if store_pre else out  # out's shape, dtype and strides (the kernel takes out's)
+    _launch(_lora_gemm_scaled_kernel, grid, p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, col, pre,
+            M, N, K, R, *common, col.stride(0), lora_scale, seed=seed, thr=thr,
+            COL_SCALE=1 if col_mode == "epilogue" else 2, STORE_PRE=store_pre, **consts)
+    return (out, pre) if store_pre else out
 
 
 def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbias: bool):

@@ -34,6 +34,23 @@ GEMM_CONFIGS = {
                               fp32=dict(BLOCK_N=64, BLOCK_K=32)),
     },
 }
+# The DoRA GEMM (_lora_gemm_scaled_kernel): the LoRA GEMM's tiles, except where the per-column scale's registers
+# beside the bias's spill: Hopper's large tile narrows to 128 columns (as with dropout), the pointer path's mid tile
+# takes 8 warps. Its store of the unscaled tile (STORE_PRE) is compiled for the "tma" path only: beside the pointer
+# path's address tensors it spills, so there the launcher stores the unscaled product and scales it in PyTorch.
+SCALED_GEMM_CONFIGS = {
+    "tma": {
+        "decode": GEMM_CONFIGS["tma"]["decode"],
+        "mid": GEMM_CONFIGS["tma"]["mid"],
+        "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=4),
+    },
+    "ptr": {
+        "decode": GEMM_CONFIGS["ptr"]["decode"],
+        "mid": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=3),
+        "large": GEMM_CONFIGS["ptr"]["large"],
+    },
+}
+STORE_PRE_PATHS = ("tma",)
 # Skinny kernels by padded rank: the [BLOCK_M, r] accumulators bound the row block. "ieee": fp32 with
 # full-precision (FMA) dots, whose operands take registers over the whole reduction tile (`tiles_for`):
 # dY's column tile (dy: the reduction of dS) and the row tile (da: the reduction of dA) shrink.
@@ -97,6 +114,13 @@ def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIGS["gemm"])
     return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M, dropout)], dtype)
+
+
+def scaled_gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
+    """Tiles of the DoRA GEMM (never with dropout)."""
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS["gemm"])
+    return tiles_for(SCALED_GEMM_CONFIGS[path][gemm_config_name(M, False)], dtype)
 
 
 def skinny_config(kind: str, r: int, dtype: torch.dtype, path: str) -> dict:

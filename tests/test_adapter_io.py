@@ -181,7 +181,8 @@ BAD = {
     "targets": (dict(target_modules=["q_proj", "k_proj"]), None, "targeted layers without LoRA: model.layers.0.self_attn.k_proj"),
     "nothing": (dict(target_modules=["nope"]), None, "matches no module"),
     "peft_type": (dict(peft_type="IA3"), None, "peft_type: expected 'LORA', got 'IA3'"),
-    "dora": (dict(use_dora=True), None, "use_dora=True is not supported"),
+    # a DoRA config (fastpeft loads DoRA adapters) over LoRA layers, or without the magnitude vectors in the file
+    "dora": (dict(use_dora=True), None, r"use_dora: the config has True but layer|missing keys: .*lora_magnitude_vector"),
     "bias": (dict(bias="all"), None, "bias='all' is not supported"),
     "dropout": (dict(lora_dropout=1.5), None, r"lora_dropout: expected a number in \[0, 1\)"),
     "missing_key": ({}, _drop, "missing keys: " + KEY.replace(".", r"\.")),

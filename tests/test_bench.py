@@ -27,6 +27,7 @@ OUTPUTS = {  # every result each op's fastpeft implementation is checked on, per
     ("adapter", None): ("y", "dh", "d_down_w", "d_down_b", "d_up_w", "d_up_b"),
     ("ia3", None): ("y", "dx", "dl"),
     ("multi-lora", None): ("y", "dx", "da", "db"),
+    ("dora", None): ("y", "dx", "da", "db", "dm"),
     ("galore", "layer"): ("y", "dx", "r"),
     ("galore", "step"): ("dw", "exp_avg", "exp_avg_sq"),
     ("galore", "refresh"): ("energy",),

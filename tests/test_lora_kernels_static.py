@@ -72,6 +72,41 @@ def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precis
     return cases
 
 
+# The DoRA GEMM (_lora_gemm_scaled_kernel, launched by ops/dora_linear_triton.py) with its own tiles
+# (SCALED_GEMM_CONFIGS), never with dropout; per size the forward with the epilogue's column scale, with and (on the
+# paths that store it, STORE_PRE_PATHS) without storing the unscaled tile, and the backward with the prologue's
+# scale of dY's columns. (name, has bias, COL_SCALE, STORE_PRE, Q stored [K, N])
+DORA_VARIANTS = (("dorafwd", True, 1, False, False), ("dorafwd-pre", True, 1, True, False),
+                 ("dorabwd", False, 2, False, True))
+
+
+def _dora_gemm_cases(k, dt, dtype, extremes, precision="tf32"):
+    cases = []
+    label = dt + ("ieee" if precision == "ieee" else "")
+    for path, table in k.SCALED_GEMM_CONFIGS.items():
+        for size in table:
+            cfg = k.tiles_for(table[size], dtype, precision)
+            chunks = sorted({k.gemm_rank_block(r, cfg) for r in k.RANK_BLOCKS})
+            tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
+            for br in (chunks[0], chunks[-1]) if extremes else (chunks[-1],):
+                for direction, has_bias, col_scale, store_pre, q_kn in DORA_VARIANTS:
+                    if store_pre and path not in k.STORE_PRE_PATHS:
+                        continue
+                    sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}", "RM": f"*{dt}", "BIAS": f"*{dt}",
+                           "OUT": f"*{dt}", "COL": "*fp32", "PRE": f"*{dt}",
+                           **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
+                                      "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on",
+                                      "stride_bias", "stride_col"),
+                           "lora_scale": "fp32", "seed": "i32", "thr": "i32"}
+                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=False, SEED_PTR=False, EVEN_K=False,
+                              DOT_PRECISION=precision, USE_TMA=path == "tma", Q_KN=q_kn, COL_SCALE=col_scale,
+                              STORE_PRE=store_pre, BLOCK_R=br, **tile)
+                    for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
+                        cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{label}-sm{arch}",
+                                      "_lora_gemm_scaled_kernel", sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
 def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
     cases = []
     label = dt + ("ieee" if precision == "ieee" else "")
@@ -122,7 +157,10 @@ def _cases():
             + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False)
             + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS)
             + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False, precision="ieee")
-            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS, "ieee"))
+            + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS, "ieee")
+            + _dora_gemm_cases(k, "bf16", torch.bfloat16, extremes=True)
+            + _dora_gemm_cases(k, "fp32", torch.float32, extremes=False)
+            + _dora_gemm_cases(k, "fp32", torch.float32, extremes=False, precision="ieee"))
 
 
 def _compile(case):
@@ -155,6 +193,9 @@ def test_every_config_is_enumerated():
                  "gemm-tma-large_dropout-r32-bwd-dropout-tensorseed-bf16-sm90",
                  "gemm-ptr-decode-r8-bwd-dropout-tensorseed-fp32ieee-sm80", "shrink-tma-r256-bf16-tensorseed-sm90",
                  "da-ptr-r16-fp32ieee-tensorseed-sm80",
+                 "gemm-tma-large-r32-dorafwd-pre-bf16-sm90", "gemm-ptr-large-r32-dorabwd-bf16-sm80",
+                 "gemm-ptr-mid-r32-dorafwd-bf16-sm90",
+                 "gemm-ptr-decode-r8-dorafwd-fp32ieee-sm80",
                  "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80"):
         assert must in names
     # every fp32 case also at "ieee", the precision the launchers pass under torch's default 'highest'
@@ -179,8 +220,10 @@ def test_compiles_without_spills_and_with_tensor_cores(reports):
 
 def test_hopper_tma_gemm_uses_warpgroup_mma(reports):
     by_name = {name: rep for name, rep, _ in reports}
-    rep = by_name["gemm-tma-large-r32-fwd-bf16-sm90"]
-    assert rep is not None and rep["hgmma"] > 0, rep
+    for name in ("gemm-tma-large-r32-fwd-bf16-sm90", "gemm-tma-large-r32-dorafwd-pre-bf16-sm90",
+                 "gemm-tma-large-r32-dorabwd-bf16-sm90"):
+        rep = by_name[name]
+        assert rep is not None and rep["hgmma"] > 0, (name, rep)
 
 
 def test_launchers_pick_the_compiled_tiles(monkeypatch):

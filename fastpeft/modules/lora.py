@@ -1,4 +1,7 @@
-"""LoRALinear: a frozen nn.Linear plus a LoRA adapter, with HF PEFT's names, init and scaling."""
+"""LoRALinear: a frozen nn.Linear plus a LoRA adapter, with HF PEFT's names, init and scaling.
+
+LoRALinear(..., use_dora=True) makes a DoRALinear (a LoRALinear subclass): PEFT's DoRA, with the magnitude vector
+`lora_magnitude_vector` [out] as PEFT names it, computed by fastpeft.dora_linear."""
 from __future__ import annotations
 
 import math
@@ -8,6 +11,8 @@ import torch
 from torch import nn
 
 from .._checks import check_finite_number, check_positive_int, check_probability
+from ..ops.dora_linear_cached import DoRACallCache, cached_weight_sq_norm, dora_linear_cached
+from ..ops.dora_linear_torch import dora_norm
 from ..ops.lora_linear_cached import LoRACallCache, lora_linear_cached  # honours torch.autocast like nn.Linear
 from .merged_state import MergedState
 
@@ -22,13 +27,23 @@ class LoRALinear(MergedState, nn.Module):
     computed by fastpeft.lora_linear. lora_A is initialised like PEFT's default (kaiming-uniform, a=√5) and
     lora_B to zeros, so the wrapped layer starts out equal to the base layer. state_dict carries `merged`
     (see fastpeft.modules.merged_state), so a merged layer's state loads as merged.
+    use_dora=True: PEFT's DoRA (LoraConfig(use_dora=True)); the instance is a DoRALinear (see there).
     """
 
     _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
+    use_dora = False
+
+    def __new__(cls, *args, use_dora: bool = False, **kwargs):
+        if use_dora is True and cls is LoRALinear:
+            cls = DoRALinear
+        return super().__new__(cls)
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None):
+                 use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
+                 use_dora: bool = False):
         super().__init__()
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora: expected True or False, got {use_dora!r}")
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
         if base_layer.in_features < 1 or base_layer.out_features < 1:  # an empty layer has nothing to adapt
@@ -125,4 +140,105 @@ class LoRALinear(MergedState, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
-                f"use_rslora={self.use_rslora}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, merged={self.merged}" + (", use_dora=True" if self.use_dora else ""))
+
+
+class DoRALinear(LoRALinear):
+    """LoRALinear(..., use_dora=True): HF PEFT's DoRA, y = m ⊙ (W0 + s·B·A)·x / ‖W0 + s·B·A‖ + b (see
+    fastpeft.dora_linear for the exact definition, dropout included).
+
+    The magnitude `lora_magnitude_vector` [out] (PEFT's name; in lora_A's dtype) starts as ‖W0 + s·B·A‖ per output
+    row, as PEFT initialises it, so the layer starts equal to the base layer. The forward caches ‖w_i‖² of the
+    frozen W0 (recomputed when W0 changes: see ops/dora_linear_cached.py). merge() folds the adapter in place,
+    W0 ← m/‖W0 + s·B·A‖ ⊙ (W0 + s·B·A), keeping the norm it used in the buffer `dora_merged_norm` (saved with the
+    state dict) for unmerge(); neither forms an [out, in] temporary (fp32 adapters over a 16-bit W0: row blocks).
+    """
+
+    use_dora = True
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
+                 use_dora: bool = True):
+        if use_dora is not True:
+            raise ValueError(f"use_dora: a DoRALinear is DoRA; expected True, got {use_dora!r}")
+        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend,
+                         adapter_dtype=adapter_dtype)
+        w = base_layer.weight
+        self._dora_cache = DoRACallCache()
+        self.lora_magnitude_vector = nn.Parameter(self._norm().to(self.lora_A.dtype))
+        self.register_buffer("dora_merged_norm", torch.zeros(w.shape[0], device=w.device, dtype=torch.float32))
+
+    def _norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row (fp32 [out], no grad), with ‖w_i‖² from the cache."""
+        with torch.no_grad():
+            w = self.base_layer.weight
+            return dora_norm(w, self.lora_A, self.lora_B, self.scaling, cached_weight_sq_norm(self._dora_cache, w))
+
+    def reset_lora_parameters(self) -> None:
+        super().reset_lora_parameters()
+        if "lora_magnitude_vector" in self._parameters:  # PEFT's init: ‖W0 + s·B·A‖ for the new A and B
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self._norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self._modules.get("base_layer")
+        if base is None:
+            base = self.base_layer
+        bp, own = base._parameters, self._parameters
+        w, bias = bp.get("weight"), bp.get("bias", _MISSING)
+        a, b, m = own.get("lora_A"), own.get("lora_B"), own.get("lora_magnitude_vector")
+        if w is None or bias is _MISSING or a is None or b is None or m is None:
+            w, bias, a, b, m = base.weight, base.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector
+        return dora_linear_cached(self._dora_cache, x, w, a, b, m, self.scaling, bias, self.lora_dropout,
+                                  self.training, self.backend)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 ← m/‖W0 + s·B·A‖ ⊙ (W0 + s·B·A) in place (PEFT's merge), the norm taken from the unmerged weights and
+        kept for unmerge(); forward is then the plain linear. Refuses, before touching W0, a scale that is not
+        finite (a zero norm) or zero (unmerge could not undo it)."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
+            return
+        norm = self._norm()
+        g = self._scale(norm, "merge")
+        self._rows_update(lambda acc, b, i, j: acc.addmm_(b, self._a32(acc), alpha=self.scaling).mul_(g[i:j, None]))
+        self.dora_merged_norm.copy_(norm)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W0 ← W0·‖·‖/m − s·B·A with the norm merge() used (exact up to the rounding of W0's dtype)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged; nothing to do", stacklevel=2)
+            return
+        g = self._scale(self.dora_merged_norm, "unmerge")
+        self._rows_update(lambda acc, b, i, j: acc.div_(g[i:j, None]).addmm_(b, self._a32(acc), alpha=-self.scaling))
+        self.merged = False
+
+    def _scale(self, norm: torch.Tensor, what: str) -> torch.Tensor:
+        g = self.lora_magnitude_vector.to(torch.float32) / norm.to(self.lora_magnitude_vector.device)
+        bad = ~torch.isfinite(g) | (g == 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"LoRALinear.{what}(): the DoRA scale m/‖W0 + s·B·A‖ of output row {i} is {g[i].item()} "
+                             f"(magnitude {self.lora_magnitude_vector[i].item()}, norm {norm[i].item()}); a zero or "
+                             "non-finite scale cannot be merged and undone. W0 is unchanged")
+        return g
+
+    def _a32(self, acc: torch.Tensor) -> torch.Tensor:
+        return self.lora_A if self.lora_A.dtype == acc.dtype else self.lora_A.to(acc.dtype)
+
+    def _rows_update(self, fn) -> None:
+        """W0[i:j] ← fn(acc, B[i:j], i, j): acc = W0 itself for an fp32 W0 (in place, no temporary), else an fp32
+        copy of a block of rows, rounded into W0 once."""
+        w, b = self.base_layer.weight, self.lora_B
+        if w.dtype == torch.float32:
+            fn(w, b.to(w.dtype), 0, w.shape[0])
+            return
+        rows = max(1, min((w.shape[0] + 1) // 2, _MERGE_CHUNK_ELEMENTS // max(1, w.shape[1])))
+        for i in range(0, w.shape[0], rows):
+            block = w[i:i + rows]
+            block.copy_(fn(block.float(), b[i:i + rows].float(), i, i + rows))
