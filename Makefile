@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.py Makefile $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	# galore-torch for the GaLore parity tests; --no-deps, because its requirements pull in bitsandbytes
 	$(PY) -m pip install -q --no-deps galore-torch==1.0
+	# bitsandbytes for the QLoRA parity tests (it quantizes and runs Linear4bit on the CPU); --no-deps: never touch torch
+	$(PY) -m pip install -q --no-deps bitsandbytes==0.50.2
 	touch $@
 
 test: setup
