@@ -20,7 +20,7 @@ PRESETS = {
     "full": dict(dtype="bf16", compile="headline", timing=dict(warmup_ms=25, rep_ms=80, min_reps=10, max_reps=300)),
     "quick": dict(dtype="bf16", compile="headline", timing=dict(warmup_ms=10, rep_ms=40, min_reps=10, max_reps=200)),
     # torch.compile (inductor) takes ~20 s per graph on a 2-core CPU: not part of the cpu preset's minute
-    "cpu": dict(dtype="fp32", compile="none", threads=1, timing=dict(warmup_ms=2, rep_ms=15, min_reps=5, max_reps=100)),
+    "cpu": dict(dtype="fp32", compile="none", threads=1, timing=dict(warmup_ms=2, rep_ms=15, min_reps=11, max_reps=100)),
     "smoke": dict(dtype="fp32", compile="none", threads=1, timing=dict(warmup_ms=0, rep_ms=1, min_reps=2, max_reps=3)),
 }
 
