@@ -68,16 +68,20 @@ def source_paths(root: str = CSRC) -> list[str]:
     return [os.path.join(root, s) for s in SOURCES]
 
 
-def build_mode(env=os.environ) -> str:
-    """'auto', 'never' or 'force' from FASTPEFT_BUILD_CUDA."""
-    value = env.get(ENV_BUILD, "").strip().lower()
+def _mode(var: str, env) -> str:
+    value = env.get(var, "").strip().lower()
     if value in ("", "auto"):
         return "auto"
     if value in ("0", "false", "no", "off"):
         return "never"
     if value in ("1", "true", "yes", "on"):
         return "force"
-    raise ValueError(f"{ENV_BUILD}: expected 0, 1 or unset, got {env.get(ENV_BUILD)!r}")
+    raise ValueError(f"{var}: expected 0, 1 or unset, got {env.get(var)!r}")
+
+
+def build_mode(env=os.environ) -> str:
+    """'auto', 'never' or 'force' from FASTPEFT_BUILD_CUDA."""
+    return _mode(ENV_BUILD, env)
 
 
 def find_nvcc(cuda_home: str | None) -> str | None:
@@ -108,11 +112,4 @@ def cpu_source_paths(root: str = CPU_DIR) -> list[str]:
 
 def cpu_build_mode(env=os.environ) -> str:
     """'auto', 'never' or 'force' from FASTPEFT_BUILD_CPU."""
-    value = env.get(ENV_BUILD_CPU, "").strip().lower()
-    if value in ("", "auto"):
-        return "auto"
-    if value in ("0", "false", "no", "off"):
-        return "never"
-    if value in ("1", "true", "yes", "on"):
-        return "force"
-    raise ValueError(f"{ENV_BUILD_CPU}: expected 0, 1 or unset, got {env.get(ENV_BUILD_CPU)!r}")
+    return _mode(ENV_BUILD_CPU, env)

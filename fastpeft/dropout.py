@@ -95,3 +95,22 @@ def draw_seed(device: torch.device) -> int | torch.Tensor:
     if (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cuda" and _capturing():
         return torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=device)
     return new_seed()
+
+
+def traced_seed(seed, p: float, device: torch.device) -> torch.Tensor | None:
+    """The seed of a traced (torch.compile) call with dropout probability p on `device`: None without dropout (no RNG
+    op in the graph), else a 0-d int64 tensor: drawn in the graph on `device` when `seed` is None (fresh every call
+    and every CUDA graph replay), the caller's 0-d int64 tensor (on the CPU or on `device`) as it is, or an int made
+    a tensor on `device`."""
+    if p == 0:
+        return None
+    if seed is None:
+        return torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or (seed.device.type != "cpu" and seed.device != device):
+            raise ValueError(f"seed: expected a 0-d torch.int64 tensor on the CPU or on {device} (x's device), "
+                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
+        raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}], a 0-d int64 tensor or None, got {seed!r}")
+    return torch.full((), seed, dtype=torch.int64, device=device)  # (torch.tensor breaks Dynamo on meta x)

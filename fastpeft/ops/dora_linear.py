@@ -23,7 +23,7 @@ import torch
 
 from .._backend import requested_backend, resolve_backend
 from .._checks import check_float_dtype, check_same_device, check_tensor
-from ..dropout import SEED_BOUND, draw_seed, keep_threshold
+from ..dropout import SEED_BOUND, draw_seed, keep_threshold, traced_seed
 from ..limits import LORA_MAX_RANK_TRITON
 from .dora_linear_torch import dora_linear_bwd_torch, dora_linear_fwd_torch, dora_norm
 from .lora_linear import _check_scalars, _unrows, check_lora_inputs, check_lora_tensors
@@ -204,19 +204,7 @@ def dora_linear_traced(x, weight, lora_a, lora_b, magnitude, scaling, bias=None,
     if backend is not None:
         requested_backend(backend)  # a bad name fails while tracing, not at the first run
     p = dropout_p if training else 0.0
-    if p == 0:
-        seed_t = None
-    elif seed is None:
-        seed_t = torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=x.device)
-    elif isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype != torch.int64 or (seed.device.type != "cpu" and seed.device != x.device):
-            raise ValueError(f"seed: expected a 0-d torch.int64 tensor on the CPU or on {x.device} (x's device), "
-                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
-        seed_t = seed
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
-            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}], a 0-d int64 tensor or None, got {seed!r}")
-        seed_t = torch.full((), seed, dtype=torch.int64, device=x.device)
+    seed_t = traced_seed(seed, p, x.device)
     save_pre = torch.is_grad_enabled() and magnitude.requires_grad
     y2 = torch.ops.fastpeft.dora_linear_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_sq, scaling, p,
                                             seed_t, backend or "", save_pre)[0]

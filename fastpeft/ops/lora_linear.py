@@ -18,7 +18,7 @@ from .._checks import (
     FLOAT_DTYPES, check_finite_number, check_finite_number_traceable, check_float_dtype, check_probability,
     check_same_device, check_tensor,
 )
-from ..dropout import SEED_BOUND, draw_seed, keep_threshold
+from ..dropout import SEED_BOUND, draw_seed, keep_threshold, traced_seed
 from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
 from .shapes import as_rows
 
@@ -259,19 +259,7 @@ def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=
     if backend is not None:
         requested_backend(backend)  # a bad name fails while tracing, not at the first run
     p = dropout_p if training else 0.0
-    if p == 0:
-        seed_t = None  # no seed, no RNG op in the graph (decode)
-    elif seed is None:
-        seed_t = torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=x.device)
-    elif isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype != torch.int64 or (seed.device.type != "cpu" and seed.device != x.device):
-            raise ValueError(f"seed: expected a 0-d torch.int64 tensor on the CPU or on {x.device} (x's device), "
-                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
-        seed_t = seed
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
-            raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}], a 0-d int64 tensor or None, got {seed!r}")
-        seed_t = torch.full((), seed, dtype=torch.int64, device=x.device)  # (torch.tensor breaks Dynamo on meta x)
+    seed_t = traced_seed(seed, p, x.device)
     y2, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
     return _unrows(y2, x)
 
