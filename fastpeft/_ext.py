@@ -26,6 +26,7 @@ _failure: str | None = None  # a failed build is not retried in this process (it
 
 
 def _build_config():
+    """csrc/build_config.py (the build settings shared with setup.py), or None without the sources."""
     path = os.path.join(_CSRC, "build_config.py")
     if not os.path.exists(path):
         return None
@@ -35,14 +36,19 @@ def _build_config():
     return mod
 
 
+def import_prebuilt(name: str) -> tuple[object | None, str | None]:
+    """(module, None) if setup.py built the extension `name` and it imports, else (None, why not)."""
+    if importlib.util.find_spec(name) is None:
+        return None, f"{name} was not built by setup.py"
+    try:
+        return importlib.import_module(name), None
+    except ImportError as exc:  # e.g. built against another torch: undefined symbols
+        return None, f"{name} does not import ({exc}); rebuild it against this torch"
+
+
 def prebuilt_status() -> tuple[object | None, str | None]:
     """(module, None) if setup.py built fastpeft._C and it imports, else (None, why not)."""
-    if importlib.util.find_spec("fastpeft._C") is None:
-        return None, "fastpeft._C was not built by setup.py"
-    try:
-        return importlib.import_module("fastpeft._C"), None
-    except ImportError as exc:  # e.g. built against another torch: undefined symbols
-        return None, f"fastpeft._C does not import ({exc}); rebuild it against this torch"
+    return import_prebuilt("fastpeft._C")
 
 
 def platform_reason() -> str | None:

@@ -10,13 +10,13 @@ The outcome is decided once per process and cached in a module global: `get()` c
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import shutil
 import sys
 import threading
 import warnings
+
+from ._ext import _build_config, import_prebuilt  # the CUDA extension's loader: the same build settings
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 JIT_NAME = "fastpeft_C_cpu"
@@ -34,16 +34,6 @@ _warned = False
 _lock = threading.Lock()
 
 
-def _build_config():
-    path = os.path.join(_CSRC, "build_config.py")
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("_fastpeft_build_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def disabled(env=os.environ) -> bool:
     """FASTPEFT_CPU_KERNELS=0 (or false/no/off): always the PyTorch twin, no warning."""
     return env.get(ENV_KERNELS, "").strip().lower() in ("0", "false", "no", "off")
@@ -51,12 +41,7 @@ def disabled(env=os.environ) -> bool:
 
 def prebuilt_status() -> tuple[object | None, str | None]:
     """(module, None) if setup.py built fastpeft._C_cpu and it imports, else (None, why not)."""
-    if importlib.util.find_spec("fastpeft._C_cpu") is None:
-        return None, "fastpeft._C_cpu was not built by setup.py"
-    try:
-        return importlib.import_module("fastpeft._C_cpu"), None
-    except ImportError as exc:  # e.g. built against another torch: undefined symbols
-        return None, f"fastpeft._C_cpu does not import ({exc}); rebuild it against this torch"
+    return import_prebuilt("fastpeft._C_cpu")
 
 
 def jit_reason() -> str | None:
