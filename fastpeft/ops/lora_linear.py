@@ -19,17 +19,12 @@ from .._checks import (
     check_same_device, check_tensor,
 )
 from ..dropout import SEED_BOUND, draw_seed, keep_threshold, traced_seed
-from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch, lora_shrink_torch
+from .lora_linear_backends import launchers
+from .lora_linear_torch import lora_linear_bwd_torch, lora_shrink_torch
 from .shapes import as_rows
 
 from ..limits import LORA_MAX_RANK_CUDA
 from ..limits import LORA_MAX_RANK_TRITON as MAX_TRITON_RANK  # the one limit: fastpeft/limits.py
-
-
-def _triton_impl():
-    from ..kernels import lora_linear as k
-
-    return k.lora_linear_fwd, k.lora_linear_bwd
 
 
 def resolve_lora_backend(backend: str | None, device: torch.device, r: int) -> str:
@@ -43,21 +38,11 @@ def resolve_lora_backend(backend: str | None, device: torch.device, r: int) -> s
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        return _triton_impl()
-    if backend == "cuda":
-        from .lora_linear_cuda import lora_linear_bwd_cuda, lora_linear_fwd_cuda
-
-        return lora_linear_fwd_cuda, lora_linear_bwd_cuda
-    if backend == "cublas":
-        from .lora_linear_cublas import lora_linear_bwd_cublas, lora_linear_fwd_cublas
-
-        return lora_linear_fwd_cublas, lora_linear_bwd_cublas
     if backend == "measured":
         from .lora_linear_auto import lora_linear_bwd_measured, lora_linear_fwd_measured
 
         return lora_linear_fwd_measured, lora_linear_bwd_measured
-    return lora_linear_fwd_torch, lora_linear_bwd_torch
+    return launchers(backend)
 
 
 def _unrows(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

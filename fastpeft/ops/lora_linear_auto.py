@@ -21,29 +21,11 @@ from .. import autotune
 from .._backend import candidates, static_default
 from ..dropout import keep_threshold
 from ..limits import LORA_MAX_RANK_CUDA, LORA_MAX_RANK_TRITON
+from .lora_linear_backends import launchers
 
 OP = "lora_linear"
 TIMING_SEED = 12345  # the runners' dropout seed: a fixed int, so no RNG is drawn
 _NEEDS_LABEL = {}
-
-
-def launchers(name: str):
-    """(fwd, bwd) of a concrete backend (the table of ops/lora_linear.py `_impl`, without "measured")."""
-    if name == "triton":
-        from ..kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
-
-        return lora_linear_fwd, lora_linear_bwd
-    if name == "cublas":
-        from .lora_linear_cublas import lora_linear_bwd_cublas, lora_linear_fwd_cublas
-
-        return lora_linear_fwd_cublas, lora_linear_bwd_cublas
-    if name == "cuda":
-        from .lora_linear_cuda import lora_linear_bwd_cuda, lora_linear_fwd_cuda
-
-        return lora_linear_fwd_cuda, lora_linear_bwd_cuda
-    from .lora_linear_torch import lora_linear_bwd_torch, lora_linear_fwd_torch
-
-    return lora_linear_fwd_torch, lora_linear_bwd_torch
 
 
 def rank_reasons(r: int) -> dict:
