@@ -33,8 +33,8 @@ from torch import nn
 
 from .adapter_files import fsync_path, write_directory, write_json
 from .inject_lora import find_target_linears, inject_lora
-from .modules.lora import LoRALinear
-from .targets import matches_target
+from .modules.lora import LoRALinear, QLoRALinear
+from .targets import is_linear4bit, matches_target
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -286,6 +286,14 @@ def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
     raise FileNotFoundError(f"directory: {directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
+def _adapter_home(base: nn.Module) -> torch.Tensor:
+    """A tensor with the device and dtype inject_lora gives the adapters of `base`: its weight's, or for a
+    bitsandbytes 4-bit base (whose weight holds packed codes) its compute dtype (QLoRALinear)."""
+    if is_linear4bit(base):
+        return torch.empty(0, device=base.weight.device, dtype=QLoRALinear._adapter_dtype(base, None))
+    return base.weight
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory (PEFT's save_pretrained or fastpeft.save_adapter) into `model`.
 
@@ -342,7 +350,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str
                              f"{exc}") from exc
         shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets}
     # the dtype and device each tensor is copied to: the LoRA layer's, or the base weight's for a layer to inject
-    homes = {n: (lora[n].lora_A if lora else model.get_submodule(n).weight) for n in shapes}
+    homes = {n: (lora[n].lora_A if lora else _adapter_home(model.get_submodule(n))) for n in shapes}
 
     weights_path, tensors = _read_tensors(directory)
     r = cfg["r"]

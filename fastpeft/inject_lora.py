@@ -7,13 +7,15 @@ from torch import nn
 
 from .modules.lora import LoRALinear
 from .targets import (  # noqa: F401  (matches_target, set_submodule: importable from here, as before)
-    REPLACE, freeze_all_but_adapters, matches_target, module_aliases, refusal, select_targets, set_submodule,
+    REPLACE, freeze_all_but_adapters, is_linear4bit, matches_target, module_aliases, refusal, select_targets,
+    set_submodule,
 )
 
 
 def find_target_linears(model: nn.Module, target_modules: str | Iterable[str], exclude_modules=None) -> list[str]:
     """Names of the modules `target_modules` selects; raises, before anything changes, unless there is at least
-    one and each is a plain nn.Linear, without an adapter yet, that the model really calls where it stands."""
+    one and each is a plain nn.Linear (or a bitsandbytes Linear4bit: QLoRA), without an adapter yet, that the
+    model really calls where it stands."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     chosen = select_targets(model, target_modules, exclude_modules)
@@ -23,7 +25,7 @@ def find_target_linears(model: nn.Module, target_modules: str | Iterable[str], e
             raise ValueError(f"target_modules: module {name!r} already has a LoRA adapter")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"target_modules: module {name!r} is a {type(module).__name__}; only nn.Linear can take LoRA")
-        if type(module).forward is not nn.Linear.forward:
+        if type(module).forward is not nn.Linear.forward and not is_linear4bit(module):
             raise TypeError(f"target_modules: module {name!r} is a {type(module).__name__} with its own forward; "
                             "the LoRA layer computes x·Wᵀ + b itself and would bypass it")
         why = refusal(model, name, module, aliases, how=REPLACE, noun="LoRA")
@@ -35,7 +37,8 @@ def find_target_linears(model: nn.Module, target_modules: str | Iterable[str], e
 def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8, alpha: float = 16,
                 dropout: float = 0.0, use_rslora: bool = False, backend: str | None = None, *,
                 exclude_modules: str | Iterable[str] | None = None, use_dora: bool = False) -> nn.Module:
-    """Replace every targeted nn.Linear of `model` by a LoRALinear in place, freeze every other parameter
+    """Replace every targeted nn.Linear of `model` (bitsandbytes Linear4bit too: QLoRA on a model loaded in 4 bits)
+    by a LoRALinear in place, freeze every other parameter
     (adapters of earlier injections, fastpeft's or PEFT's, keep their requires_grad) and return the model.
 
     target_modules / exclude_modules: PEFT's rules (fastpeft.targets): a regex matched against the whole

@@ -13,10 +13,15 @@ PEFT's magnitude (lora_magnitude_vector[name].weight) and PEFT's semantics (drop
 of the frozen base weight cached on the layer (ops/dora_linear_cached.py); a DoRA adapter active after another
 one runs PEFT's own DoRA forward on the summed result, as PEFT computes it.
 
+QLoRA: PEFT's lora.bnb.Linear4bit layers (LoRA over a bitsandbytes Linear4bit, NF4 or FP4) are fused too, into a
+subclass of that class, through fastpeft.qlora_linear (W0 stays packed; x cast to the base layer's compute dtype
+and the result returned in x's dtype, as bitsandbytes does), with the packed weight's checks cached per layer
+(ops/qlora_linear_cached.py). Further active adapters add PEFT's own terms, as for the plain Linear.
+
 What fastpeft cannot fuse stays on PEFT's path, never silently: other LoRA variants, lora_bias, fan_in_fan_out,
-LoRA on non-Linear bases (Embedding, Conv, quantized layers), base layers with their own hooks or forward,
-adapter_names mixed batches, DoRA with backend="cuda" (no CUDA C++ kernels for it), and dtype combinations PEFT
-handles by casting.
+DoRA over a 4-bit base (QDoRA), LoRA on other bases (Embedding, Conv, 8-bit layers), base layers with their own
+hooks or forward, adapter_names mixed batches, DoRA with backend="cuda" (no CUDA C++ kernels for it), and dtype
+combinations PEFT handles by casting.
 """
 from __future__ import annotations
 
@@ -32,8 +37,12 @@ from ._checks import FLOAT_DTYPES
 from .autocast import autocast_dtype
 from .ops.dora_linear_cached import DoRACallCache, dora_linear_cached
 from .ops.lora_linear_cached import LoRACallCache, call_signature, lora_linear_cached
+from .ops.qlora_linear_cached import QLoRACallCache, compute_dtype, qlora_linear_cached
+from .targets import is_linear4bit
 
 _PATCHED_NAME = "FastpeftLoraLinear"
+_PATCHED_4BIT_NAME = "FastpeftLoraLinear4bit"
+_PEFT_BNB_MODULE = "peft.tuners.lora.bnb"
 _PEFT_KWARGS = frozenset(("adapter_names", "alora_offsets"))
 _warned: set = set()
 
@@ -62,9 +71,29 @@ def _fused_class():
     })
 
 
+def _is_peft_linear4bit_cls(cls) -> bool:
+    """Whether cls is PEFT's lora.bnb.Linear4bit (told by name: importing it would import bitsandbytes)."""
+    return cls.__name__ == "Linear4bit" and cls.__module__ == _PEFT_BNB_MODULE
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_4bit_class(base):
+    """The patched subclass of PEFT's lora.bnb.Linear4bit (`base`)."""
+    return type(_PATCHED_4BIT_NAME, (base,), {
+        "forward": _fused_forward_4bit, "__module__": __name__, "__qualname__": _PATCHED_4BIT_NAME,
+        "_get_name": lambda self: base.__name__,  # repr prints `lora.Linear4bit(...)` as PEFT's own layer does
+        "__doc__": "PEFT's LoRA Linear4bit (QLoRA) with its forward run by fastpeft.qlora_linear (made by "
+                   "fastpeft.patch_peft).",
+    })
+
+
 def __getattr__(name):  # pickle finds the patched class by module and name; peft is imported only then
     if name == _PATCHED_NAME:
         return _fused_class()
+    if name == _PATCHED_4BIT_NAME:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        return _fused_4bit_class(Linear4bit)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -87,6 +116,39 @@ def _layer_reason(layer) -> str | None:
     if "forward" in vars(layer) or "_old_forward" in vars(layer):
         return "the layer's forward is replaced on the instance (e.g. an accelerate hook)"
     return None
+
+
+def _layer_reason_4bit(layer) -> str | None:
+    """Why this whole PEFT lora.bnb.Linear4bit must stay on PEFT's path, or None."""
+    base = layer.base_layer
+    if not is_linear4bit(base):
+        return f"base layer {type(base).__name__} of a 4-bit LoRA layer (fastpeft fuses bitsandbytes' Linear4bit)"
+    if "forward" in vars(layer) or "_old_forward" in vars(layer):
+        return "the layer's forward is replaced on the instance (e.g. an accelerate hook)"
+    cd = getattr(base, "compute_dtype", None)
+    if cd is not None and cd not in FLOAT_DTYPES:
+        return f"4-bit base with compute_dtype {cd} (the QLoRA kernels compute in fp32, fp16 or bf16)"
+    if base.bias is not None and not base.bias.dtype.is_floating_point:
+        return f"4-bit base with a quantized bias ({base.bias.dtype})"
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:
+        from .ops.qlora_linear import quant4
+
+        try:
+            quant4(w, qs)
+        except (TypeError, ValueError) as exc:
+            return f"4-bit weight fastpeft cannot read ({exc})"
+    return None
+
+
+def _adapter_reason_4bit(layer, name: str, backend: str | None = None) -> str | None:
+    """Why adapter `name` of a PEFT lora.bnb.Linear4bit stays on PEFT's path, or None."""
+    if _is_dora(layer, name):
+        return "DoRA over a 4-bit base (QDoRA)"
+    if backend is not None and backend.lower() not in ("auto", "torch", "triton"):
+        return f"backend={backend!r} over a 4-bit base (QLoRA runs on the torch and triton backends)"
+    return _adapter_reason(layer, name, backend)
 
 
 def _is_dora(layer, name: str) -> bool:
@@ -231,6 +293,80 @@ def _fused_forward(self, x, *args, **kwargs):
     return result
 
 
+def _fused_forward_4bit(self, x, *args, **kwargs):
+    """PEFT's lora.bnb.Linear4bit forward with the first active adapter fused into the 4-bit GEMM."""
+    peft_forward = type(self).__bases__[0].forward
+    if args or self.disable_adapters or self.merged or (kwargs and (
+            not _PEFT_KWARGS.issuperset(kwargs) or any(v is not None for v in kwargs.values()))):
+        if kwargs.get("adapter_names") is not None:
+            _warn_once("adapter_names", "fastpeft.patch_peft: a forward with adapter_names (a mixed batch) runs on "
+                                        "PEFT's own path; fastpeft fuses calls without adapter_names")
+        return peft_forward(self, x, *args, **kwargs)
+    mods = self._modules
+    lora_as = mods["lora_A"]._modules
+    active = [a for a in self.active_adapters if a in lora_as]
+    if not active:
+        return peft_forward(self, x)
+    a0 = active[0]
+    lin_a, lin_b, drop = lora_as[a0], mods["lora_B"]._modules[a0], mods["lora_dropout"]._modules[a0]
+    ok = self.__dict__.get("_fastpeft_ok")
+    if ok is None or ok[0] != active or ok[1] is not lin_a or ok[2] is not lin_b or ok[3] is not drop \
+            or lin_a._parameters.get("bias") is not None:
+        for a in active:
+            reason = _adapter_reason_4bit(self, a, self._fastpeft_backend)
+            if reason is not None:
+                _warn_once(("adapter", a, reason),
+                           f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
+                           f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
+                return peft_forward(self, x)
+        self.__dict__["_fastpeft_ok"] = (active, lin_a, lin_b, drop)
+    base = mods["base_layer"]
+    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or "forward" in base.__dict__):
+        _warn_once(("hooks", self._fastpeft_name),
+                   f"fastpeft.patch_peft: the base layer of {self._fastpeft_name} has hooks or its own forward; "
+                   "it runs on PEFT's path so that they run")
+        return peft_forward(self, x)
+    weight, bias = base.weight, base.bias
+    qs = getattr(weight, "quant_state", None)
+    if qs is None:  # the state bitsandbytes keeps on the module when a conversion dropped it (FSDP)
+        qs = getattr(base, "quant_state", None)
+    lora_a, lora_b = lin_a.weight, lin_b.weight
+    cd = compute_dtype(base, x)
+    sig = (x.dtype, x.device, cd, lora_a.dtype, lora_b.dtype, lora_a.device, weight.device)
+    if self.__dict__.get("_fastpeft_q4_sig") != sig:  # checked again only when a dtype or device changes
+        reason = _dtype_reason_4bit(x, cd, weight, lora_a, lora_b)
+        if reason is not None:
+            _warn_once(("dtype", reason), f"fastpeft.patch_peft: {reason}: {self._fastpeft_name} and layers like "
+                                          "it run on PEFT's path, which casts")
+            return peft_forward(self, x)
+        self.__dict__["_fastpeft_q4_sig"] = sig
+    cache = self.__dict__.get("_fastpeft_cache")
+    if cache is None:
+        cache = self.__dict__["_fastpeft_cache"] = QLoRACallCache()
+    p = drop.p if type(drop) is nn.Dropout else 0.0
+    result = qlora_linear_cached(cache, x, weight, qs, lora_a, lora_b, self.scaling[a0], bias, p, drop.training,
+                                 self._fastpeft_backend, compute=cd)
+    for a in active[1:]:  # further adapters: PEFT's own term for each, summed as PEFT sums them
+        lin_a = self.lora_A[a]
+        xa = self._cast_input_dtype(x, lin_a.weight.dtype)
+        result = result + (self.lora_B[a](lin_a(self.lora_dropout[a](xa))) * self.scaling[a]).to(result.dtype)
+    return result
+
+
+def _dtype_reason_4bit(x, cd, weight, lora_a, lora_b) -> str | None:
+    """Why this call's dtypes/devices over a 4-bit base need PEFT's casting, or None."""
+    if not x.dtype.is_floating_point:
+        return f"input dtype {x.dtype}"
+    if lora_a.dtype != lora_b.dtype:
+        return f"lora_A dtype {lora_a.dtype} differs from lora_B's {lora_b.dtype}"
+    if lora_a.dtype not in (cd, torch.float32):
+        return f"adapter dtype {lora_a.dtype} with the 4-bit base's compute dtype {cd}"
+    if not (x.device == weight.device == lora_a.device):
+        return f"input on {x.device}, base weight on {weight.device}, adapter on {lora_a.device}"
+    return None
+
+
 def _dora_first(self, x, key, weight, bias, lora_a, lora_b, a0, p, drop, scaling, backend):
     """The first active adapter, a DoRA one, through fastpeft.dora_linear; None: PEFT's path (dtypes it casts)."""
     cache = self.__dict__.get("_fastpeft_dora_cache")
@@ -255,7 +391,8 @@ def _dora_first(self, x, key, weight, bias, lora_a, lora_b, a0, p, drop, scaling
 
 def patch_peft(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Run the LoRA Linear layers of a PEFT model (peft.get_peft_model / PeftModel) through fastpeft, DoRA
-    (use_dora=True) layers through fastpeft.dora_linear.
+    (use_dora=True) layers through fastpeft.dora_linear, QLoRA layers (lora.bnb.Linear4bit over a bitsandbytes
+    Linear4bit) through fastpeft.qlora_linear.
 
     Patches in place and returns `model`. Outputs and gradients match PEFT's; parameters, state dict,
     save_pretrained and load_adapter are unchanged. Layers or adapters fastpeft cannot fuse stay on PEFT's
@@ -272,22 +409,28 @@ def patch_peft(model: nn.Module, backend: str | None = None) -> nn.Module:
         if not isinstance(mod, lora_layer_cls):
             continue
         found += 1
-        if type(mod) not in (linear_cls, fused_cls):
+        cls = type(mod)
+        if cls in (linear_cls, fused_cls):
+            target, layer_reason, adapter_reason = fused_cls, _layer_reason, _adapter_reason
+        elif _is_peft_linear4bit_cls(cls) or (cls.__name__ == _PATCHED_4BIT_NAME and cls.__module__ == __name__):
+            peft_cls = cls if _is_peft_linear4bit_cls(cls) else cls.__bases__[0]
+            target, layer_reason, adapter_reason = _fused_4bit_class(peft_cls), _layer_reason_4bit, _adapter_reason_4bit
+        else:
             skipped.setdefault(f"LoRA layer {type(mod).__name__} on a "
                                f"{type(mod.get_base_layer()).__name__} base", []).append(name)
             continue
-        reason = _layer_reason(mod)
+        reason = layer_reason(mod)
         if reason is not None:
             skipped.setdefault(reason, []).append(name)
             continue
         for a in mod.lora_A:
-            reason = _adapter_reason(mod, a, backend)
+            reason = adapter_reason(mod, a, backend)
             if reason is not None:
                 skipped.setdefault(f"adapter {a!r}: {reason}", []).append(name)
                 _warned.add(("adapter", a, reason))  # named below: no second warning at forward time
         mod._fastpeft_backend = backend
         mod._fastpeft_name = name
-        mod.__class__ = fused_cls
+        mod.__class__ = target
     if not found:
         raise ValueError("model: expected a PEFT model with LoRA layers (peft.get_peft_model with a LoraConfig), "
                          f"found no peft LoraLayer in {type(model).__name__}")
@@ -301,22 +444,18 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
     """Restore PEFT's own forward on every layer patch_peft patched; returns `model`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    fused = _fused_class.cache_info().currsize and _fused_class()
-    if not fused:
-        return model
-    linear_cls = _peft_linear_cls()
     for mod in model.modules():
-        if type(mod) is fused:
-            mod.__class__ = linear_cls
+        if is_patched(mod):  # the patched class's only base is PEFT's own class
+            mod.__class__ = type(mod).__bases__[0]
             for attr in ("_fastpeft_backend", "_fastpeft_name", "_fastpeft_ok", "_fastpeft_cache",
-                         "_fastpeft_dora_cache"):
+                         "_fastpeft_dora_cache", "_fastpeft_q4_sig"):
                 mod.__dict__.pop(attr, None)
     return model
 
 
 def is_patched(module: nn.Module) -> bool:
     """True if `module` (a layer) was patched by patch_peft and not unpatched."""
-    return type(module).__name__ == _PATCHED_NAME and type(module).__module__ == __name__
+    return type(module).__name__ in (_PATCHED_NAME, _PATCHED_4BIT_NAME) and type(module).__module__ == __name__
 
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]

@@ -83,6 +83,23 @@ def peft_layer(m: nn.Module) -> bool:
     return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.") for c in type(m).__mro__)
 
 
+def bnb_linear4bit_class(m: nn.Module) -> type | None:
+    """bitsandbytes' Linear4bit class in the MRO of m's class (Linear4bit itself for LinearNF4 / LinearFP4), or
+    None; without importing bitsandbytes."""
+    for c in type(m).__mro__:
+        if c.__name__ == "Linear4bit" and c.__module__.split(".")[0] == "bitsandbytes":
+            return c
+    return None
+
+
+def is_linear4bit(m: nn.Module) -> bool:
+    """Whether m is a bitsandbytes 4-bit linear (Linear4bit, LinearNF4, LinearFP4) running bitsandbytes' own
+    forward: a base that LoRALinear computes with (it dequantizes W0 as bitsandbytes does, never calling it).
+    A subclass with a forward of its own is not: the LoRA layer would bypass that forward."""
+    cls = bnb_linear4bit_class(m)
+    return cls is not None and type(m).forward is cls.forward
+
+
 def adapter_kind(m: nn.Module) -> str | None:
     """'fused' / 'adapter' for fastpeft's adapter layers (see the module docstring), 'peft' for PEFT's, else None."""
     kind = getattr(type(m), "_fastpeft_adapter", None)
@@ -168,4 +185,5 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 __all__ = ["check_targets", "matches_target", "select", "module_aliases", "adapter_kind", "peft_layer", "refusal",
+           "is_linear4bit", "bnb_linear4bit_class",
            "adapter_parameter_ids", "freeze_all_but_adapters", "set_submodule", "REPLACE", "WRAP", "IN_PLACE"]

@@ -10,10 +10,12 @@ import warnings
 import torch
 from torch import nn
 
-from .._checks import check_finite_number, check_positive_int, check_probability
+from .._checks import FLOAT_DTYPES, check_finite_number, check_positive_int, check_probability
 from ..ops.dora_linear_cached import DoRACallCache, cached_weight_sq_norm, dora_linear_cached
 from ..ops.dora_linear_torch import dora_norm
 from ..ops.lora_linear_cached import LoRACallCache, lora_linear_cached  # honours torch.autocast like nn.Linear
+from ..ops.qlora_linear_cached import QLoRACallCache, compute_dtype, qlora_linear_cached
+from ..targets import is_linear4bit
 from .merged_state import MergedState
 
 _MISSING = object()
@@ -28,13 +30,22 @@ class LoRALinear(MergedState, nn.Module):
     lora_B to zeros, so the wrapped layer starts out equal to the base layer. state_dict carries `merged`
     (see fastpeft.modules.merged_state), so a merged layer's state loads as merged.
     use_dora=True: PEFT's DoRA (LoraConfig(use_dora=True)); the instance is a DoRALinear (see there).
+    A bitsandbytes Linear4bit base (NF4 / FP4, QLoRA) makes a QLoRALinear (see there).
     """
 
     _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
     use_dora = False
 
     def __new__(cls, *args, use_dora: bool = False, **kwargs):
-        if use_dora is True and cls is LoRALinear:
+        base = args[0] if args else kwargs.get("base_layer")
+        if base is not None and is_linear4bit(base):  # a bitsandbytes 4-bit base: QLoRA
+            if use_dora is True or issubclass(cls, DoRALinear):
+                raise NotImplementedError(
+                    "LoRALinear(use_dora=True) over a bitsandbytes 4-bit base (QDoRA) is not supported: fastpeft's "
+                    "DoRA needs the row norms of a float W0. Use use_dora=False, or PEFT's own QDoRA")
+            if cls is LoRALinear:
+                cls = QLoRALinear
+        elif use_dora is True and cls is LoRALinear:
             cls = DoRALinear
         return super().__new__(cls)
 
@@ -59,9 +70,7 @@ class LoRALinear(MergedState, nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         w = base_layer.weight
-        dtype = adapter_dtype if adapter_dtype is not None else w.dtype
-        if dtype not in (w.dtype, torch.float32):
-            raise TypeError(f"adapter_dtype: expected None, {w.dtype} (the base layer's dtype) or torch.float32, got {dtype}")
+        dtype = self._adapter_dtype(base_layer, adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(self.r, base_layer.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, self.r, device=w.device, dtype=dtype))
         self.merged = False
@@ -83,6 +92,19 @@ class LoRALinear(MergedState, nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    @staticmethod
+    def _adapter_dtype(base_layer: nn.Module, adapter_dtype: torch.dtype | None) -> torch.dtype:
+        """lora_A / lora_B's dtype: adapter_dtype (None: the base weight's dtype), which must be that or fp32."""
+        w = base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"base_layer: expected a floating-point weight, got {w.dtype} (a quantized "
+                            f"{type(base_layer).__name__}; of the quantized layers fastpeft takes bitsandbytes' "
+                            "Linear4bit, with its own forward)")
+        dtype = adapter_dtype if adapter_dtype is not None else w.dtype
+        if dtype not in (w.dtype, torch.float32):
+            raise TypeError(f"adapter_dtype: expected None, {w.dtype} (the base layer's dtype) or torch.float32, got {dtype}")
+        return dtype
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -242,3 +264,78 @@ class DoRALinear(LoRALinear):
         for i in range(0, w.shape[0], rows):
             block = w[i:i + rows]
             block.copy_(fn(block.float(), b[i:i + rows].float(), i, i + rows))
+
+
+class QLoRALinear(LoRALinear):
+    """LoRALinear over a bitsandbytes 4-bit base (Linear4bit / LinearNF4 / LinearFP4: NF4 or FP4, any blocksize,
+    with or without double quantization): QLoRA, as PEFT's lora.bnb.Linear4bit computes it.
+
+    y = deq(W0)·x + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ by fastpeft.qlora_linear, W0 staying packed. As
+    bitsandbytes' Linear4bit does, x is cast to the base layer's compute_dtype (taken from the first input when it
+    has none) and the output returned in x's dtype. lora_A / lora_B are in the compute dtype (fp32 when the layer
+    has none yet), or adapter_dtype (the compute dtype or fp32). The Quant4 view of the packed weight is built and
+    checked once per layer and again when the weight or its QuantState is replaced, moved or re-quantized
+    (ops/qlora_linear_cached.py). W0 is quantized: merge() and unmerge() raise. DoRA over it (QDoRA) is refused.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
+                 use_dora: bool = False):
+        if use_dora is not False:
+            raise NotImplementedError("QLoRALinear: use_dora=True over a 4-bit base (QDoRA) is not supported")
+        if not is_linear4bit(base_layer):
+            raise TypeError(f"base_layer: expected a bitsandbytes Linear4bit, got {type(base_layer).__name__}")
+        cd = getattr(base_layer, "compute_dtype", None)
+        if cd is not None and cd not in FLOAT_DTYPES:
+            raise TypeError(f"base_layer.compute_dtype: the QLoRA kernels compute in one of "
+                            f"{[str(d) for d in FLOAT_DTYPES]}, got {cd}")
+        bias = base_layer.bias
+        if bias is not None and not bias.dtype.is_floating_point:
+            raise TypeError(f"base_layer.bias: a quantized bias ({bias.dtype}) is not supported; bitsandbytes keeps "
+                            "Linear4bit's bias in floating point")
+        w = base_layer.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:  # every check of the packed weight now (the forward caches the result)
+            from ..ops.qlora_linear import quant4
+
+            quant4(w, qs)
+        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend,
+                         adapter_dtype=adapter_dtype)
+        self._call_cache = QLoRACallCache()
+
+    @staticmethod
+    def _adapter_dtype(base_layer: nn.Module, adapter_dtype: torch.dtype | None) -> torch.dtype:
+        cd = getattr(base_layer, "compute_dtype", None) or torch.float32
+        dtype = adapter_dtype if adapter_dtype is not None else cd
+        if dtype not in (cd, torch.float32):
+            raise TypeError(f"adapter_dtype: expected None, {cd} (the 4-bit base layer's compute dtype) or "
+                            f"torch.float32, got {dtype}")
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._modules.get("base_layer")
+        if base is None:
+            base = self.base_layer
+        w = base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is None:  # the state bitsandbytes keeps on the module when a conversion dropped it (FSDP)
+            qs = getattr(base, "quant_state", None)
+        return qlora_linear_cached(self._call_cache, x, w, qs, self.lora_A, self.lora_B, self.scaling, base.bias,
+                                   self.lora_dropout, self.training, self.backend, compute=compute_dtype(base, x))
+
+    def merge(self) -> None:
+        raise NotImplementedError(
+            "LoRALinear.merge(): the base layer is a bitsandbytes 4-bit Linear4bit; W0 is quantized, so W0 + ΔW "
+            "cannot be stored without re-quantizing it (which changes the model). Keep the adapter unmerged, or "
+            "dequantize the base layer to a float nn.Linear first")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("LoRALinear.unmerge(): the base layer is a bitsandbytes 4-bit Linear4bit; a "
+                                  "QLoRA layer is never merged")
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        if self.merged:
+            self.merged = False
+            raise ValueError("QLoRALinear: the state dict says the layer is merged; a layer over a 4-bit base is "
+                             "never merged (its W0 is quantized)")
