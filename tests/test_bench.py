@@ -28,6 +28,7 @@ OUTPUTS = {  # every result each op's fastpeft implementation is checked on, per
     ("ia3", None): ("y", "dx", "dl"),
     ("multi-lora", None): ("y", "dx", "da", "db"),
     ("dora", None): ("y", "dx", "da", "db", "dm"),
+    ("qlora", None): ("y", "dx", "da", "db"),
     ("galore", "layer"): ("y", "dx", "r"),
     ("galore", "step"): ("dw", "exp_avg", "exp_avg_sq"),
     ("galore", "refresh"): ("energy",),
