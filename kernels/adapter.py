@@ -16,6 +16,12 @@ Backward, two kernels:
   once: dX = dZ·Wd (+ dY for a series adapter), and per-split fp32 partials of dWu = s·dYᵀ·act(Z),
   dWd = dZᵀ·x, dbu = s·Σ dY. The partials are summed afterwards in a fixed order: deterministic, no
   float atomics. The math needs dY twice (dZ must be complete before dX and dWd can start), x once.
+Bounded temporaries (kernels/common.py PARTIAL_BUDGET, 4 MiB): the dbd partials, one row per row block, are
+written for row chunks of at most 1 + PARTIAL_BUDGET / (4·A) row blocks into one reused buffer and summed chunk
+by chunk (at M = 8192, A = 64: [128, 64], 32 KiB, before and after; the bound matters only past a million
+rows); the splits of M are also capped so that the dWu/dWd/dbu partials take at most one output plus the budget
+(at D = 4096, 132 SMs, bf16: A = 64, 4 splits = 2 × 4 MiB before, 2 splits = 2 × 2 MiB now; A = 256, 4 splits
+= 2 × 16 MiB before, 1 split (the outputs themselves, 2 × 4 MiB) now; D = 11008, A = 64: 1 split before and now).
 
 Argument legend: X, R, Y as above; WD / BD the down-projection and its bias, WU / BU the up-projection and
 its bias; Z the pre-activation bottleneck, ACTZ act(Z); DY, DZ, DX the gradients; PBD, PWU, PWD, PBU fp32
@@ -29,6 +35,7 @@ import triton.language as tl
 
 from ..limits import ADAPTER_MAX_BOTTLENECK_TRITON
 from ..ops.adapter_torch import ACTIVATIONS
+from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .common import dot_precision, fma_dots, interpreting, launch_opts, tile_args, tiles_for
 
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -370,17 +377,28 @@ def adapter_bwd(dy, x, z, down_w, up_w, scaling: float, act: str, skip: bool, ne
     dz = torch.empty((M, block_a(A)), device=dev, dtype=x.dtype)  # rows padded to the tile, see the kernel
     actz = torch.empty((M, block_a(A)), device=dev, dtype=x.dtype) if need_dw else dz
     cfg = config_for("dz", A, x.dtype)
-    pbd = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), A), **f32) if need_dw else dz
-    if M > 0:
-        _adapter_bwd_dz_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            dy, z, up_w, dz, actz, pbd, M, D, A, float(scaling),
+    # row chunks of at most 1 + PARTIAL_BUDGET / (4·A) row blocks, so the dbd partials stay bounded
+    chunk_blocks = min(triton.cdiv(M, cfg["BLOCK_M"]), 1 + _common.PARTIAL_BUDGET // (4 * max(A, 1)))
+    pbd = torch.empty((max(chunk_blocks, 1), A), **f32) if need_dw else dz
+    dbd = None
+    for r0 in range(0, M, max(chunk_blocks, 1) * cfg["BLOCK_M"]):
+        r1 = min(M, r0 + chunk_blocks * cfg["BLOCK_M"])
+        blocks = triton.cdiv(r1 - r0, cfg["BLOCK_M"])
+        # dz, actz and z are contiguous (the kernel addresses them by row), so row slices keep their layout
+        _adapter_bwd_dz_kernel[(blocks,)](
+            dy[r0:r1], z[r0:r1], up_w, dz[r0:r1], actz[r0:r1], pbd, r1 - r0, D, A, float(scaling),
             dy.stride(0), dy.stride(1), up_w.stride(0), up_w.stride(1),
             ACT=ACT_ID[act], NEED_DW=need_dw, EVEN_D=D % cfg["BLOCK_D"] == 0, BLOCK_A=block_a(A),
             INPUT_PRECISION=ip, **tile_args(cfg), **launch_opts(cfg),
         )
+        if need_dw:  # chunk by chunk, in order: deterministic
+            part = pbd[:blocks].sum(0)
+            dbd = part if dbd is None else dbd.add_(part)
     cfg = config_for("bwd", A, x.dtype)
     n_dtiles = triton.cdiv(D, cfg["BLOCK_D"])
     splits = _num_splits(M, n_dtiles, cfg["BLOCK_M"], dev) if M > 0 else 0
+    if need_dw:  # the weight-gradient partials: at most one output plus PARTIAL_BUDGET bytes
+        splits = min(splits, 1 + _common.PARTIAL_BUDGET // (4 * (2 * D * A + D)))
     rows_per_split = triton.cdiv(triton.cdiv(M, max(splits, 1)), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     if M > 0:
         splits = triton.cdiv(M, rows_per_split)
@@ -406,7 +424,8 @@ def adapter_bwd(dy, x, z, down_w, up_w, scaling: float, act: str, skip: bool, ne
         return dx, None, None, None, None
     s = float(scaling)
     dwd = pwd.sum(0)
-    dbd = pbd.sum(0)
+    if dbd is None:  # M == 0: an empty sum
+        dbd = torch.zeros((A,), **f32)
     dwu = pwu.sum(0).mul_(s)
     dbu = pbu.sum(0).mul_(s)
     return dx, dwd, dbd, dwu, dbu

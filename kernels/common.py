@@ -129,11 +129,27 @@ def target_programs(device: torch.device) -> int:
     return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
 
 
-def split_blocks(total_blocks: int, other_blocks: int, target: int) -> tuple[int, int]:
-    """Split `total_blocks` into chunks so that other_blocks·chunks >= target. Returns (blocks_per_chunk, chunks)."""
-    chunks = max(1, min(total_blocks, -(-target // max(other_blocks, 1))))
-    per = -(-total_blocks // chunks)
-    return per, -(-total_blocks // per)
+# Bytes of fp32 per-program partials a launcher may allocate for one reduction beyond the size of the reduced
+# output itself (issue 13: bounded temporaries). A reduction runs on a fixed number of programs along the
+# reduced dimension (`reduction_programs`), each looping over its share and writing one partial.
+PARTIAL_BUDGET = 4 << 20
+
+
+def reduction_programs(device: torch.device, blocks: int, other_programs: int, part_bytes: int) -> int:
+    """How many programs share a reduction over `blocks` blocks, each writing one fp32 partial of `part_bytes`
+    (the size of the reduced output): enough that, with `other_programs` along the other grid dimensions, the
+    grid reaches target_programs(device); at most `blocks`; and at most 1 + PARTIAL_BUDGET // part_bytes, so the
+    partials take at most one output plus PARTIAL_BUDGET bytes whatever the reduced length. A function of the
+    shapes and the device only: the summation order, hence the result, is reproducible."""
+    want = -(-target_programs(device) // max(other_programs, 1))
+    cap = 1 + PARTIAL_BUDGET // max(part_bytes, 1)
+    return max(1, min(blocks, want, cap))
+
+
+def split_even(total_blocks: int, programs: int) -> tuple[int, int]:
+    """`total_blocks` in contiguous chunks for at most `programs` programs: (blocks_per_chunk, chunks)."""
+    per = -(-max(total_blocks, 1) // max(1, min(programs, total_blocks)))
+    return per, -(-max(total_blocks, 1) // per)
 
 
 def launch_opts(cfg: dict) -> dict:

@@ -19,7 +19,14 @@ the registers it has not got (8 bytes of spills, tests/test_ia3.py's static case
 
 Kernel argument legend: A [M, K] and B [K, N] the GEMM operands (B_KN: B stored [K, N], else read from
 Bᵀ [N, K]); C [M, N] the output; BIAS [N]; PRO [K] the prologue scale of A's columns; EPI [N] the epilogue
-scale; E [M, N] the reduction's weights and P [cdiv(M, BLOCK_M), N] its fp32 per-row-block partials.
+scale; E [M, N] the reduction's weights and P [row blocks, N] its fp32 per-row-block partials.
+
+Bounded temporaries: the reduction's partials are one row per row block of the GEMM's output tiles, so the
+launcher runs the GEMM over row chunks of at most 1 + PARTIAL_BUDGET / (4·N) row blocks (kernels/common.py),
+reusing one partial buffer, and sums each chunk's partials into dl in chunk order: at most one [N] output plus
+PARTIAL_BUDGET (4 MiB) bytes whatever M, and a fixed summation order (deterministic, no float atomics).
+At M = 8192 ("large_fused", BLOCK_M = 128) the partial is [64, N]: 1 MiB at N = 4096, 2.75 MiB at N = 11008,
+one chunk as before; it grew with M (M = 65536: 8 and 22 MiB), now at most [257, 4096] and [96, 11008].
 
 Two paths, as for the LoRA GEMM (kernels/lora_linear.py): "tma" (Hopper or newer, 16-byte aligned rows)
 moves A, B, C and E through tensor descriptors, which need no address registers; "ptr" uses pointer
@@ -30,6 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .common import dot_precision, grouped_tile, interpreting, launch_opts, path_for, tile_args, tiles_for
 from .gemm_loop import gemm_k_loop
 
@@ -139,7 +147,8 @@ def _unit_stride(v):
 
 def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     """c = ((a ⊙ pro)·B + bias) ⊙ epi for a [M, K], where B = wᵀ (b_kn False: w is [N, K]) or B = w
-    (b_kn True: w is [K, N]). With e [M, N]: returns fp32 per-row-block partials of Σ_rows e ⊙ (a·B + bias)."""
+    (b_kn True: w is [K, N]). With e [M, N]: returns Σ_rows e ⊙ (a·B + bias), fp32 [N], from per-row-block
+    partials in row chunks of a bounded partial buffer (module docstring)."""
     import torch
 
     epi = _unit_stride(epi)
@@ -148,24 +157,35 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
     path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
     cfg = gemm_config(M, a.dtype, path, fused=pro is not None or e is not None)
     stride_bk, stride_bn = (w.stride(0), w.stride(1)) if b_kn else (w.stride(1), w.stride(0))
-    p = None
-    if e is not None:
-        p = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    chunk_blocks = m_blocks
+    p = total = None
+    if e is not None:  # row chunks whose partials fit the budget (chunks start on tile rows: TMA stays aligned)
+        chunk_blocks = min(m_blocks, 1 + _common.PARTIAL_BUDGET // (4 * max(N, 1)))
+        p = torch.empty((chunk_blocks, N), device=a.device, dtype=torch.float32)
     dummy = a
-    cc = c if c is not None else dummy
-    ee = e if e is not None else dummy
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _ia3_kernel[grid](
-        a, w, cc, bias if bias is not None else dummy, pro if pro is not None else dummy,
-        epi if epi is not None else dummy, ee, p if p is not None else dummy,
-        M, N, K,
-        a.stride(0), a.stride(1), stride_bk, stride_bn, cc.stride(0), cc.stride(1), ee.stride(0), ee.stride(1),
-        bias.stride(0) if bias is not None else 0, pro.stride(0) if pro is not None else 0,
-        HAS_BIAS=bias is not None, HAS_PRO=pro is not None, HAS_EPI=epi is not None, HAS_RED=e is not None,
-        STORE_C=c is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, USE_TMA=path == "tma", B_KN=b_kn,
-        INPUT_PRECISION=dot_precision(a.dtype), **tile_args(cfg), **launch_opts(cfg),
-    )
-    return p
+    for r0 in range(0, M, chunk_blocks * cfg["BLOCK_M"]):
+        r1 = min(M, r0 + chunk_blocks * cfg["BLOCK_M"])
+        ac = a[r0:r1]
+        cc = c[r0:r1] if c is not None else dummy
+        ee = e[r0:r1] if e is not None else dummy
+        mc = r1 - r0
+        blocks = triton.cdiv(mc, cfg["BLOCK_M"])
+        grid = (blocks * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _ia3_kernel[grid](
+            ac, w, cc, bias if bias is not None else dummy, pro if pro is not None else dummy,
+            epi if epi is not None else dummy, ee, p if p is not None else dummy,
+            mc, N, K,
+            ac.stride(0), ac.stride(1), stride_bk, stride_bn, cc.stride(0), cc.stride(1), ee.stride(0), ee.stride(1),
+            bias.stride(0) if bias is not None else 0, pro.stride(0) if pro is not None else 0,
+            HAS_BIAS=bias is not None, HAS_PRO=pro is not None, HAS_EPI=epi is not None, HAS_RED=e is not None,
+            STORE_C=c is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, USE_TMA=path == "tma", B_KN=b_kn,
+            INPUT_PRECISION=dot_precision(a.dtype), **tile_args(cfg), **launch_opts(cfg),
+        )
+        if p is not None:  # chunk by chunk, in order: deterministic
+            part = p[:blocks].sum(0)
+            total = part if total is None else total.add_(part)
+    return total
 
 
 def ia3_fwd(x, weight, bias, scale, mode: str, out=None):
@@ -198,9 +218,7 @@ def ia3_bwd(dy, x, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool)
         if need_dx:
             _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, pro=scale)
         if need_dl:  # Σ_m dY ⊙ (x·Wᵀ + b), the pre-scale product recomputed (see the module docstring)
-            dl = _gemm(x, weight, b_kn=False, N=N, K=K, bias=bias, e=dy).sum(0)
+            dl = _gemm(x, weight, b_kn=False, N=N, K=K, bias=bias, e=dy)
     else:
-        part = _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, epi=scale, e=x if need_dl else None)
-        if need_dl:
-            dl = part.sum(0)
+        dl = _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, epi=scale, e=x if need_dl else None)
     return dx, dl

@@ -7,11 +7,20 @@ Kernels (x [M, K], W0 [N, K], A [R, K], B [N, R]):
   _lora_gemm_scaled_kernel  the same with a per-column scale (DoRA's m/‖W0 + s·B·A‖, ops/dora_linear.py):
                         out = col⊙(P·Q + c·L·Rm) + bias (epilogue; optionally also storing the unscaled tile), or
                         out = (P⊙col)·Q + c·keep⊙(L·Rm) (prologue: dY's columns in the backward)
-  _lora_bwd_dy_kernel   dS = s·dY·B, dB = s·dYᵀ·S, dbias = Σ dY   one read of dY
+  _lora_bwd_dy_kernel   dS = s·dY·B, dB = s·dYᵀ·S, dbias = Σ dY   one read of dY (dB and dbias: few row blocks)
+  _lora_bwd_db_kernel   dB = s·dYᵀ·S, dbias = Σ dY               a second read of dY, for many row blocks
   _lora_bwd_da_kernel   dA = dSᵀ·dropout(x)                      one read of x, mask regenerated
 
 Reductions across programs (dB over rows, dS over column splits, dA over row splits) go to fp32 partial
-buffers summed afterwards, so results are deterministic. Saved for backward: x, S and the seed only.
+buffers summed afterwards in a fixed order, so results are deterministic (no float atomics). Each runs on a
+fixed number of programs along the reduced dimension (kernels/common.py `reduction_programs`): each program
+loops over its share and writes one partial, so the partials take at most one output plus PARTIAL_BUDGET
+bytes, whatever M. The dY kernel computes dS for a row block over its columns and dB over its rows at once, so
+it writes one dB partial per row block: it does so only while those fit the budget (few row blocks);
+otherwise dS comes from the dY kernel alone and dB from _lora_bwd_db_kernel, whose programs each own a column
+tile and loop over a share of the rows, accumulating in registers (dY is then read twice: at M = 8192 a
+second read of dY moves 64 MiB where one partial per row block would write and read 64 MiB at r = 16, 1.4 GB
+at r = 128). Saved for backward: x, S and the seed only.
 
 The seed: an int, passed as a kernel argument, or a 0-d int64 tensor on the kernels' device, which the kernels
 load themselves (SEED_PTR), so nothing is read on the host and a CUDA graph replays a freshly drawn seed
@@ -31,9 +40,10 @@ import triton
 import triton.language as tl
 
 from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exported for the tests)
-    dot_precision, grouped_tile, launch_opts, path_for, rank_block, split_blocks, target_programs, tile_args,
+    dot_precision, grouped_tile, launch_opts, path_for, rank_block, reduction_programs, split_even, tile_args,
     tiles_for,
 )
+from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .gemm_loop import gemm_k_loop
 from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.lora_linear.*)
     GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SCALED_GEMM_CONFIGS, SKINNY_CONFIGS, STORE_PRE_PATHS,
@@ -236,6 +246,51 @@ def _lora_bwd_dy_kernel(
         tl.store(ds_ptrs, ds * scaling, mask=m_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit
+def _lora_bwd_db_kernel(
+    DY, S, DB_PART, DBIAS_PART, M, N, R, m_per_split,
+    stride_dym, stride_dyn, stride_sm, stride_sr,
+    scaling,
+    COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dB = s·dYᵀ·S and dbias = Σ dY for a column tile of dY over one split of the rows: the fp32 accumulators
+    stay in registers over the split, and the program writes one partial (DB_PART [splits, N, R], DBIAS_PART
+    [splits, N])."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    m_lo = pid_s * m_per_split
+    m_hi = min(M, m_lo + m_per_split)
+    if USE_TMA:  # splits are whole tiles, so only the matrix edge needs the zero fill
+        dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_N])
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_hi
+        rows = offs_m.to(tl.int64)
+        if USE_TMA:
+            dy = dy_desc.load([m0, pid_n * BLOCK_N])
+        else:
+            dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_DB:
+            s_tile = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            db = tl.dot(tl.trans(dy), s_tile.to(dy.dtype), db, input_precision=DOT_PRECISION)
+        if COMPUTE_DBIAS:
+            dbias += tl.sum(dy.to(tl.float32), axis=0)
+    if COMPUTE_DB:
+        db_ptrs = DB_PART + pid_s.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :]
+        tl.store(db_ptrs, db * scaling, mask=n_mask[:, None] & r_mask[None, :])
+    if COMPUTE_DBIAS:
+        tl.store(DBIAS_PART + pid_s.to(tl.int64) * N + offs_n, dbias, mask=n_mask)
+
+
 @triton.jit(do_not_specialize=["seed", "thr"])
 def _lora_bwd_da_kernel(
     X, DS, DA_PART, M, K, R, m_per_split,
@@ -383,40 +438,102 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple |
     return (out, pre) if store_pre else out
 
 
+def _sum_parts(part: torch.Tensor) -> torch.Tensor:
+    """Σ over the partials (dimension 0) in a fixed order; a single partial is the result itself."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
 def lora_bwd_dy(dy, b, s, scaling: float, need_ds: bool, need_db: bool, need_dbias: bool):
-    """One read of dY [M, N]: dS = s·dY·B (fp32 [M, R]), dB = s·dYᵀ·S (fp32 [N, R]), dbias = Σ_rows dY (fp32)."""
+    """dS = s·dY·B (fp32 [M, R]), dB = s·dYᵀ·S (fp32 [N, R]), dbias = Σ_rows dY (fp32).
+
+    Temporaries (fp32 partials), each at most one output plus PARTIAL_BUDGET (4 MiB) bytes, whatever M:
+      dS: [n_splits, M, R], the columns split only while the row blocks alone leave the GPU idle.
+      dB and dbias: one pass over dY (the dY kernel, one partial per row block) while the row blocks' partials
+      fit the budget; else [splits, N, R] and [splits, N] from _lora_bwd_db_kernel (reduction_programs).
+    At M = 8192 (bf16, 132 SMs, "tma" tiles) the dB partial was [128, N, R]: 32 MiB at N = 4096, r = 16 and
+    688 MiB (721 MB) at N = 11008, r = 128; now [9, 4096, 16] = 2.25 MiB and [1, 11008, 128], the output itself
+    (5.4 MiB fp32, no partial); at N = 4096, r = 128: 256 MiB before, [2, 4096, 128] = 4 MiB now. dS:
+    [3, 8192, 16] = 1.5 MiB before and now at r = 16; [3, 8192, 128] = 12 MiB before, [2, 8192, 128] = 8 MiB
+    (the output plus 4 MiB) now at r = 128."""
     M, N = dy.shape
     R = b.shape[1]
     path = path_for(dy.device, dy)
     cfg = skinny_config("dy", R, dy.dtype, path)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    n_per, n_splits = split_blocks(triton.cdiv(N, cfg["BLOCK_N"]), m_blocks, target_programs(dy.device))
     f32 = dict(device=dy.device, dtype=torch.float32)
-    ds_part = torch.empty((n_splits, M, R), **f32) if need_ds else None
-    db_part = torch.empty((m_blocks, N, R), **f32) if need_db else None
-    dbias_part = torch.empty((m_blocks, N), **f32) if need_dbias else None
-    dummy = dy
-    _lora_bwd_dy_kernel[(m_blocks, n_splits)](
-        dy, b, s, ds_part if need_ds else dummy, db_part if need_db else dummy, dbias_part if need_dbias else dummy,
-        M, N, R, n_per * cfg["BLOCK_N"],
-        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), s.stride(0), s.stride(1), scaling,
-        COMPUTE_DS=need_ds, COMPUTE_DB=need_db, COMPUTE_DBIAS=need_dbias, DOT_PRECISION=dot_precision(dy.dtype),
-        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
-    )
-    ds = (ds_part[0] if n_splits == 1 else ds_part.sum(0)) if need_ds else None
-    db = db_part.sum(0) if need_db else None
-    dbias = dbias_part.sum(0) if need_dbias else None
+    red_bytes = 4 * N * ((R if need_db else 0) + (1 if need_dbias else 0))  # dB and dbias partials of one program
+    # one read of dY while a dB partial per row block stays within the budget; else the separate dB kernel
+    fused = (need_db or need_dbias) and (m_blocks - 1) * red_bytes <= _common.PARTIAL_BUDGET
+    ds = db = dbias = None
+    if need_ds or fused:
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_per, n_splits = split_even(n_blocks, reduction_programs(dy.device, n_blocks, m_blocks, 4 * M * R)
+                                     if need_ds else 1)
+        ds_part = torch.empty((n_splits, M, R), **f32) if need_ds else None
+        db_part = torch.empty((m_blocks, N, R), **f32) if fused and need_db else None
+        dbias_part = torch.empty((m_blocks, N), **f32) if fused and need_dbias else None
+        dummy = dy
+        _lora_bwd_dy_kernel[(m_blocks, n_splits)](
+            dy, b, s, ds_part if need_ds else dummy, db_part if db_part is not None else dummy,
+            dbias_part if dbias_part is not None else dummy,
+            M, N, R, n_per * cfg["BLOCK_N"],
+            dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), s.stride(0), s.stride(1), scaling,
+            COMPUTE_DS=need_ds, COMPUTE_DB=db_part is not None, COMPUTE_DBIAS=dbias_part is not None,
+            DOT_PRECISION=dot_precision(dy.dtype), USE_TMA=path == "tma", BLOCK_R=rank_block(R),
+            **tile_args(cfg), **launch_opts(cfg),
+        )
+        ds = _sum_parts(ds_part) if need_ds else None
+        db = _sum_parts(db_part) if db_part is not None else None
+        dbias = _sum_parts(dbias_part) if dbias_part is not None else None
+    if (need_db or need_dbias) and not fused:
+        db, dbias = lora_bwd_db(dy, s, scaling, need_db, need_dbias)
     return ds, db, dbias
 
 
+def db_programs(device, M: int, N: int, R: int, cfg: dict, need_db: bool, need_dbias: bool) -> tuple[int, int]:
+    """(rows per split, splits) of _lora_bwd_db_kernel: reduction_programs over the row blocks."""
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    part_bytes = 4 * N * ((R if need_db else 0) + (1 if need_dbias else 0))
+    m_per, m_splits = split_even(m_blocks, reduction_programs(device, m_blocks, triton.cdiv(N, cfg["BLOCK_N"]),
+                                                              part_bytes))
+    return m_per * cfg["BLOCK_M"], m_splits
+
+
+def lora_bwd_db(dy, s, scaling: float, need_db: bool, need_dbias: bool):
+    """dB = s·dYᵀ·S (fp32 [N, R]) and dbias = Σ_rows dY (fp32 [N]) on a fixed number of programs along M
+    (db_programs): partials [splits, N, R] and [splits, N], at most one output plus PARTIAL_BUDGET bytes."""
+    M, N = dy.shape
+    R = s.shape[1]
+    path = path_for(dy.device, dy)
+    cfg = skinny_config("db", R, dy.dtype, path)
+    m_per, m_splits = db_programs(dy.device, M, N, R, cfg, need_db, need_dbias)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    db_part = torch.empty((m_splits, N, R), **f32) if need_db else None
+    dbias_part = torch.empty((m_splits, N), **f32) if need_dbias else None
+    _lora_bwd_db_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), m_splits)](
+        dy, s, db_part if need_db else dy, dbias_part if need_dbias else dy, M, N, R, m_per,
+        dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), scaling,
+        COMPUTE_DB=need_db, COMPUTE_DBIAS=need_dbias, DOT_PRECISION=dot_precision(dy.dtype), USE_TMA=path == "tma",
+        BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
+    )
+    return (_sum_parts(db_part) if need_db else None), (_sum_parts(dbias_part) if need_dbias else None)
+
+
 def lora_bwd_da(x, ds, p: float, seed, thr: int) -> torch.Tensor:
-    """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated."""
+    """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated.
+
+    Temporary: fp32 partials [m_splits, R, K], m_splits = reduction_programs over the row blocks (at most one
+    output plus PARTIAL_BUDGET bytes). At M = 8192 (bf16, 132 SMs, "tma" tiles): [9, 16, 4096] = 2.25 MiB at
+    r = 16 (unchanged: the splits were already a fixed number); for K = 4096, r = 128: [5, 128, 4096] = 10 MiB
+    before, [3, ...] = 6 MiB now; for K = 11008, r = 128: [2, 128, 11008] = 10.75 MiB before, [1, ...] (the
+    output itself, 5.4 MiB) now."""
     M, K = x.shape
     R = ds.shape[1]
     path = path_for(x.device, x)
     cfg = skinny_config("da", R, x.dtype, path)
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    m_per, m_splits = split_blocks(triton.cdiv(M, cfg["BLOCK_M"]), k_blocks, target_programs(x.device))
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    m_per, m_splits = split_even(m_blocks, reduction_programs(x.device, m_blocks, k_blocks, 4 * R * K))
     da_part = torch.empty((m_splits, R, K), device=x.device, dtype=torch.float32)
     seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
     _launch(
@@ -427,7 +544,7 @@ def lora_bwd_da(x, ds, p: float, seed, thr: int) -> torch.Tensor:
         BLOCK_R=rank_block(R),
         **tile_args(cfg), **launch_opts(cfg),
     )
-    return da_part[0] if m_splits == 1 else da_part.sum(0)
+    return _sum_parts(da_part)
 
 
 def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int):

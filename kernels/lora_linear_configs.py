@@ -80,6 +80,21 @@ SKINNY_CONFIGS = {
                 256: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=3, fp32=dict(BLOCK_N=16),
                       ieee=dict(BLOCK_N=16))},
     },
+    # _lora_bwd_db_kernel (dB and dbias over a share of the rows, for many row blocks): the [BLOCK_N, r] fp32
+    # accumulator stays in registers over the rows; BLOCK_M is the dots' reduction tile ("ieee": FMA dots hold
+    # it in registers, so it shrinks)
+    "db": {
+        "tma": {16: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, ieee=dict(BLOCK_M=16)),
+                32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, ieee=dict(BLOCK_M=16)),
+                64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=16)),
+                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=16)),
+                256: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=8))},
+        "ptr": {16: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_M=16)),
+                32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_M=16)),
+                64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, ieee=dict(BLOCK_M=16)),
+                128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=16)),
+                256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_M=8))},
+    },
     "da": {
         "tma": {16: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
                 32: dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
@@ -99,6 +114,7 @@ INTERPRETER_CONFIGS = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
     "dy": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
     "da": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
+    "db": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
 }
 
 

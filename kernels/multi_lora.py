@@ -20,21 +20,34 @@ Token order and the multi-adapter epilogue.
     adapter's A is read once; for larger M with per-token ids the launcher sorts the tokens by adapter
     on the device (stable torch.sort, no host sync) and the shrink's row tiles follow that order.
   - The backward reductions (dB, dA) need each adapter's tokens alone: they run over "segment tiles" (at
-    most SEG_BLOCK_M sorted tokens of one adapter), write one fp32 partial per tile and sum each adapter's
-    partials in a fixed order (`_multi_lora_segment_sum_kernel`): deterministic, no atomics.
+    most SEG_BLOCK_M sorted tokens of one adapter; an adapter's tiles are consecutive) on a fixed number of
+    programs along the tiles (kernels/common.py `reduction_programs`). Each program owns a column tile and a
+    contiguous range of segment tiles and accumulates in registers while the adapter stays the same: a run
+    that holds all of its adapter's tiles is stored into the pool gradient directly, the (at most two) runs
+    cut by the range's ends go to the program's two fp32 partial slots, and `_multi_lora_seg_fixup_kernel`
+    sums each cut adapter's slots in program order: deterministic, no atomics, and the partials bounded by
+    [2·splits, D, r_max] (at most one such pair plus PARTIAL_BUDGET bytes), whatever M. dB reads dY a second
+    time (the dY kernel computes dS alone).
+    Sizes at M = 8192 tokens, 8 adapters, bf16, 132 SMs: the partials were one [D, r_max] per segment tile,
+    [136, D, r_max] (cdiv(M, 64) + 8 tiles): 136 MiB for dB at N = 4096, r_max = 64, and 731 MiB at
+    N = 11008, r_max = 128 (dA alike with K). Now [2·splits, D, r_max] with splits = 2 (N = 4096, r_max = 64:
+    BLOCK_D = 16, so 256 column tiles and 2 programs wanted, within the budget's 1 + 4 MiB / 2 MiB): 4 MiB;
+    at N = 11008, r_max = 128: 688 column tiles, splits = 1: no partial at all (every run goes to the output).
 
 Kernels (x [M, K], W0 [N, K]):
   _multi_lora_shrink_kernel      S[m, :r_a] = x_m·A_aᵀ            [M, R_MAX], split-K partials for small M
   _multi_lora_gemm_kernel        out = P·Q + Σ_a c_a·L_a·Rm_a + bias  forward: P=x, Q=W0ᵀ, L=S, Rm=B_aᵀ, c=s_a
                                                                       backward: P=dY, Q=W0, L=dS, Rm=A_a, c=1
-  _multi_lora_bwd_dy_kernel      dS = s_a·dY·B_a, dB partials s_a·dYᵀ·S per segment tile (one read of dY)
-  _multi_lora_bwd_da_kernel      dA partials dSᵀ·x per segment tile
-  _multi_lora_segment_sum_kernel per adapter: Σ of its tiles' partials, into the pool gradient
+  _multi_lora_bwd_dy_kernel      dS = s_a·dY·B_a per segment tile
+  _multi_lora_seg_reduce_kernel  OUT_a = c_a·U_aᵀ·V_a per adapter, over ranges of segment tiles
+                                 dB: U = dY, V = S, c = s_a;  dA: U = x, V = dS, c = 1
+  _multi_lora_seg_fixup_kernel   per adapter cut by the ranges: Σ of its partial slots, into the pool gradient
 
 Argument legend: P, Q, L, RM as in kernels/lora_linear.py (the K loop is kernels/gemm_loop.py's); IDS the
 adapter id of every token, PERM the token rows sorted by adapter, TILES the segment tiles (`Grouping`),
 RANKS / OFFS each adapter's rank and first row in the pool, SCALE its scaling; r_max the pool's largest
-rank; n_adapters the pool size; *_PART fp32 partials; stride_<t><d> tensor t's stride along dimension d.
+rank; n_adapters the pool size; *_PART fp32 partials; U, V the reduction's operands (D the length of U's rows);
+TILE_CUM each adapter's first segment tile; stride_<t><d> tensor t's stride along dimension d.
 """
 from __future__ import annotations
 
@@ -43,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .common import (  # noqa: F401 (rank_block, tiles_for: re-exported for the tests)
-    dot_precision, grouped_tile, launch_opts, path_for, rank_block, split_blocks, target_programs, tile_args,
+    dot_precision, grouped_tile, launch_opts, path_for, rank_block, reduction_programs, split_even, tile_args,
     tiles_for,
 )
 from .gemm_loop import gemm_k_loop
@@ -182,10 +195,9 @@ def _segment_tile(TILES, n_tiles, p, PERM, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _multi_lora_bwd_dy_kernel(
-    DY, B, S, PERM, TILES, SCALE, RANKS, OFFS, DS, DB_PART, n_tiles, N, r_max, n_per_split,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsp, stride_dsm, stride_scale,
-    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DY, B, PERM, TILES, SCALE, RANKS, OFFS, DS, n_tiles, N, r_max, n_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_dsp, stride_dsm, stride_scale,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -198,76 +210,107 @@ def _multi_lora_bwd_dy_kernel(
         r_mask = offs_r < r_a
         n_lo = pid_s * n_per_split
         n_hi = min(N, n_lo + n_per_split)
-        if COMPUTE_DB:
-            s_tile = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                             mask=pos_mask[:, None] & r_mask[None, :], other=0.0).to(DY.dtype.element_ty)
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < n_hi
             dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=pos_mask[:, None] & n_mask[None, :], other=0.0)
-            if COMPUTE_DS:
-                b = tl.load(B + offs_n[:, None].to(tl.int64) * stride_bn + (off + offs_r[None, :]) * stride_br,
-                            mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-                ds = tl.dot(dy, b.to(dy.dtype), ds, input_precision=DOT_PRECISION)
-            if COMPUTE_DB:
-                db = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PRECISION) * scale
-                db_ptrs = DB_PART + p.to(tl.int64) * N * r_max + offs_n[:, None] * r_max + offs_r[None, :]
-                tl.store(db_ptrs, db, mask=n_mask[:, None] & r_mask[None, :])
-        if COMPUTE_DS:
-            ds_ptrs = DS + pid_s.to(tl.int64) * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :]
-            tl.store(ds_ptrs, ds * scale, mask=pos_mask[:, None] & (offs_r < r_max)[None, :])
+            b = tl.load(B + offs_n[:, None].to(tl.int64) * stride_bn + (off + offs_r[None, :]) * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            ds = tl.dot(dy, b.to(dy.dtype), ds, input_precision=DOT_PRECISION)
+        ds_ptrs = DS + pid_s.to(tl.int64) * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :]
+        tl.store(ds_ptrs, ds * scale, mask=pos_mask[:, None] & (offs_r < r_max)[None, :])
 
 
 @triton.jit
-def _multi_lora_bwd_da_kernel(
-    X, DS, PERM, TILES, RANKS, DA_PART, n_tiles, K, r_max,
-    stride_xm, stride_xk, stride_dsm, stride_dsr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    p = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    a, rows, pos_mask = _segment_tile(TILES, n_tiles, p, PERM, BLOCK_M)
+def _flush_run(acc, a, run_start, run_end, t_lo, slot_base, TILE_CUM, RANKS, OFFS, SCALE, OUT, PART, offs_d, d_mask,
+               offs_r, D, r_max, stride_od, stride_or, stride_scale, HAS_SCALE: tl.constexpr):
+    """Store adapter a's run of segment tiles [run_start, run_end): into OUT when it holds all of a's tiles, else
+    into the program's slot 0 (the run starts the program's range) or slot 1 (it ends it)."""
     if a >= 0:
         r_a = tl.load(RANKS + a)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        offs_r = tl.arange(0, BLOCK_R)
-        k_mask = offs_k < K
-        r_mask = offs_r < r_a
-        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=pos_mask[:, None] & k_mask[None, :], other=0.0)
-        ds = tl.load(DS + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=pos_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(ds.to(x.dtype)), x, input_precision=DOT_PRECISION)
-        # partials share the [tile, D, r] layout of dB's, so one segment-sum kernel serves both
-        da_ptrs = DA_PART + p.to(tl.int64) * K * r_max + offs_k[None, :] * r_max + offs_r[:, None]
-        tl.store(da_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + a * stride_scale).to(tl.float32)
+        mask = d_mask[:, None] & (offs_r < r_a)[None, :]
+        if (run_start == tl.load(TILE_CUM + a)) & (run_end == tl.load(TILE_CUM + a + 1)):
+            off = tl.load(OFFS + a).to(tl.int64)
+            out_ptrs = OUT + offs_d[:, None].to(tl.int64) * stride_od + (off + offs_r[None, :]) * stride_or
+            tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            slot = slot_base + (run_start != t_lo).to(tl.int64)
+            tl.store(PART + slot * D * r_max + offs_d[:, None] * r_max + offs_r[None, :], acc, mask=mask)
 
 
 @triton.jit
-def _multi_lora_segment_sum_kernel(
-    PART, TILE_CUM, RANKS, OFFS, OUT, D, r_max, stride_od, stride_or,
+def _multi_lora_seg_reduce_kernel(
+    U, V, PERM, TILES, TILE_CUM, RANKS, OFFS, SCALE, OUT, PART, n_tiles, tiles_per_split, D, r_max,
+    stride_um, stride_ud, stride_vm, stride_vr, stride_od, stride_or, stride_scale,
+    HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """OUT[d, offs[a] + j] = c_a·Σ_(rows m of a) U[m, d]·V[m, j] for one column tile of U and one contiguous range
+    of segment tiles; the accumulator stays in registers over each adapter's run (see `_flush_run`). PART is
+    [2·splits, D, r_max]."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    offs_r = tl.arange(0, BLOCK_R)
+    t_lo = pid_s * tiles_per_split
+    t_hi = min(n_tiles, t_lo + tiles_per_split)
+    slot_base = 2 * pid_s.to(tl.int64)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    cur = tl.load(TILES + t_lo)
+    run_start = t_lo
+    for t in range(t_lo, t_hi):
+        a, rows, pos_mask = _segment_tile(TILES, n_tiles, t, PERM, BLOCK_M)
+        if a != cur:
+            _flush_run(acc, cur, run_start, t, t_lo, slot_base, TILE_CUM, RANKS, OFFS, SCALE, OUT, PART, offs_d,
+                       d_mask, offs_r, D, r_max, stride_od, stride_or, stride_scale, HAS_SCALE)
+            acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+            cur = a
+            run_start = t
+        if a >= 0:
+            r_a = tl.load(RANKS + a)
+            u = tl.load(U + rows[:, None] * stride_um + offs_d[None, :] * stride_ud,
+                        mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(V + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                        mask=pos_mask[:, None] & (offs_r < r_a)[None, :], other=0.0)
+            acc = tl.dot(tl.trans(u), v.to(u.dtype), acc, input_precision=DOT_PRECISION)
+    _flush_run(acc, cur, run_start, t_hi, t_lo, slot_base, TILE_CUM, RANKS, OFFS, SCALE, OUT, PART, offs_d, d_mask,
+               offs_r, D, r_max, stride_od, stride_or, stride_scale, HAS_SCALE)
+
+
+@triton.jit
+def _multi_lora_seg_fixup_kernel(
+    PART, TILE_CUM, RANKS, OFFS, OUT, tiles_per_split, D, r_max, stride_od, stride_or,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """OUT[d, offs[a] + j] = Σ over adapter a's tiles t (in order) of PART[t, d, j], j < ranks[a]; zero if none."""
+    """For adapter a whose segment tiles span the ranges of programs g0 < g1: OUT = Σ over g0..g1, in order, of
+    each program's slot holding a's run (slot 1 of g0 unless a's tiles start g0's range, slot 0 after)."""
     a = tl.program_id(0)
     pid_d = tl.program_id(1)
     r_a = tl.load(RANKS + a)
-    if r_a > 0:
-        off = tl.load(OFFS + a).to(tl.int64)
-        t0 = tl.load(TILE_CUM + a)
-        t1 = tl.load(TILE_CUM + a + 1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_r = tl.arange(0, BLOCK_R)
-        mask = (offs_d < D)[:, None] & (offs_r < r_a)[None, :]
-        ptrs = PART + t0.to(tl.int64) * D * r_max + offs_d[:, None] * r_max + offs_r[None, :]
-        acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
-        for _ in range(t0, t1):
-            acc += tl.load(ptrs, mask=mask, other=0.0)
-            ptrs += D * r_max
-        out_ptrs = OUT + offs_d[:, None].to(tl.int64) * stride_od + (off + offs_r[None, :]) * stride_or
-        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+    t0 = tl.load(TILE_CUM + a)
+    t1 = tl.load(TILE_CUM + a + 1)
+    if (r_a > 0) & (t1 > t0):
+        g0 = t0 // tiles_per_split
+        g1 = (t1 - 1) // tiles_per_split
+        if g1 > g0:
+            off = tl.load(OFFS + a).to(tl.int64)
+            offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            offs_r = tl.arange(0, BLOCK_R)
+            mask = (offs_d < D)[:, None] & (offs_r < r_a)[None, :]
+            rel = offs_d[:, None] * r_max + offs_r[None, :]
+            first = 2 * g0.to(tl.int64) + (t0 != g0 * tiles_per_split).to(tl.int64)
+            acc = tl.load(PART + first * D * r_max + rel, mask=mask, other=0.0)
+            ptrs = PART + (2 * g0.to(tl.int64) + 2) * D * r_max + rel  # slot 0 of g0 + 1, then every second slot
+            for _ in range(g0 + 1, g1 + 1):
+                acc += tl.load(ptrs, mask=mask, other=0.0)
+                ptrs += 2 * D * r_max
+            out_ptrs = OUT + offs_d[:, None].to(tl.int64) * stride_od + (off + offs_r[None, :]) * stride_or
+            tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -278,7 +321,9 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
     M, K = x.shape
     cfg = skinny_config("shrink", r_max, x.dtype)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    k_per, k_splits = split_blocks(triton.cdiv(K, cfg["BLOCK_K"]), m_blocks, target_programs(x.device))
+    # (partials [k_splits, M, r_max]: at most one output plus PARTIAL_BUDGET, kernels/common.py)
+    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    k_per, k_splits = split_even(k_blocks, reduction_programs(x.device, k_blocks, m_blocks, 4 * M * r_max))
     s = torch.empty((M, r_max), device=x.device, dtype=x.dtype)
     # small M: split K over programs (each used adapter's A is still read once) into fp32 partials
     part = s if k_splits == 1 else torch.empty((k_splits, M, r_max), device=x.device, dtype=torch.float32)
@@ -320,61 +365,75 @@ def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n
     return out
 
 
-def _segment_sum(part, grouping, ranks, offsets, out, n_adapters: int, r_max: int, d: int, d_axis: int):
-    cfg = skinny_config("segsum", r_max, out.dtype)
+def seg_reduce_programs(device, n_tiles: int, d_tiles: int, D: int, r_max: int) -> tuple[int, int]:
+    """(segment tiles per split, splits) of _multi_lora_seg_reduce_kernel: reduction_programs over the segment
+    tiles, each program with a [2, D, r_max] pair of partial slots."""
+    return split_even(n_tiles, reduction_programs(device, n_tiles, d_tiles, 2 * 4 * D * r_max))
+
+
+def _seg_reduce(u, v, grouping: Grouping, scale, ranks, offsets, out, n_adapters: int, r_max: int, d_axis: int):
+    """out (zero-filled fp32 pool gradient; its dimension d_axis runs along U's columns) = per adapter
+    c_a·U_aᵀ·V_a over the adapter's tokens (module docstring)."""
+    D = u.shape[1]
+    cfg = skinny_config("red", r_max, u.dtype)
+    assert cfg["BLOCK_M"] == grouping.block
+    d_tiles = triton.cdiv(D, cfg["BLOCK_D"])
+    per, splits = seg_reduce_programs(u.device, grouping.n_tiles, d_tiles, D, r_max)
+    # one program along the tiles: every run holds all of its adapter's tiles and goes to out (no slots)
+    part = torch.empty((2 * splits, D, r_max), device=u.device, dtype=torch.float32) if splits > 1 else out
     r_axis = 1 - d_axis
-    _multi_lora_segment_sum_kernel[(n_adapters, triton.cdiv(d, cfg["BLOCK_D"]))](
-        part, grouping.tile_cum, ranks, offsets, out, d, r_max, out.stride(d_axis), out.stride(r_axis),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_R=rank_block(r_max), **launch_opts(cfg),
+    _multi_lora_seg_reduce_kernel[(d_tiles, splits)](
+        u, v, grouping.perm, grouping.tiles, grouping.tile_cum, ranks, offsets, scale if scale is not None else out,
+        out, part, grouping.n_tiles, per, D, r_max,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(d_axis), out.stride(r_axis),
+        scale.stride(0) if scale is not None else 0,
+        HAS_SCALE=scale is not None, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=rank_block(r_max),
+        **tile_args(cfg), **launch_opts(cfg),
     )
+    if splits > 1:
+        fix = skinny_config("fixup", r_max, out.dtype)
+        _multi_lora_seg_fixup_kernel[(n_adapters, triton.cdiv(D, fix["BLOCK_D"]))](
+            part, grouping.tile_cum, ranks, offsets, out, per, D, r_max, out.stride(d_axis), out.stride(r_axis),
+            BLOCK_D=fix["BLOCK_D"], BLOCK_R=rank_block(r_max), **launch_opts(fix),
+        )
 
 
 def multi_lora_bwd_dy(dy, b_pool, s, grouping: Grouping, scale, ranks, offsets, n_adapters, r_max, need_ds, need_db):
-    """One read of dY: dS = s_a·dY·B_a (fp32 [M, r_max], rows of base-only tokens unwritten) and the
-    per-adapter dB = s_a·dY_aᵀ·S_a summed into a zero-filled fp32 pool gradient [N, R_total]."""
+    """dS = s_a·dY·B_a (fp32 [M, r_max], rows of base-only tokens unwritten) and the per-adapter
+    dB = s_a·dY_aᵀ·S_a summed into a zero-filled fp32 pool gradient [N, R_total] (a second read of dY).
+    Temporaries: the dS column-split partials [n_splits, M, r_max] (reduction_programs: at most one output plus
+    PARTIAL_BUDGET) and the dB slots of _seg_reduce."""
     M, N = dy.shape
     cfg = skinny_config("dy", r_max, dy.dtype)
     assert cfg["BLOCK_M"] == grouping.block
     n_tiles = grouping.n_tiles
-    n_per, n_splits = split_blocks(triton.cdiv(N, cfg["BLOCK_N"]), n_tiles, target_programs(dy.device))
     f32 = dict(device=dy.device, dtype=torch.float32)
-    ds = ds_part = None
+    ds = None
     if need_ds:
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_per, n_splits = split_even(n_blocks, reduction_programs(dy.device, n_blocks, n_tiles, 4 * M * r_max))
         ds = torch.empty((M, r_max), **f32)
         ds_part = ds if n_splits == 1 else torch.empty((n_splits, M, r_max), **f32)
-    db_part = torch.empty((n_tiles, N, r_max), **f32) if need_db else None
-    dummy = dy
-    _multi_lora_bwd_dy_kernel[(n_tiles, n_splits)](
-        dy, b_pool, s, grouping.perm, grouping.tiles, scale, ranks, offsets,
-        ds_part if need_ds else dummy, db_part if need_db else dummy, n_tiles, N, r_max, n_per * cfg["BLOCK_N"],
-        dy.stride(0), dy.stride(1), b_pool.stride(0), b_pool.stride(1), s.stride(0), s.stride(1),
-        ds_part.stride(0) if need_ds and n_splits > 1 else 0, ds_part.stride(-2) if need_ds else 0, scale.stride(0),
-        COMPUTE_DS=need_ds, COMPUTE_DB=need_db, DOT_PRECISION=dot_precision(dy.dtype), BLOCK_R=rank_block(r_max),
-        **tile_args(cfg), **launch_opts(cfg),
-    )
-    if need_ds and n_splits > 1:
-        torch.sum(ds_part, 0, out=ds)
+        _multi_lora_bwd_dy_kernel[(n_tiles, n_splits)](
+            dy, b_pool, grouping.perm, grouping.tiles, scale, ranks, offsets, ds_part, n_tiles, N, r_max,
+            n_per * cfg["BLOCK_N"],
+            dy.stride(0), dy.stride(1), b_pool.stride(0), b_pool.stride(1),
+            ds_part.stride(0) if n_splits > 1 else 0, ds_part.stride(-2), scale.stride(0),
+            DOT_PRECISION=dot_precision(dy.dtype), BLOCK_R=rank_block(r_max), **tile_args(cfg), **launch_opts(cfg),
+        )
+        if n_splits > 1:
+            torch.sum(ds_part, 0, out=ds)
     db = None
     if need_db:
         db = torch.zeros(b_pool.shape, **f32)  # pool columns of no adapter get a zero gradient
-        _segment_sum(db_part, grouping, ranks, offsets, db, n_adapters, r_max, N, 0)
+        _seg_reduce(dy, s, grouping, scale, ranks, offsets, db, n_adapters, r_max, 0)
     return ds, db
 
 
 def multi_lora_bwd_da(x, ds, a_pool_shape, grouping: Grouping, ranks, offsets, n_adapters, r_max):
-    """Per-adapter dA = dS_aᵀ·x_a summed into a zero-filled fp32 pool gradient [R_total, K]."""
-    M, K = x.shape
-    cfg = skinny_config("da", r_max, x.dtype)
-    assert cfg["BLOCK_M"] == grouping.block
-    n_tiles = grouping.n_tiles
-    part = torch.empty((n_tiles, K, r_max), device=x.device, dtype=torch.float32)
-    _multi_lora_bwd_da_kernel[(n_tiles, triton.cdiv(K, cfg["BLOCK_K"]))](
-        x, ds, grouping.perm, grouping.tiles, ranks, part, n_tiles, K, r_max,
-        x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(r_max), **tile_args(cfg), **launch_opts(cfg),
-    )
+    """Per-adapter dA = dS_aᵀ·x_a summed into a zero-filled fp32 pool gradient [R_total, K] (_seg_reduce)."""
     da = torch.zeros(a_pool_shape, device=x.device, dtype=torch.float32)
-    _segment_sum(part, grouping, ranks, offsets, da, n_adapters, r_max, K, 1)
+    _seg_reduce(x, ds, grouping, None, ranks, offsets, da, n_adapters, r_max, 1)
     return da
 
 

@@ -31,7 +31,7 @@ GEMM_CONFIGS = {
                       ieee=dict(BLOCK_N=64)),
     },
 }
-# Skinny kernels by padded rank (pointer loads only, so one table for both architectures). dy and da share
+# Skinny kernels by padded rank (pointer loads only, so one table for both architectures). dy and red share
 # BLOCK_M: it is the segment-tile size of the backward's per-adapter grouping. "ieee" (fp32 FMA dots, see
 # kernels/common.py `tiles_for`): the reduction tile of the shrink (K) and of dS (dY's columns) shrinks.
 SEG_BLOCK_M = 64
@@ -40,18 +40,23 @@ SKINNY_CONFIGS = {
                128: dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3, ieee=dict(BLOCK_K=8))},
     "dy": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=32, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8)),
            128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=16, num_warps=8, num_stages=3, ieee=dict(BLOCK_N=8))},
-    "da": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=4, num_stages=3),
-           128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_K=64, num_warps=8, num_stages=3)},
-    "segsum": {64: dict(BLOCK_D=64, num_warps=4, num_stages=1),
-               128: dict(BLOCK_D=32, num_warps=4, num_stages=1)},
+    # _multi_lora_seg_reduce_kernel (dB over dY's columns, dA over x's): a [BLOCK_D, r] fp32 accumulator kept
+    # over each adapter's run of segment tiles. Its two inlined flushes (stores to the output or a partial slot)
+    # and the gathered [SEG_BLOCK_M, r] operand hold many registers: 32 columns at 8 warps reach 203 registers at
+    # r64 and spill at r128, 64 columns spill at both; 16 columns compile clean (GPU tuning owed: e.g. reducing
+    # the segment tile in row chunks to afford wider column tiles)
+    "red": {64: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_D=16, num_warps=8, num_stages=3),
+            128: dict(BLOCK_M=SEG_BLOCK_M, BLOCK_D=16, num_warps=8, num_stages=3)},
+    "fixup": {64: dict(BLOCK_D=64, num_warps=4, num_stages=1),
+              128: dict(BLOCK_D=32, num_warps=4, num_stages=1)},
 }
 INTERPRETER_SEG_BLOCK_M = 16
 INTERPRETER_CONFIGS = {
     "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, RANK_CHUNK=16, num_warps=4, num_stages=1),
     "shrink": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1),
     "dy": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=1),
-    "da": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_K=32, num_warps=4, num_stages=1),
-    "segsum": dict(BLOCK_D=32, num_warps=4, num_stages=1),
+    "red": dict(BLOCK_M=INTERPRETER_SEG_BLOCK_M, BLOCK_D=32, num_warps=4, num_stages=1),
+    "fixup": dict(BLOCK_D=32, num_warps=4, num_stages=1),
 }
 
 
@@ -79,7 +84,7 @@ def skinny_config(kind: str, r_max: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIGS[kind])
     cfg = SKINNY_CONFIGS[kind][rank_bucket(r_max)]
-    return cfg if kind == "segsum" else tiles_for(cfg, dtype)
+    return cfg if kind == "fixup" else tiles_for(cfg, dtype)
 
 
 def seg_block_m() -> int:

@@ -112,7 +112,7 @@ def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
     label = dt + ("ieee" if precision == "ieee" else "")
     for kind, table in k.SKINNY_CONFIGS.items():
         for path, by_rank in table.items():
-            seed_forms = (False,) if kind == "dy" else (False, True)  # the dy kernel applies no dropout
+            seed_forms = (False,) if kind in ("dy", "db") else (False, True)  # the dy and db kernels apply no dropout
             for br, seed_ptr in itertools.product(rank_blocks, seed_forms):
                 cfg = k.tiles_for(by_rank[br], dtype, precision)
                 tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
@@ -130,6 +130,13 @@ def _skinny_cases(k, dt, dtype, rank_blocks, precision="tf32"):
                                                              "stride_bn", "stride_br", "stride_sm", "stride_sr"),
                            "scaling": "fp32"}
                     ce = dict(COMPUTE_DS=True, COMPUTE_DB=True, COMPUTE_DBIAS=True)
+                elif kind == "db":
+                    fn = "_lora_bwd_db_kernel"
+                    sig = {"DY": f"*{dt}", "S": f"*{dt}", "DB_PART": "*fp32", "DBIAS_PART": "*fp32",
+                           **_strides("M", "N", "R", "m_per_split", "stride_dym", "stride_dyn", "stride_sm",
+                                      "stride_sr"),
+                           "scaling": "fp32"}
+                    ce = dict(COMPUTE_DB=True, COMPUTE_DBIAS=True)
                 else:
                     fn = "_lora_bwd_da_kernel"
                     sig = {"X": f"*{dt}", "DS": "*fp32", "DA_PART": "*fp32",
@@ -196,7 +203,8 @@ def test_every_config_is_enumerated():
                  "gemm-tma-large-r32-dorafwd-pre-bf16-sm90", "gemm-ptr-large-r32-dorabwd-bf16-sm80",
                  "gemm-ptr-mid-r32-dorafwd-bf16-sm90",
                  "gemm-ptr-decode-r8-dorafwd-fp32ieee-sm80",
-                 "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80"):
+                 "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80",
+                 "db-tma-r128-bf16-sm90", "db-ptr-r16-fp32ieee-sm80"):
         assert must in names
     # every fp32 case also at "ieee", the precision the launchers pass under torch's default 'highest'
     # (GEMMs at their own rank chunk)

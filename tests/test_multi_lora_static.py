@@ -54,7 +54,7 @@ def _skinny_cases(k, dt, dtype, plan, precision="tf32"):
     label = dt + ("ieee" if precision == "ieee" else "")
     for kind, bucket, arch in plan:
         cfg = k.SKINNY_CONFIGS[kind][bucket]
-        if kind != "segsum":
+        if kind != "fixup":
             cfg = k.tiles_for(cfg, dtype, precision)
         tile = {n: v for n, v in cfg.items() if n.startswith("BLOCK_")}
         if kind == "shrink":
@@ -65,20 +65,22 @@ def _skinny_cases(k, dt, dtype, plan, precision="tf32"):
             ce = dict(PERMUTED=True, DOT_PRECISION=precision)
         elif kind == "dy":
             fn = "_multi_lora_bwd_dy_kernel"
-            sig = {"DY": f"*{dt}", "B": f"*{dt}", "S": f"*{dt}", "PERM": "*i64", "TILES": "*i32", "SCALE": "*fp32",
-                   "RANKS": "*i32", "OFFS": "*i32", "DS": "*fp32", "DB_PART": "*fp32",
+            sig = {"DY": f"*{dt}", "B": f"*{dt}", "PERM": "*i64", "TILES": "*i32", "SCALE": "*fp32",
+                   "RANKS": "*i32", "OFFS": "*i32", "DS": "*fp32",
                    **_i32("n_tiles", "N", "r_max", "n_per_split", "stride_dym", "stride_dyn", "stride_bn",
-                          "stride_br", "stride_sm", "stride_sr", "stride_dsp", "stride_dsm", "stride_scale")}
-            ce = dict(COMPUTE_DS=True, COMPUTE_DB=True, DOT_PRECISION=precision)
-        elif kind == "da":
-            fn = "_multi_lora_bwd_da_kernel"
-            sig = {"X": f"*{dt}", "DS": "*fp32", "PERM": "*i64", "TILES": "*i32", "RANKS": "*i32", "DA_PART": "*fp32",
-                   **_i32("n_tiles", "K", "r_max", "stride_xm", "stride_xk", "stride_dsm", "stride_dsr")}
+                          "stride_br", "stride_dsp", "stride_dsm", "stride_scale")}
             ce = dict(DOT_PRECISION=precision)
+        elif kind == "red":  # dB's form (U = dY, V = S, scaled); dA's (U = x, V = fp32 dS) has no scale
+            fn = "_multi_lora_seg_reduce_kernel"
+            sig = {"U": f"*{dt}", "V": "*fp32", "PERM": "*i64", "TILES": "*i32", "TILE_CUM": "*i32",
+                   "RANKS": "*i32", "OFFS": "*i32", "SCALE": "*fp32", "OUT": "*fp32", "PART": "*fp32",
+                   **_i32("n_tiles", "tiles_per_split", "D", "r_max", "stride_um", "stride_ud", "stride_vm",
+                          "stride_vr", "stride_od", "stride_or", "stride_scale")}
+            ce = dict(HAS_SCALE=True, DOT_PRECISION=precision)
         else:
-            fn = "_multi_lora_segment_sum_kernel"
+            fn = "_multi_lora_seg_fixup_kernel"
             sig = {"PART": "*fp32", "TILE_CUM": "*i32", "RANKS": "*i32", "OFFS": "*i32", "OUT": "*fp32",
-                   **_i32("D", "r_max", "stride_od", "stride_or")}
+                   **_i32("tiles_per_split", "D", "r_max", "stride_od", "stride_or")}
             ce = {}
         ce.update(BLOCK_R=k.rank_block(bucket), **tile)
         cases.append((f"{kind}-r{bucket}-{label}-sm{arch}", fn, sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
@@ -93,13 +95,13 @@ def _cases():
     gemm += [("ptr", size, d, 80) for size in k.GEMM_CONFIGS["ptr"] for d in ("fwd", "bwd")]
     gemm += [("ptr", "large", d, 90) for d in ("fwd", "bwd")]
     buckets = sorted(k.SKINNY_CONFIGS["shrink"])
-    skinny = [(kind, b, arch) for kind in ("shrink", "dy", "da") for b in buckets for arch in (80, 90)]
-    skinny += [("segsum", b, 90) for b in buckets]
+    skinny = [(kind, b, arch) for kind in ("shrink", "dy", "red") for b in buckets for arch in (80, 90)]
+    skinny += [("fixup", b, 90) for b in buckets]
     # fp32 with "ieee" dots (torch's default fp32 precision: FMA, own tiles): the entries whose ieee tiles are
     # the tightest (checked once for every entry): the large GEMM both ways, the shrink and dy of each bucket
     ieee_gemm = [(p, "large", d, a) for p, archs in (("tma", (90,)), ("ptr", (80, 90))) for d in ("fwd", "bwd")
                  for a in archs]
-    ieee_skinny = [(kind, b, arch) for kind in ("shrink", "dy") for b in buckets for arch in (80, 90)]
+    ieee_skinny = [(kind, b, arch) for kind in ("shrink", "dy", "red") for b in buckets for arch in (80, 90)]
     return (_gemm_cases(k, "bf16", torch.bfloat16, gemm) + _skinny_cases(k, "bf16", torch.bfloat16, skinny)
             + _gemm_cases(k, "fp32", torch.float32, [("tma", "large", "fwd", 90), ("ptr", "large", "bwd", 80)])
             + _skinny_cases(k, "fp32", torch.float32, [("shrink", buckets[-1], 80), ("dy", buckets[-1], 90)])
@@ -126,7 +128,7 @@ def test_every_config_is_enumerated():
     from fastpeft.kernels import multi_lora as k
 
     names = [c[0] for c in _cases()]
-    assert len(names) == len(set(names)) and len(names) <= 48
+    assert len(names) == len(set(names)) and len(names) <= 52  # the seg-reduce kernel checked at "ieee" too
     for path, table in k.GEMM_CONFIGS.items():
         for size in table:
             for d in ("fwd", "bwd"):
@@ -146,7 +148,7 @@ def test_compiles_without_spills_and_with_tensor_cores(reports):
             failures.append(f"{name}: compile error {err}")
         elif rep["stack"] != 0:
             failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif not name.startswith("segsum") and tensor_core_failure(name, rep):  # segsum has no dot
+        elif not name.startswith("fixup") and tensor_core_failure(name, rep):  # fixup has no dot
             failures.append(tensor_core_failure(name, rep))
     assert not failures, "\n".join(failures)
 
