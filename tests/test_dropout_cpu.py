@@ -386,3 +386,42 @@ def test_info_reports_the_cpu_extension():
     mod, _ = _ext_cpu.prebuilt_status()
     if mod is not None and not _ext_cpu.disabled():
         assert f"run with {mod.isa()}" in line[0]
+
+
+# ---- the whole layer as one C++ autograd node (fastpeft._C_cpu.lora_apply) ------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("requires", [("x", "a", "b", "bias"), ("a", "b"), ("x",), ("bias",)], ids="+".join)
+def test_autograd_node_matches_the_python_function_bit_for_bit(ext, monkeypatch, dtype, requires, p):
+    """lora_apply (forward and backward in C++) against LoRALinearFunction over the same passes."""
+    from fastpeft.ops import lora_linear as ll
+
+    assert ll.cpu_autograd_node("torch", torch.device("cpu")) is ext.lora_apply
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 50, generator=gen).to(dtype).transpose(0, 1)  # [3, 2, 50]: rows not one stride
+    w = torch.randn(21, 50, generator=gen).to(dtype)
+    a = torch.randn(4, 50, generator=gen).to(dtype)
+    b = torch.randn(21, 4, generator=gen).to(dtype)
+    bias = torch.randn(21, generator=gen).to(dtype)
+    node = _op_outputs(x, w, a, b, bias, 99, p, requires)
+    monkeypatch.setattr(ll, "cpu_autograd_node", lambda *args: None)
+    function = _op_outputs(x, w, a, b, bias, 99, p, requires)
+    for got, want in zip(node, function):
+        assert same_bits(got, want)
+
+
+def test_modules_train_through_the_node(ext, monkeypatch):
+    """LoRALinear and patch_peft layers take the node in training (their cached hot path), a no-grad call the
+    forward pass alone; a tensor seed (CUDA graph capture) would take the Python Function."""
+    calls = []
+    spy = type("Spy", (), {name: staticmethod(lambda *a, _n=name: (calls.append(_n), getattr(ext, _n)(*a))[1])
+                           for name in ("lora_fwd", "lora_bwd", "lora_apply", "dropped", "dropped_pair")})
+    monkeypatch.setattr(_ext_cpu, "_cached", spy)
+    layer = fastpeft.LoRALinear(torch.nn.Linear(12, 7), r=2, dropout=0.2)
+    x = torch.randn(5, 12, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == ["lora_apply"] and x.grad is not None and layer.lora_A.grad is not None
+    calls.clear()
+    with torch.no_grad():
+        layer.eval()(x)
+    assert calls == ["lora_fwd"]

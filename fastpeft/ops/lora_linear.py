@@ -19,6 +19,7 @@ from .._checks import (
     check_same_device, check_tensor,
 )
 from ..dropout import SEED_BOUND, draw_seed, keep_threshold, traced_seed
+from .. import _ext_cpu
 from .lora_linear_backends import launchers
 from .lora_linear_torch import lora_linear_bwd_torch, lora_shrink_torch
 from .shapes import as_rows
@@ -43,6 +44,15 @@ def _impl(backend: str):
 
         return lora_linear_fwd_measured, lora_linear_bwd_measured
     return launchers(backend)
+
+
+def cpu_autograd_node(backend: str, device: torch.device):
+    """fastpeft._C_cpu.lora_apply where it serves this call: the torch backend on the CPU with the extension built.
+    It is LoRALinearFunction's forward and backward as one C++ autograd node (the same ops, the same bits; double
+    backward through differentiable ops), so a training step runs no Python in the layer's backward."""
+    if backend != "torch" or device.type != "cpu":
+        return None
+    return getattr(_ext_cpu.get(), "lora_apply", None)
 
 
 def _unrows(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +215,11 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     else:
         seed = 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
-        y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+        node = cpu_autograd_node(name, x.device) if type(seed) is int and type(x) is torch.Tensor else None
+        if node is not None:
+            y2 = node(x, weight, lora_a, lora_b, bias, scaling, p, seed, keep_threshold(p) if p > 0 else 0)
+        else:
+            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
     else:  # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
         y2 = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
     return _unrows(y2, x)
@@ -249,5 +263,5 @@ def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=
     return _unrows(y2, x)
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "lora_linear_traced", "resolve_lora_backend", "check_lora_inputs",
+__all__ = ["lora_linear", "LoRALinearFunction", "cpu_autograd_node", "lora_linear_traced", "resolve_lora_backend", "check_lora_inputs",
            "check_lora_tensors", "FLOAT_DTYPES"]

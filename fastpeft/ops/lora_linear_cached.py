@@ -20,7 +20,7 @@ import torch
 from ..autocast import lora_linear_amp
 from ..dropout import draw_seed, keep_threshold
 from .call_cache import CallCache
-from .lora_linear import LoRALinearFunction, _impl, check_lora_inputs, resolve_lora_backend
+from .lora_linear import LoRALinearFunction, _impl, check_lora_inputs, cpu_autograd_node, resolve_lora_backend
 
 _is_compiling = torch.compiler.is_compiling
 _autocast_on = torch.is_autocast_enabled
@@ -32,11 +32,11 @@ class LoRACallCache(CallCache):
 
     Not part of the layer's state: a copy of the layer starts with an empty cache (see CallCache)."""
 
-    __slots__ = ("backend", "fwd", "thr", "scaling", "p")
+    __slots__ = ("backend", "fwd", "node", "thr", "scaling", "p")
 
     def __init__(self):
         super().__init__()
-        self.backend = self.fwd = None
+        self.backend = self.fwd = self.node = None
         self.thr, self.scaling, self.p = 0, 1.0, 0.0
 
 
@@ -72,7 +72,11 @@ def lora_linear_cached(cache: LoRACallCache, x, weight, lora_a, lora_b, scaling,
     seed = draw_seed(x.device) if p > 0 else 0  # a device tensor inside CUDA graph capture (see draw_seed)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                     or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.backend)
+        node = cache.node
+        if node is not None and type(seed) is int:  # the whole layer as one C++ autograd node (CPU, torch backend)
+            y2 = node(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.thr if p > 0 else 0)
+        else:
+            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.backend)
     else:  # inference: the backend's forward without autograd's bookkeeping
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0 or weight.shape[0] == 0:  # nothing to compute; no kernel is launched on an empty grid
@@ -87,6 +91,7 @@ def _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, b
     name = resolve_lora_backend(backend, x.device, lora_a.shape[0])
     cache.key = None  # a failure below leaves the cache empty
     cache.backend, cache.fwd = name, _impl(name)[0]
+    cache.node = cpu_autograd_node(name, x.device)
     cache.thr, cache.scaling, cache.p = keep_threshold(dropout_p), scaling, dropout_p
     cache.key = key
 
