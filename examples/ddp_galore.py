@@ -64,6 +64,7 @@ def main(argv=None):
             print(f"step {step:4d}  loss {2 * loss.item():.4f}  all-reduced: GaLore R {s['bytes_all_reduced'] / 1024:.1f} KiB "
                   f"(full weight gradients: {full_bytes / 1024:.1f} KiB), refresh {s['bytes_refresh'] / 1024:.1f} KiB, "
                   f"DDP {counted[0] / 1024:.1f} KiB", flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts otherwise)
     dist.destroy_process_group()
 
 

@@ -86,6 +86,7 @@ def main(argv=None):
     same = all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "lora_" in n)
     if rank == 0:
         print(f"saved {path}; reloaded on every rank: {'identical' if same else 'DIFFERENT'}", flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts otherwise)
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)

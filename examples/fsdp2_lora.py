@@ -54,6 +54,7 @@ def main(argv=None):
     if rank == 0:
         print(f"saved {path}; reloaded into a sharded model on every rank: {'identical' if same else 'DIFFERENT'}",
               flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts otherwise)
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)

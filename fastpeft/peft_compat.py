@@ -223,19 +223,20 @@ def _dtype_reason(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
 # ------------------------------------------------------------------------------------------ the forward
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    peft_forward = _peft_linear_cls().forward
+def _first_adapter(self, x, args, kwargs, reason_of):
+    """(active, a0, lin_a, lin_b, drop, base) of a call fastpeft fuses (its first active adapter), or None where the
+    call stays on PEFT's path (a mixed batch, disabled or merged adapters, an adapter reason_of refuses, hooks)."""
     if args or self.disable_adapters or self.merged or (kwargs and (
             not _PEFT_KWARGS.issuperset(kwargs) or any(v is not None for v in kwargs.values()))):
         if kwargs.get("adapter_names") is not None:
             _warn_once("adapter_names", "fastpeft.patch_peft: a forward with adapter_names (a mixed batch) runs on "
                                         "PEFT's own path; fastpeft fuses calls without adapter_names")
-        return peft_forward(self, x, *args, **kwargs)
+        return None
     mods = self._modules
     lora_as = mods["lora_A"]._modules
     active = [a for a in self.active_adapters if a in lora_as]
     if not active:
-        return peft_forward(self, x)
+        return None
     a0 = active[0]
     lin_a, lin_b, drop = lora_as[a0], mods["lora_B"]._modules[a0], mods["lora_dropout"]._modules[a0]
     ok = self.__dict__.get("_fastpeft_ok")
@@ -244,12 +245,12 @@ def _fused_forward(self, x, *args, **kwargs):
     if ok is None or ok[0] != active or ok[1] is not lin_a or ok[2] is not lin_b or ok[3] is not drop \
             or lin_a._parameters.get("bias") is not None:
         for a in active:
-            reason = _adapter_reason(self, a, self._fastpeft_backend)
+            reason = reason_of(self, a, self._fastpeft_backend)
             if reason is not None:
                 _warn_once(("adapter", a, reason),
                            f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
                            f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
-                return peft_forward(self, x)
+                return None
         self.__dict__["_fastpeft_ok"] = (active, lin_a, lin_b, drop)
     base = mods["base_layer"]
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
@@ -257,7 +258,16 @@ def _fused_forward(self, x, *args, **kwargs):
         _warn_once(("hooks", self._fastpeft_name),
                    f"fastpeft.patch_peft: the base layer of {self._fastpeft_name} has hooks or its own forward; "
                    "it runs on PEFT's path so that they run")
-        return peft_forward(self, x)
+        return None
+    return active, a0, lin_a, lin_b, drop, base
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    peft_forward = _peft_linear_cls().forward
+    plan = _first_adapter(self, x, args, kwargs, _adapter_reason)
+    if plan is None:
+        return peft_forward(self, x, *args, **kwargs)
+    active, a0, lin_a, lin_b, drop, base = plan
     weight, bias = base.weight, base.bias
     lora_a, lora_b = lin_a.weight, lin_b.weight
     p = drop.p if type(drop) is nn.Dropout else 0.0
@@ -296,37 +306,10 @@ def _fused_forward(self, x, *args, **kwargs):
 def _fused_forward_4bit(self, x, *args, **kwargs):
     """PEFT's lora.bnb.Linear4bit forward with the first active adapter fused into the 4-bit GEMM."""
     peft_forward = type(self).__bases__[0].forward
-    if args or self.disable_adapters or self.merged or (kwargs and (
-            not _PEFT_KWARGS.issuperset(kwargs) or any(v is not None for v in kwargs.values()))):
-        if kwargs.get("adapter_names") is not None:
-            _warn_once("adapter_names", "fastpeft.patch_peft: a forward with adapter_names (a mixed batch) runs on "
-                                        "PEFT's own path; fastpeft fuses calls without adapter_names")
+    plan = _first_adapter(self, x, args, kwargs, _adapter_reason_4bit)
+    if plan is None:
         return peft_forward(self, x, *args, **kwargs)
-    mods = self._modules
-    lora_as = mods["lora_A"]._modules
-    active = [a for a in self.active_adapters if a in lora_as]
-    if not active:
-        return peft_forward(self, x)
-    a0 = active[0]
-    lin_a, lin_b, drop = lora_as[a0], mods["lora_B"]._modules[a0], mods["lora_dropout"]._modules[a0]
-    ok = self.__dict__.get("_fastpeft_ok")
-    if ok is None or ok[0] != active or ok[1] is not lin_a or ok[2] is not lin_b or ok[3] is not drop \
-            or lin_a._parameters.get("bias") is not None:
-        for a in active:
-            reason = _adapter_reason_4bit(self, a, self._fastpeft_backend)
-            if reason is not None:
-                _warn_once(("adapter", a, reason),
-                           f"fastpeft.patch_peft: adapter {a!r} ({reason}) cannot be fused; layers using it "
-                           f"(first: {getattr(self, '_fastpeft_name', '?')}) run on PEFT's path")
-                return peft_forward(self, x)
-        self.__dict__["_fastpeft_ok"] = (active, lin_a, lin_b, drop)
-    base = mods["base_layer"]
-    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-            or "forward" in base.__dict__):
-        _warn_once(("hooks", self._fastpeft_name),
-                   f"fastpeft.patch_peft: the base layer of {self._fastpeft_name} has hooks or its own forward; "
-                   "it runs on PEFT's path so that they run")
-        return peft_forward(self, x)
+    active, a0, lin_a, lin_b, drop, base = plan
     weight, bias = base.weight, base.bias
     qs = getattr(weight, "quant_state", None)
     if qs is None:  # the state bitsandbytes keeps on the module when a conversion dropped it (FSDP)

@@ -110,19 +110,24 @@ class LoRALinear(MergedState, nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        # parameters straight from the registries when they are there (a module attribute lookup costs ~0.7 µs);
-        # getattr when something else provides them (a parametrization, a functional_call)
+    def _tensors(self, *extra: str):
+        """(W0, bias, lora_A, lora_B, *extra parameters) for forward: straight from the registries when they are
+        there (a module attribute lookup costs ~0.7 µs), by getattr when something else provides them (a
+        parametrization, a functional_call)."""
         base = self._modules.get("base_layer")
         if base is None:
             base = self.base_layer
         bp, own = base._parameters, self._parameters
-        w, bias = bp.get("weight"), bp.get("bias", _MISSING)
-        a, b = own.get("lora_A"), own.get("lora_B")
-        if w is None or bias is _MISSING or a is None or b is None:
-            w, bias, a, b = base.weight, base.bias, self.lora_A, self.lora_B
+        w, bias, a, b = bp.get("weight"), bp.get("bias", _MISSING), own.get("lora_A"), own.get("lora_B")
+        more = tuple(own.get(n) for n in extra) if extra else ()
+        if w is None or bias is _MISSING or a is None or b is None or any(t is None for t in more):
+            return (base.weight, base.bias, self.lora_A, self.lora_B, *(getattr(self, n) for n in extra))
+        return (w, bias, a, b, *more) if extra else (w, bias, a, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        w, bias, a, b = self._tensors()
         return lora_linear_cached(self._call_cache, x, w, a, b, self.scaling, bias, self.lora_dropout, self.training,
                                   self.backend)
 
@@ -205,14 +210,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        base = self._modules.get("base_layer")
-        if base is None:
-            base = self.base_layer
-        bp, own = base._parameters, self._parameters
-        w, bias = bp.get("weight"), bp.get("bias", _MISSING)
-        a, b, m = own.get("lora_A"), own.get("lora_B"), own.get("lora_magnitude_vector")
-        if w is None or bias is _MISSING or a is None or b is None or m is None:
-            w, bias, a, b, m = base.weight, base.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector
+        w, bias, a, b, m = self._tensors("lora_magnitude_vector")
         return dora_linear_cached(self._dora_cache, x, w, a, b, m, self.scaling, bias, self.lora_dropout,
                                   self.training, self.backend)
 
