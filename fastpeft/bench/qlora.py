@@ -27,6 +27,8 @@ from torch import nn
 
 from . import common
 from .common import BuildOptions, Unavailable
+from .lora import _frozen_linear, _OneLinear  # the floor shares deq(W0), no copy
+from .lora import reference as lora_reference
 
 NAME = "qlora"
 FLOOR = "floor"
@@ -175,24 +177,9 @@ def make_inputs(case: Case, device, seed: int = 0) -> Inputs:
 
 
 def reference(inp: Inputs, kind: str) -> dict:
-    """y, dX (and dA, dB for kind "qlora") in float64 from deq(W0) and the case's tensors."""
-    x, w, dy = common.f64(inp.x, inp.weight, inp.dy)
-    y, dx = x @ w.t(), dy @ w
-    out = {"y": y, "dx": dx}
-    if kind == "qlora":
-        a, b = common.f64(inp.lora_a, inp.lora_b)
-        s = inp.case.scaling
-        xa, ds = x @ a.t(), dy @ b
-        y.add_(xa @ b.t(), alpha=s)
-        dx.add_(ds @ a, alpha=s)
-        out.update(da=(ds.t() @ x).mul_(s), db=(dy.t() @ xa).mul_(s))
-    return out
-
-
-def _frozen_linear(inp: Inputs) -> nn.Linear:
-    lin = nn.Linear(inp.case.in_features, inp.case.out_features, bias=False, device="meta")
-    lin.weight = inp.weight  # the shared deq(W0), no copy
-    return lin
+    """y, dX (and dA, dB for kind "qlora") in float64 from deq(W0) and the case's tensors: LoRA's reference, whose
+    W0 is here the dequantized weight."""
+    return lora_reference(inp, "lora" if kind == "qlora" else kind)
 
 
 def _linear4bit(inp: Inputs):
@@ -205,15 +192,6 @@ def _linear4bit(inp: Inputs):
                                     blocksize=c.blocksize, compress_statistics=c.double_quant, bnb_quantized=True,
                                     module=base)
     return base
-
-
-class _OneLinear(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.proj = lin
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _peft_layer(inp: Inputs, p: float):
