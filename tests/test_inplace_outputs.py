@@ -226,8 +226,72 @@ def _parallel_layer_ref(mod, x, p):
                 @ p["mlp.adapter.up_weight"].t() + p["mlp.adapter.up_bias"])
 
 
+def _strided(gen, rows, cols, scale=1.0):
+    """A [rows, cols] leaf that is a transposed view (column-major) of its storage."""
+    return _rand(gen, cols, rows, scale=scale).t()
+
+
+def lora_cublas_op(backend, gen):
+    """The cublas backend (cuBLAS addmm + Triton skinny kernels; the interpreter on the CPU) whatever `backend` is,
+    with W0 transposed in memory, A sliced and the bias expanded (stride 0)."""
+    w = _strided(gen, N, K, scale=K ** -0.5)
+    params = {"lora_a": _rand(gen, R, 2 * K, scale=K ** -0.5)[:, ::2], "lora_b": _strided(gen, N, R, scale=0.5),
+              "bias": _rand(gen, 1)}
+
+    def fwd(x):
+        return fastpeft.lora_linear(x, w, params["lora_a"], params["lora_b"], 2.0, bias=params["bias"].expand(N),
+                                    backend="cublas")
+
+    def ref(x, p):
+        return x @ w.double().t() + 2.0 * (x @ p["lora_a"].t()) @ p["lora_b"].t() + p["bias"].expand(N)
+    return fwd, params, ref, (2, 7)
+
+
+def dora_op(backend, gen):
+    """DoRA with W0 and B transposed in memory; the norm detached as PEFT detaches it."""
+    w = _strided(gen, N, K, scale=K ** -0.5)
+    params = {"lora_a": _rand(gen, R, K, scale=K ** -0.5), "lora_b": _strided(gen, N, R, scale=0.5),
+              "magnitude": (_rand(gen, N) * 0.2 + 1.0), "bias": _rand(gen, N)}
+
+    def fwd(x):
+        return fastpeft.dora_linear(x, w, params["lora_a"], params["lora_b"], params["magnitude"], 1.5,
+                                    bias=params["bias"], backend=backend)
+
+    def ref(x, p):
+        merged = w.double() + 1.5 * p["lora_b"] @ p["lora_a"]
+        g = p["magnitude"] / merged.norm(dim=1).detach()
+        return g * (x @ merged.t()) + p["bias"]
+    return fwd, params, ref, (3, 5)
+
+
+def qlora_op(backend, gen):
+    """QLoRA over a bitsandbytes NF4 W0 (double quant), adapters sliced; the reference from bitsandbytes' own
+    (flat-indexed) dequantize in float64."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    deq = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    packed, st = bnb_f.quantize_4bit(_rand(gen, N, K, scale=K ** -0.5), blocksize=64, quant_type="nf4",
+                                     compress_statistics=True)
+    amax = bnb_f.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    w64 = deq(packed.reshape(-1), amax, st.code, st.blocksize, tuple(st.shape), torch.float32).double().cpu()
+    params = {"lora_a": _rand(gen, R, 2 * K, scale=K ** -0.5)[:, 1::2], "lora_b": _strided(gen, N, R, scale=0.5),
+              "bias": _rand(gen, N)}
+
+    def fwd(x):
+        return fastpeft.qlora_linear(x, packed, st, params["lora_a"], params["lora_b"], 2.0, bias=params["bias"],
+                                     backend=backend)
+
+    def ref(x, p):
+        return x @ w64.t() + 2.0 * (x @ p["lora_a"].t()) @ p["lora_b"].t() + p["bias"]
+    return fwd, params, ref, (2, 3)
+
+
 CASES = {
     "lora_linear": lora_op,
+    "lora_linear_cublas": lora_cublas_op,
+    "dora_linear": dora_op,
+    "qlora_linear": qlora_op,
     "bottleneck_adapter": adapter_op,
     "bottleneck_adapter_parallel": adapter_parallel_op,
     "ia3_linear_output": ia3_op("output"),
