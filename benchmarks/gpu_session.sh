@@ -65,7 +65,10 @@ stage tests-lora 110 320 "$PY" -m pytest $LORA_TESTS -q -rs -p no:cacheprovider 
 stage tests 100 220 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15 -k "not static" \
   --ignore-glob='tests/test_distributed*' \
   $(for f in $LORA_TESTS; do printf -- '--deselect %s ' "$f"; done)
-# 2. every op's quick preset (each op's headline and decode cases; torch.compile on each op's first case);
+# 2. every op's quick preset (each op's headline and decode cases; torch.compile on each op's first case; every
+#    fastpeft backend that can run: torch, triton, cublas, cuda where the op has them, and for the LoRA linear
+#    fastpeft[auto], whose measured choices (backends and Triton GEMM configs, with their timings) the JSON keeps
+#    under settings.autotune);
 #    --time-budget stops starting new cases early enough to write the JSON files and the plots, and shares
 #    the time among the ops by their estimates
 BENCH_T=$(( $(left) - 100 )); (( BENCH_T > 170 )) && BENCH_T=170

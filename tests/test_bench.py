@@ -403,3 +403,20 @@ def test_report_handles_a_case_where_everything_skipped():
     text = report.format_case(case.label, {r["impl"]: r for r in res}, "floor")
     assert "skip" in text and "why" in text
     assert common.main_impl(CPU) == "fastpeft[torch]"
+
+
+def test_auto_is_its_own_impl_only_where_the_op_measures(monkeypatch):
+    from fastpeft.bench import get_op, opspec
+
+    lora, ia3 = get_op("lora"), get_op("ia3")
+    case = lb.Case(3, 8, 8, 2, "fp32")
+    assert "fastpeft[auto]" in lora.impl_names(case) and "fastpeft[cuda]" in lora.impl_names(case)
+    assert not any(n == "fastpeft[auto]" for n in ia3.impl_names(ia3.headline("quick")))
+    assert opspec.expand(("fastpeft",), ("auto",)) == []
+    # on the CPU auto is the torch backend: skipped with that reason, and the headline impl stays fastpeft[torch]
+    with pytest.raises(common.Unavailable, match="torch backend on the CPU"):
+        common.fastpeft_backend("fastpeft[auto]", CPU, has_auto=True)
+    assert common.main_impl(CPU, lora) == "fastpeft[torch]"
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "0")
+    reasons = common.backend_reasons(torch.device("cuda"), has_auto=True, has_cuda_kernels=True)
+    assert "FASTPEFT_AUTOTUNE=0" in reasons["auto"]

@@ -1,6 +1,7 @@
 """Every tensor argument of every public op, at every layout, against a float64 reference (hypothesis).
 
-For each op (lora_linear, bottleneck_adapter, ia3_linear, multi_lora_linear, the gradient-free GaLore linear)
+For each op (lora_linear with every backend, dora_linear, qlora_linear, bottleneck_adapter, ia3_linear,
+multi_lora_linear, the gradient-free GaLore linear)
 a strategy draws small odd shapes (M = 1 included), a dtype, which arguments require grad, and a layout for
 every tensor argument and for dY: contiguous, sliced with steps (a strided view into a larger tensor),
 narrowed (row stride > width), offset into a larger storage, transposed storage, expanded (stride 0) along
@@ -31,6 +32,7 @@ from conftest import DEVICE
 
 ON_CUDA = DEVICE == "cuda"
 BACKENDS = ["torch", "triton"]
+LORA_BACKENDS = BACKENDS + ["cublas"]  # cuBLAS addmm + Triton skinny kernels (the interpreter and torch on the CPU)
 # bf16 only where Triton compiles: the interpreter computes bf16 dots wrongly
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 ID_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
@@ -239,7 +241,7 @@ def run_lora(backend, spec):
     t.check(y, y64, (*lead, n), _backward)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @settings(max_examples=40, **SETTINGS)
 @given(spec=lora_specs())
 # issue 11: a sliced or expanded bias was read as contiguous by the Triton kernels
@@ -251,6 +253,106 @@ def run_lora(backend, spec):
                         layouts=dict(x="permuted", lora_a="transposed", lora_b="offset", bias="offset", dy="strided")))
 def test_lora_linear_every_layout(backend, spec):
     run_lora(backend, spec)
+
+
+# --------------------------------------------------------------------------------------------- dora_linear
+
+
+@st.composite
+def dora_specs(draw):
+    spec = draw(lora_specs())  # dropout left to tests/test_dora.py: PEFT's DoRA applies it to the base term too
+    # out_f >= 5: the magnitude's gradient Σ_rows dY⊙V of a single column can cancel to far below its terms,
+    # whose 16-bit rounding (V is saved in x's dtype, as PEFT keeps it) a one-element rms scale cannot cover
+    spec.update(op="dora", p=0.0, out_f=draw(st.sampled_from([5, 24])))
+    spec["layouts"]["magnitude"] = draw(layouts(1))
+    spec["grads"]["magnitude"] = draw(st.booleans())
+    return spec
+
+
+def run_dora(backend, spec):
+    gen = torch.Generator().manual_seed(spec["seed"])
+    dt, lead, k, n, r = spec["dtype"], spec["lead"], spec["in_f"], spec["out_f"], spec["r"]
+    adt = torch.float32 if spec["adapter_fp32"] else dt
+    t = Args(spec, gen)
+    x = t.add("x", randn(gen, *lead, k, dtype=dt))
+    w = t.add("weight", randn(gen, n, k, scale=k ** -0.5, dtype=dt))
+    a = t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
+    b = t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))
+    m = t.add("magnitude", (randn(gen, n) * 0.2 + 1.0).to(adt))
+    bias = t.add("bias", randn(gen, n, dtype=dt)) if spec["bias"] else None
+    t.snapshot()
+    s = spec["scaling"]
+    y = fastpeft.dora_linear(x, w, a, b, m, s, bias=bias, backend=backend)
+    merged = t.ref("weight") + s * t.ref("lora_b") @ t.ref("lora_a")
+    y64 = (t.ref("magnitude") / merged.norm(dim=1).detach()) * (t.ref("x") @ merged.t())  # PEFT detaches the norm
+    if bias is not None:
+        y64 = y64 + t.ref("bias")
+    t.check(y, y64, (*lead, n), _backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, **SETTINGS)
+@given(spec=dora_specs())
+@example(spec={**lora_spec(layouts=dict(weight="transposed", lora_b="expand_cols", bias="expanded",
+                                        magnitude="strided"), grads=dict(weight=True, magnitude=True)),
+               "op": "dora"})
+def test_dora_linear_every_layout(backend, spec):
+    spec["layouts"].setdefault("magnitude", "contiguous")
+    spec["grads"].setdefault("magnitude", True)
+    run_dora(backend, spec)
+
+
+# --------------------------------------------------------------------------------------------- qlora_linear
+
+
+@st.composite
+def qlora_specs(draw):
+    spec = draw(lora_specs())
+    spec.update(op="qlora", in_f=draw(st.sampled_from([17, 33, 64])), quant_type=draw(st.sampled_from(["nf4", "fp4"])),
+                blocksize=draw(st.sampled_from([64, 128])), double=draw(st.booleans()))
+    spec["grads"]["weight"] = False  # the 4-bit base is frozen: it has no gradient
+    del spec["layouts"]["weight"]
+    return spec
+
+
+def run_qlora(backend, spec):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    deq = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # flat-indexed: exact
+    gen = torch.Generator().manual_seed(spec["seed"])
+    dt, lead, k, n, r = spec["dtype"], spec["lead"], spec["in_f"], spec["out_f"], spec["r"]
+    adt = torch.float32 if spec["adapter_fp32"] else dt
+    packed, qs = bnb_f.quantize_4bit(randn(gen, n, k, scale=k ** -0.5).to(DEVICE), blocksize=spec["blocksize"],
+                                     quant_type=spec["quant_type"], compress_statistics=spec["double"])
+    amax = (bnb_f.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
+    # the weight as the compute dtype holds it, then float64
+    w64 = deq(packed.reshape(-1), amax, qs.code, qs.blocksize, tuple(qs.shape), dt).double().cpu()
+    t = Args(spec, gen)
+    x = t.add("x", randn(gen, *lead, k, dtype=dt))
+    a = t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
+    b = t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))
+    bias = t.add("bias", randn(gen, n, dtype=dt)) if spec["bias"] else None
+    t.snapshot()
+    seed = spec["seed"] % 2 ** 31 if spec["p"] > 0 else None
+    y = fastpeft.qlora_linear(x, packed, qs, a, b, spec["scaling"], bias=bias, dropout_p=spec["p"], training=True,
+                              seed=seed, backend=backend)
+    x64, a64, b64 = (t.ref(nm) for nm in ("x", "lora_a", "lora_b"))
+    xd = x64
+    if spec["p"] > 0:
+        keep = dropout_keep_mask(seed, math.prod(lead), k, spec["p"]).reshape(x64.shape).to(torch.float64)
+        xd = x64 * keep / (1 - spec["p"])
+    y64 = x64 @ w64.t() + spec["scaling"] * (xd @ a64.t()) @ b64.t()
+    if bias is not None:
+        y64 = y64 + t.ref("bias")
+    t.check(y, y64, (*lead, n), _backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, **SETTINGS)
+@given(spec=qlora_specs())
+def test_qlora_linear_every_layout(backend, spec):
+    run_qlora(backend, spec)
 
 
 # --------------------------------------------------------------------------------------------- bottleneck_adapter

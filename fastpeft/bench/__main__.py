@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from . import OPS, common, core, get_op, presets, report, schema
+from . import OPS, common, core, get_op, opspec, presets, report, schema
+from .. import autotune
 from .ceilings import Ceilings
 
 
@@ -56,9 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="only these implementations (names or families: floor eager compiled fastpeft ...)")
     p.add_argument("--exclude", nargs="+", default=[],
                    help="leave these implementations out (e.g. peft: its import takes ~10 s)")
-    p.add_argument("--backend", nargs="+", default=["torch", "triton", "cublas"],
-                   choices=["torch", "triton", "cuda", "cublas"],
-                   help="fastpeft backends to time where they can run")
+    p.add_argument("--backend", nargs="+", default=list(opspec.BACKENDS), choices=list(opspec.BACKENDS),
+                   help="fastpeft backends to time where they can run (auto: the op's measured choice, for the ops "
+                        "that measure)")
     p.add_argument("--metrics", nargs="+", choices=report.METRIC_ORDER)
     p.add_argument("--compile", choices=presets.COMPILE_POLICIES,
                    help="cases that time torch.compile: none, headline (each op's first case) or all "
@@ -149,9 +150,11 @@ def summarize(path: str, as_markdown: bool, only_tags=None) -> int:
 
 
 def run_one(op, cases, names_of, device, st, ceilings, meta, base_settings: dict, args, deadline) -> list[dict]:
-    main_impl = common.main_impl(device)
+    main_impl = common.main_impl(device, op)
+    reasons = common.backend_reasons(device, has_cuda_kernels=op.HAS_CUDA_KERNELS, has_cublas=op.HAS_CUBLAS,
+                                     has_auto=op.HAS_AUTO)
     settings = dict(base_settings, impls=sorted({n for c in cases for n in names_of(c)}), main_impl=main_impl,
-                    descriptions=op.DESCRIPTIONS, fastpeft_backends=common.backend_reasons(device),
+                    descriptions=op.DESCRIPTIONS, fastpeft_backends=reasons,
                     estimated_s=round(core.estimate_seconds(op, cases, names_of, st, device), 1))
     path = os.path.join(args.out, schema.file_stem(meta, op.NAME, args.tag) + ".json")
     t0 = time.monotonic()
@@ -167,6 +170,7 @@ def run_one(op, cases, names_of, device, st, ceilings, meta, base_settings: dict
 
     results = core.run_op(op, cases, names_of, device, st, ceilings, deadline=deadline, on_case=on_case)
     settings["elapsed_s"] = round(time.monotonic() - t0, 1)
+    settings["autotune"] = autotune.report()  # what auto measured and chose (backends, GEMM configs), with timings
     settings["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     doc = schema.document(op.NAME, op.FLOOR, meta, settings, ceilings.as_dict(), results)
     print()

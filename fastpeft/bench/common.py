@@ -180,8 +180,10 @@ def compiled(module: torch.nn.Module, opts: BuildOptions) -> Callable:
     return torch.compile(module, backend=opts.compile_backend, dynamic=False)
 
 
-def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False, has_cublas: bool = False) -> dict:
-    """Each fastpeft backend -> None if it is timed on this device, else why not."""
+def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False, has_cublas: bool = False,
+                    has_auto: bool = False) -> dict:
+    """Each fastpeft backend -> None if it is timed on this device, else why not ("auto": the op's measured choice
+    per shape, fastpeft/autotune.py)."""
     from fastpeft._backend import cublas_unavailable_reason, cuda_unavailable_reason, triton_unavailable_reason
 
     if device.type == "cuda":
@@ -192,7 +194,15 @@ def backend_reasons(device: torch.device, *, has_cuda_kernels: bool = False, has
     cuda = cuda_unavailable_reason(device) if has_cuda_kernels else "this op has no CUDA C++ kernels"
     if not has_cublas:
         cublas = "this op has no cuBLAS path"
-    return {"torch": None, "triton": triton, "cuda": cuda, "cublas": cublas}
+    if not has_auto:
+        auto = "this op does not measure its backends: auto is its static default, timed under that backend's name"
+    elif device.type != "cuda":
+        auto = "auto is the torch backend on the CPU (fastpeft[torch])"
+    else:
+        from fastpeft import autotune
+
+        auto = None if autotune.enabled() else f"${autotune.ENV_ENABLE}=0: auto is the static default"
+    return {"torch": None, "triton": triton, "cuda": cuda, "cublas": cublas, "auto": auto}
 
 
 def is_fastpeft(name: str) -> bool:
@@ -200,17 +210,18 @@ def is_fastpeft(name: str) -> bool:
     return name.startswith("fastpeft[") and name.endswith("]")
 
 
-def unknown_impl(name: str, families, has_cuda_kernels: bool = False, has_cublas: bool = False) -> ValueError:
+def unknown_impl(name: str, families, has_cuda_kernels: bool = False, has_cublas: bool = False,
+                 has_auto: bool = False) -> ValueError:
     """The error an op's build() raises for a name that is none of its implementations."""
-    names = expand(families, ("torch", "triton", "cuda", "cublas"), has_cuda_kernels, has_cublas)
+    names = expand(families, ("torch", "triton", "cuda", "cublas", "auto"), has_cuda_kernels, has_cublas, has_auto)
     return ValueError(f"impl: expected one of {names}, got {name!r}")
 
 
 def fastpeft_backend(name: str, device: torch.device, *, has_cuda_kernels: bool = False,
-                     has_cublas: bool = False) -> str:
+                     has_cublas: bool = False, has_auto: bool = False) -> str:
     """The backend of an impl named fastpeft[<backend>]; raises Unavailable when it cannot run here."""
     backend = name[len("fastpeft["):-1]
-    reasons = backend_reasons(device, has_cuda_kernels=has_cuda_kernels, has_cublas=has_cublas)
+    reasons = backend_reasons(device, has_cuda_kernels=has_cuda_kernels, has_cublas=has_cublas, has_auto=has_auto)
     if backend not in reasons:
         raise ValueError(f"impl {name!r}: expected a backend among {list(reasons)}")
     if reasons[backend] is not None:
@@ -218,10 +229,13 @@ def fastpeft_backend(name: str, device: torch.device, *, has_cuda_kernels: bool 
     return backend
 
 
-def main_impl(device: torch.device) -> str:
-    """The fastpeft implementation a user gets by default on this device (the one the ratios headline)."""
+def main_impl(device: torch.device, op=None) -> str:
+    """The fastpeft implementation a user gets by default on this device (the one the ratios headline): for an op
+    that measures its backends (op.HAS_AUTO) on CUDA, fastpeft[auto]."""
     from fastpeft._backend import resolve_backend
 
+    if op is not None and getattr(op, "HAS_AUTO", False) and backend_reasons(device, has_auto=True)["auto"] is None:
+        return "fastpeft[auto]"
     return f"fastpeft[{resolve_backend(None, device)}]"
 
 

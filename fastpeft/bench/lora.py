@@ -25,6 +25,7 @@ NAME = "lora"
 FLOOR = "floor"
 HAS_CUDA_KERNELS = True
 HAS_CUBLAS = True
+HAS_AUTO = True  # backend="auto" measures the backends per shape bucket on CUDA (fastpeft/ops/lora_linear_auto.py)
 IMPLS = ("floor", "eager", "peft", "addmm", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen nn.Linear alone (the floor)",
@@ -36,6 +37,7 @@ DESCRIPTIONS = {
     "fastpeft[triton]": "fastpeft.LoRALinear, Triton kernels",
     "fastpeft[cuda]": "fastpeft.LoRALinear, CUDA C++ kernels around cuBLAS",
     "fastpeft[cublas]": "fastpeft.LoRALinear, cuBLAS addmm with the low-rank term as C (Triton skinny kernels)",
+    "fastpeft[auto]": "fastpeft.LoRALinear, backend='auto': each pass on the backend it measured fastest here",
 }
 
 
@@ -281,14 +283,15 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         mod, a, b = _peft_layer(inp, p)
         fwd, notes = mod, "autocast_adapter_dtype=False"
     elif common.is_fastpeft(name):
-        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=HAS_CUDA_KERNELS, has_cublas=HAS_CUBLAS)
+        backend = common.fastpeft_backend(name, inp.device, has_cuda_kernels=HAS_CUDA_KERNELS, has_cublas=HAS_CUBLAS,
+                                          has_auto=HAS_AUTO)
         mod, a, b = _fastpeft_layer(inp, p, backend)
         fwd = mod
     else:
-        raise common.unknown_impl(name, IMPLS, HAS_CUDA_KERNELS, HAS_CUBLAS)
+        raise common.unknown_impl(name, IMPLS, HAS_CUDA_KERNELS, HAS_CUBLAS, HAS_AUTO)
     return common.layer_impl(name, "lora", fwd, inp.x, inp.dy, {"dx": inp.x, "da": a, "db": b}, module=mod,
                              inputs=[inp.weight, a, b], notes=notes)
 
 
-__all__ = ["NAME", "FLOOR", "HAS_CUDA_KERNELS", "HAS_CUBLAS", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases",
+__all__ = ["NAME", "FLOOR", "HAS_CUDA_KERNELS", "HAS_CUBLAS", "HAS_AUTO", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases",
            "make_inputs", "reference", "build", "work", "needs_twin", "tiny", "bytes_needed", "EagerLoRA", "AddmmLoRAFunction"]

@@ -14,6 +14,9 @@ and, only where it differs from the default here:
   FLOOR = None                         the implementation the ratios are relative to
   HAS_CUDA_KERNELS = False             whether fastpeft[cuda] exists
   HAS_CUBLAS = False                   whether fastpeft[cublas] exists (cuBLAS GEMMs + Triton skinny kernels)
+  HAS_AUTO = False                     whether fastpeft[auto] is its own figure: the op measures its backends on
+                                       the device (backend="auto", fastpeft/autotune.py); elsewhere auto is the
+                                       static default, already timed under that backend's name
   families(case) -> IMPLS              the families that apply to a case
   main_metric(case) -> "fwd_bwd"       the metric that headlines a case
   needs_twin(case) -> False            results are random (dropout): check an exact twin instead
@@ -27,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-BACKENDS = ("torch", "triton", "cublas")  # the fastpeft backends timed unless --backend says otherwise
+BACKENDS = ("torch", "triton", "cublas", "cuda", "auto")  # the fastpeft backends timed unless --backend says otherwise
 _CONSTANTS = {"METRICS": ("fwd", "bwd", "fwd_bwd", "infer"), "FLOOR": None, "HAS_CUDA_KERNELS": False,
-              "HAS_CUBLAS": False}
+              "HAS_CUBLAS": False, "HAS_AUTO": False}
 
 
 def _families(op, case) -> tuple:
@@ -58,9 +61,11 @@ _METHODS = {"families": _families, "main_metric": _main_metric, "needs_twin": _n
             "accumulation": _accumulation, "tiny": _tiny}
 
 
-def expand(families, backends=BACKENDS, has_cuda_kernels: bool = False, has_cublas: bool = False) -> list[str]:
+def expand(families, backends=BACKENDS, has_cuda_kernels: bool = False, has_cublas: bool = False,
+           has_auto: bool = False) -> list[str]:
     """Implementation names: each family, with "fastpeft" expanded to fastpeft[<backend>] per backend."""
-    backs = [b for b in backends if (b != "cuda" or has_cuda_kernels) and (b != "cublas" or has_cublas)]
+    backs = [b for b in backends
+             if (b != "cuda" or has_cuda_kernels) and (b != "cublas" or has_cublas) and (b != "auto" or has_auto)]
     return [n for f in families for n in ([f"fastpeft[{b}]" for b in backs] if f == "fastpeft" else [f])]
 
 
@@ -83,7 +88,7 @@ class OpSpec:
 
     def impl_names(self, case, backends=BACKENDS) -> list[str]:
         """The implementations that apply to a case, for the chosen fastpeft backends."""
-        return expand(self.families(case), backends, self.HAS_CUDA_KERNELS, self.HAS_CUBLAS)
+        return expand(self.families(case), backends, self.HAS_CUDA_KERNELS, self.HAS_CUBLAS, self.HAS_AUTO)
 
     def __repr__(self) -> str:
         return f"OpSpec({self.module.__name__})"
