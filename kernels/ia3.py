@@ -31,6 +31,13 @@ one chunk as before; it grew with M (M = 65536: 8 and 22 MiB), now at most [257,
 Two paths, as for the LoRA GEMM (kernels/lora_linear.py): "tma" (Hopper or newer, 16-byte aligned rows)
 moves A, B, C and E through tensor descriptors, which need no address registers; "ptr" uses pointer
 tensors, which cost registers, so its tiles are smaller.
+
+The "cublas" backend (fastpeft/ops/ia3_cublas.py) runs the GEMMs in cuBLAS and everything else in one
+memory-bound kernel, `_ia3_scale_reduce_kernel`, on an [M, N] matrix A at any strides:
+    OUT = A ⊙ scale[n]   (OUT may be A itself)   and/or   P[split, n] = Σ_rows E ⊙ A   (fp32 partials)
+one read of A (and E), one write of OUT; the reduction on a fixed number of programs along M
+(kernels/common.py reduction_programs: at most one [N] output plus PARTIAL_BUDGET bytes), summed in a fixed
+order. Scaling W's rows is the same pass on Wᵀ (a transposed view).
 """
 from __future__ import annotations
 
@@ -38,7 +45,10 @@ import triton
 import triton.language as tl
 
 from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
-from .common import dot_precision, grouped_tile, interpreting, launch_opts, path_for, tile_args, tiles_for
+from .common import (
+    dot_precision, grouped_tile, interpreting, launch_opts, path_for, reduction_programs, split_even, tile_args,
+    tiles_for,
+)
 from .gemm_loop import gemm_k_loop
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -222,3 +232,85 @@ def ia3_bwd(dy, x, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool)
     else:
         dl = _gemm(dy, weight, b_kn=True, N=K, K=N, c=dx, epi=scale, e=x if need_dl else None)
     return dx, dl
+
+
+# ------------------------------------------------------------------------ the cuBLAS backend's elementwise pass
+# One config for every dtype: [16, 128] tiles of A (and E) and the fp32 accumulator of the reduction in
+# registers at 4 warps (at most ~110 registers a thread, runtime strides; [32, 128] took up to 214).
+# tests/test_ia3_cublas.py compiles every variant for sm_80 and sm_90 (no spills). Untuned: a GPU run is owed.
+SCALE_REDUCE_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)
+INTERPRET_SCALE_REDUCE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+def scale_reduce_config() -> dict:
+    return dict(INTERPRET_SCALE_REDUCE_CONFIG if interpreting() else SCALE_REDUCE_CONFIG)
+
+
+@triton.jit
+def _ia3_scale_reduce_kernel(
+    A, E, SCALE, OUT, P, M, N, rows_per,
+    stride_am, stride_an, stride_em, stride_en, stride_om, stride_on, stride_scale,
+    HAS_SCALE: tl.constexpr, HAS_RED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (pid_n, pid_s): columns pid_n·BLOCK_N.., rows [pid_s·rows_per, (pid_s + 1)·rows_per) in BLOCK_M
+    steps. OUT = A ⊙ SCALE (HAS_SCALE; A read before OUT is written, so OUT may alias A) and the program's
+    partial P[pid_s, n] = Σ E ⊙ A of the unscaled A (HAS_RED)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_SCALE:
+        scale = tl.load(SCALE + offs_n * stride_scale, mask=mask_n, other=0.0).to(tl.float32)
+    # the column tile's offset as 64-bit scalars (N·stride may pass 2**31: a transposed weight), in-tile in 32 bits
+    n0 = (pid_n * BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    A += n0 * stride_an
+    E += n0 * stride_en
+    OUT += n0 * stride_on
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = pid_s * rows_per
+    end = tl.minimum(start + rows_per, M)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < end)[:, None] & mask_n[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
+        a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RED:
+            e = tl.load(E + rows * stride_em + cols * stride_en, mask=mask, other=0.0).to(tl.float32)
+            acc += e * a
+        if HAS_SCALE:
+            tl.store(OUT + rows * stride_om + cols * stride_on, (a * scale[None, :]).to(OUT.dtype.element_ty),
+                     mask=mask)
+    if HAS_RED:
+        tl.store(P + pid_s.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
+
+
+def ia3_scale_reduce(a, scale=None, out=None, e=None):
+    """out = a ⊙ scale (scale [N] scales a's columns; out [M, N] may be a itself) and, with e [M, N], returns
+    Σ_rows e ⊙ a (of a before scaling) in fp32 [N], else None. Every tensor at any strides (stride 0
+    included, out excepted: it is written)."""
+    import torch
+
+    M, N = a.shape
+    if M == 0 or N == 0:
+        return torch.zeros(N, device=a.device, dtype=torch.float32) if e is not None else None
+    cfg = scale_reduce_config()
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    if e is None:  # elementwise: one row block per program (several past the grid's 65535 limit along y)
+        per, splits = split_even(m_blocks, 65535)
+    else:  # a fixed number of programs along M, each writing one partial (bounded, deterministic)
+        per, splits = split_even(m_blocks, reduction_programs(a.device, m_blocks, n_blocks, 4 * N))
+    p = torch.empty((splits, N), device=a.device, dtype=torch.float32) if e is not None else None
+    dummy = a
+    ee, oo = (e if e is not None else dummy), (out if out is not None else dummy)
+    _ia3_scale_reduce_kernel[(n_blocks, splits)](
+        a, ee, scale if scale is not None else dummy, oo, p if p is not None else dummy, M, N, per * cfg["BLOCK_M"],
+        a.stride(0), a.stride(1), ee.stride(0), ee.stride(1), oo.stride(0), oo.stride(1),
+        scale.stride(0) if scale is not None else 0,
+        HAS_SCALE=scale is not None, HAS_RED=e is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        **launch_opts(cfg),
+    )
+    if p is None:
+        return None
+    return p[0] if splits == 1 else p.sum(0)

@@ -4,6 +4,7 @@
              floor          standard backward: dX and the full [out, in] dW (GaLore on ordinary gradients)
              eager          the same, then R = projection of dW (galore-torch's path up to its optimizer)
              fastpeft[<b>]  fastpeft's gradient-free linear: dX and R = (dY·P)ᵀ·X, dW never formed
+                            (cublas: R accumulated by cuBLAS as its fp32 C input)
            (the issue's target: gradient-free <= 0.8x standard at rank 128)
   step     one non-refresh optimizer step from a given gradient, basis and moments:
              eager          GaLore AdamW in plain PyTorch (an m x n update temporary, as galore-torch)
@@ -36,6 +37,7 @@ NAME = "galore"
 METRICS = ("fwd", "bwd", "fwd_bwd", "step", "refresh")
 FLOOR = "floor"
 RANDOMIZED = "fastpeft[randomized]"
+HAS_CUBLAS = True  # the layer's backward; the optimizer step has no cuBLAS path (Unavailable there)
 KIND_IMPLS = {"layer": ("floor", "eager", "fastpeft"), "step": ("eager", common.COMPILED, "galore_torch", "fastpeft"),
               "refresh": ("svd", RANDOMIZED)}
 IMPLS = ("floor", "eager", common.COMPILED, "galore_torch", "svd", "fastpeft", RANDOMIZED)
@@ -47,6 +49,7 @@ DESCRIPTIONS = {
     "svd": "torch.linalg.svd of the formed fp32 gradient",
     "fastpeft[torch]": "layer: fastpeft gradient-free linear; step: GaLoreAdamW, PyTorch backend",
     "fastpeft[triton]": "layer: fastpeft gradient-free linear; step: GaLoreAdamW, Triton kernels",
+    "fastpeft[cublas]": "layer: fastpeft gradient-free linear, R = (dY·P)ᵀ·X by cuBLAS into fp32 R (layer only)",
     RANDOMIZED: "fastpeft randomized range finder through X and dY",
 }
 BETAS, EPS, SCALE, OVERSAMPLE, POWER_ITERS = (0.9, 0.999), 1e-6, 0.25, 8, 2
@@ -232,7 +235,8 @@ def _layer(name: str, inp: Inputs) -> common.Impl:
     lin = torch.nn.Linear(c.in_features, c.out_features, bias=False, device="meta")
     lin.weight = torch.nn.Parameter(w.detach())  # W's storage, with this implementation's GaLore state
     fg.enable(torch.nn.Sequential(lin), ["0"], rank=c.rank, update_proj_gap=10**9, scale=SCALE,
-              oversample=OVERSAMPLE, power_iters=POWER_ITERS, backend=common.fastpeft_backend(name, inp.device))
+              oversample=OVERSAMPLE, power_iters=POWER_ITERS,
+              backend=common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS))
     st = fg.galore_state(lin.weight)
     st.P, st.Q, st.refresh_due = inp.p, inp.q, False  # the case's basis: a non-refresh step
     return common.layer_impl(name, "layer", lin, x, dy, {"dx": x}, post=lambda: {"r": st.R if st.has_R else None},
@@ -290,6 +294,9 @@ def _step(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif common.is_fastpeft(name):
         from fastpeft.optim import GaLoreAdamW
 
+        if name == "fastpeft[cublas]":
+            raise Unavailable("GaLoreAdamW's step has no cuBLAS path (the cublas backend is the layer's backward)")
+
         w.grad = grad
         opt = GaLoreAdamW([group], backend=common.fastpeft_backend(name, inp.device), **hyper)
         state = opt.state[w]
@@ -297,7 +304,7 @@ def _step(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
         state.update({k: t for k, t in (("proj_p", p), ("proj_q", q)) if t is not None})
         step = opt.step
     else:
-        raise common.unknown_impl(name, families(c))
+        raise common.unknown_impl(name, families(c), has_cublas=HAS_CUBLAS)
 
     def run():  # from the same state every time: W, moments and the step count (t = 1 before, 2 after)
         with torch.no_grad():
@@ -330,7 +337,7 @@ def _refresh(name: str, inp: Inputs) -> common.Impl:
             return pj.randomized_basis_factored(x, dy, c.rank, c.side, oversample=OVERSAMPLE,
                                                 power_iters=POWER_ITERS, generator=gen)
     else:
-        raise common.unknown_impl(name, families(c))
+        raise common.unknown_impl(name, families(c), has_cublas=HAS_CUBLAS)
     return common.Impl(name, "refresh", lambda: {"energy": _energy(inp, *find())}, {"refresh": lambda: (find, None)},
                        [x, dy])
 
@@ -348,4 +355,4 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
 
 __all__ = ["NAME", "METRICS", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "families",
            "make_inputs", "reference", "build", "work", "main_metric", "bytes_needed", "eager_step",
-           "load_galore_torch"]
+           "load_galore_torch", "HAS_CUBLAS"]

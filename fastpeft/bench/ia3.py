@@ -6,7 +6,7 @@ Implementations, all on the same x, W (frozen), b, l (random around 1) and dY of
   floor            the frozen F.linear alone (cuBLAS): what IA3 would cost if it were free
   eager            F.linear(x, W, b) * l, or F.linear(x * l, W, b)
   compiled         torch.compile of eager
-  fastpeft[<b>]    fastpeft.ia3_linear with backend b (torch, triton)
+  fastpeft[<b>]    fastpeft.ia3_linear with backend b (torch, triton, cublas)
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .common import BuildOptions
 
 NAME = "ia3"
 FLOOR = "floor"
+HAS_CUBLAS = True
 IMPLS = ("floor", "eager", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen F.linear alone (the floor)",
@@ -29,6 +30,7 @@ DESCRIPTIONS = {
     common.COMPILED: common.COMPILED_DESCRIPTION,
     "fastpeft[torch]": "fastpeft.ia3_linear, PyTorch backend",
     "fastpeft[triton]": "fastpeft.ia3_linear, scale fused into the Triton GEMM",
+    "fastpeft[cublas]": "fastpeft.ia3_linear, cuBLAS GEMMs, the scale in one Triton pass on W or the activations",
 }
 
 
@@ -145,15 +147,15 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif common.is_fastpeft(name):
         import fastpeft
 
-        backend = common.fastpeft_backend(name, inp.device)
+        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS)
 
         def fwd(x):
             return fastpeft.ia3_linear(x, inp.weight, inp.bias, inp.scale, inp.case.mode, backend=backend)
     else:
-        raise common.unknown_impl(name, IMPLS)
+        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS)
     return common.layer_impl(name, "ia3", fwd, inp.x, inp.dy, {"dx": inp.x, "dl": inp.scale},
                              inputs=[inp.weight, inp.bias])
 
 
 __all__ = ["NAME", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
-           "build", "work", "tiny", "bytes_needed"]
+           "build", "work", "tiny", "bytes_needed", "HAS_CUBLAS"]

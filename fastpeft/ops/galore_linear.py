@@ -3,8 +3,9 @@
 For y = x·Wᵀ the weight gradient is G = dYᵀ·X. The backward computes dX = dY·W and the bias gradient as
 usual, and instead of G it accumulates R = (dY·P)ᵀ·X, dYᵀ·(X·Qᵀ) or (dY·P)ᵀ·(X·Qᵀ) into the fp32 buffer
 of the layer's GaLoreLinearState (fastpeft.galore), which GaLoreAdamW consumes. The weight's .grad is never
-written. Backends: "triton" (kernels/galore.py accumulates R in fp32 inside the skinny GEMM) and "torch"
-(galore_linear_torch.py).
+written. Backends: "triton" (kernels/galore.py accumulates R in fp32 inside the skinny GEMM), "cublas"
+(galore_linear_cublas.py: Triton's skinny dY·P, then cuBLAS accumulating into R as its C input) and "torch"
+(galore_linear_torch.py). dX = dY·W is cuBLAS (torch.mm) in every backend.
 """
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from .shapes import as_rows
 
 
 def projected_grad_accumulate(x2, dy2, p, q, out, backend: str):
-    """out (fp32, contiguous) += projection of dy2ᵀ·x2 on (p, q) with the chosen backend ('torch'|'triton')."""
+    """out (fp32, contiguous) += projection of dy2ᵀ·x2 on (p, q) with the chosen backend (torch, triton, cublas)."""
     if backend == "torch":
         return projected_grad_accumulate_torch(x2, dy2, p, q, out)
+    if backend == "cublas":
+        from .galore_linear_cublas import projected_grad_accumulate_cublas
+
+        return projected_grad_accumulate_cublas(x2, dy2, p, q, out)
     from ..kernels import galore as k
 
     if p is not None and q is not None:
@@ -32,6 +37,10 @@ def projected_grad_accumulate(x2, dy2, p, q, out, backend: str):
 def full_grad_accumulate(x2, dy2, out, backend: str):
     if backend == "torch":
         return full_grad_accumulate_torch(x2, dy2, out)
+    if backend == "cublas":
+        from .galore_linear_cublas import full_grad_accumulate_cublas
+
+        return full_grad_accumulate_cublas(x2, dy2, out)
     from ..kernels import galore as k
 
     return k.galore_project(dy2.t(), x2, out, k.EPI_ACC)
@@ -39,7 +48,7 @@ def full_grad_accumulate(x2, dy2, out, backend: str):
 
 def kernel_backend(backend, tensor: torch.Tensor) -> str:
     reason = None if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else f"dtype {tensor.dtype} is not supported by the kernels"
-    return resolve_backend(backend, tensor.device, triton_ok=reason)
+    return resolve_backend(backend, tensor.device, triton_ok=reason, cublas_ok=reason, op="galore_linear")
 
 
 class GaLoreLinearFunction(torch.autograd.Function):

@@ -2,7 +2,8 @@
 
 scale="output": y = (x·Wᵀ + b) ⊙ l (PEFT's IA3 on k/v projections, bias scaled too);
 scale="input":  y = (x ⊙ l)·Wᵀ + b (PEFT's feed-forward IA3).
-Backends: "triton" (kernels/ia3.py) and "torch" (ia3_torch.py). Saved for backward: x (the caller's
+Backends: "triton" (kernels/ia3.py), "cublas" (ia3_cublas.py: cuBLAS GEMMs, the vector in one Triton pass on
+the cheaper side) and "torch" (ia3_torch.py). Saved for backward: x (the caller's
 tensor), W, b and l; never the output (users may edit it in place) and no [M, N] tensor: for output
 scaling the backward recomputes the pre-scale product x·Wᵀ + b when l needs a gradient.
 
@@ -31,7 +32,17 @@ def _impl(backend: str):
         from ..kernels import ia3 as k
 
         return k.ia3_fwd, k.ia3_bwd
+    if backend == "cublas":
+        from .ia3_cublas import ia3_bwd_cublas, ia3_fwd_cublas
+
+        return ia3_fwd_cublas, ia3_bwd_cublas
     return ia3_fwd_torch, ia3_bwd_torch
+
+
+def resolve_ia3_backend(backend, device: torch.device) -> str:
+    """The backend that runs IA3 on `device` (fastpeft._backend.resolve_backend): every input the op accepts
+    has a Triton and a cuBLAS path; auto keeps its static default."""
+    return resolve_backend(backend, device, cublas_ok=None, op="ia3_linear")
 
 
 def _forward(backend, x, weight, bias, scale, mode):
@@ -118,7 +129,7 @@ def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     """IA3 linear: (x·weightᵀ + bias) ⊙ scale (mode "output") or (x ⊙ scale)·weightᵀ + bias (mode "input").
 
     x [..., in] (fp32, fp16 or bf16); weight [out, in] and bias [out] (or None) in x's dtype; scale [out] or
-    [in] in x's dtype or fp32. backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "torch".
+    [in] in x's dtype or fp32. backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cublas", "torch".
     Every tensor (and the gradient of the output) may come at any strides: sliced, transposed, expanded
     (stride 0), offset views; leading dims of x that no single stride spans are copied once. The output is a
     new tensor that may be modified in place. The gradient of scale is exact for every value (0, subnormal).
@@ -127,7 +138,7 @@ def ia3_linear(x, weight, bias, scale, mode="output", *, backend=None):
     if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
         return ia3_linear_traced(x, weight, bias, scale, mode, backend=backend)
     check_ia3_inputs(x, weight, bias, scale, mode)
-    return _run(resolve_backend(backend, x.device), x, weight, bias, scale, mode)
+    return _run(resolve_ia3_backend(backend, x.device), x, weight, bias, scale, mode)
 
 
 def _run(name, x, weight, bias, scale, mode):
@@ -145,7 +156,7 @@ def ia3_linear_cached(cache: CallCache, x, weight, bias, scale, mode="output", b
     if key != cache.key:
         cache.key = None
         check_ia3_inputs(x, weight, bias, scale, mode)
-        cache.plan = resolve_backend(backend, x.device)
+        cache.plan = resolve_ia3_backend(backend, x.device)
         cache.key = key
     return _run(cache.plan, x, weight, bias, scale, mode)
 
@@ -159,4 +170,5 @@ def ia3_linear_traced(x, weight, bias, scale, mode="output", *, backend=None):
     return torch.ops.fastpeft.ia3_linear_fwd(x, weight, bias, scale, mode, backend or "")
 
 
-__all__ = ["ia3_linear", "ia3_linear_cached", "IA3LinearFunction", "ia3_linear_traced", "check_ia3_inputs", "SCALE_MODES"]
+__all__ = ["ia3_linear", "ia3_linear_cached", "IA3LinearFunction", "ia3_linear_traced", "check_ia3_inputs",
+           "SCALE_MODES", "resolve_ia3_backend"]

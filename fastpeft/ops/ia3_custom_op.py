@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import resolve_backend
-from .ia3 import DOUBLE_BACKWARD_MESSAGE, _forward, _frozen_grads, _impl
+from .ia3 import DOUBLE_BACKWARD_MESSAGE, _forward, _frozen_grads, _impl, resolve_ia3_backend
 from .shapes import as_rows
 
 
@@ -22,7 +21,7 @@ from .shapes import as_rows
 def ia3_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
                       mode: str, backend: str) -> torch.Tensor:
     """y [..., out] in x's dtype; inputs already validated."""
-    return _forward(resolve_backend(backend or None, x.device), x, weight, bias, scale, mode)
+    return _forward(resolve_ia3_backend(backend or None, x.device), x, weight, bias, scale, mode)
 
 
 @ia3_linear_fwd_op.register_fake
@@ -36,7 +35,7 @@ def ia3_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx in x's shape and dtype, dl fp32 [len(scale)]); a gradient not needed comes back as an empty [0]
     tensor (a custom op's outputs may not alias each other)."""
-    _, bwd = _impl(resolve_backend(backend or None, x.device))
+    _, bwd = _impl(resolve_ia3_backend(backend or None, x.device))
     dx, dl = bwd(as_rows(dy), as_rows(x), weight, bias, scale, mode, need_dx, need_dl)
     return (dx.view(x.shape) if need_dx else x.new_empty((0,)),
             dl.float() if need_dl else x.new_empty((0,), dtype=torch.float32))

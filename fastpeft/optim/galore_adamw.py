@@ -77,7 +77,8 @@ def _is_dtensor(t) -> bool:
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection for param groups that set "rank"; same constructor as
-    galore_torch.GaLoreAdamW. backend: "auto" | "torch" | "triton" (see fastpeft._backend)."""
+    galore_torch.GaLoreAdamW. backend: "auto" | "torch" | "triton" | "cublas" (see fastpeft._backend; "cublas":
+    projections and the weight update by cuBLAS, the Adam step by the Triton kernel)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
                  no_deprecation_warning=False, *, projector="svd", moments="keep",
@@ -175,7 +176,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # -- step -------------------------------------------------------------------------------------------
     def _backend_for(self, p) -> str:
         reason = None if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else f"dtype {p.dtype} is not supported by the kernels"
-        return resolve_backend(self.backend, p.device, triton_ok=reason)
+        return resolve_backend(self.backend, p.device, triton_ok=reason, cublas_ok=reason)
 
     @staticmethod
     def _param_name(group, gi, i, p) -> str:
@@ -315,7 +316,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             n = self._project_adam_triton(grad, basis, state, b1, b2, group["eps"])
         else:
             r = pj.project(grad, *basis).float()
-            n = self._adam_torch(r, state, b1, b2, group["eps"])
+            n = self._adam(r, state, b1, b2, group["eps"], backend)
         state["step"] += 1
         alpha = self._step_size(group, state["step"]) * group["scale"]
         self._update_weight(p, n, basis, alpha, group["lr"] * group["weight_decay"], backend)
@@ -342,11 +343,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._init_moments(state, r.shape, p.device)
         b1, b2 = group["betas"]
         backend = self._backend_for(p)
-        if backend == "triton":
-            n = torch.empty_like(r)
-            _triton().galore_adam(r.contiguous(), state["exp_avg"], state["exp_avg_sq"], n, b1, b2, group["eps"])
-        else:
-            n = self._adam_torch(r, state, b1, b2, group["eps"])
+        n = self._adam(r, state, b1, b2, group["eps"], backend)
         state["step"] += 1
         alpha = self._step_size(group, state["step"]) * st.scale
         self._update_weight(p, n, basis, alpha, group["lr"] * group["weight_decay"], backend)
@@ -379,6 +376,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
             k.galore_project(grad, q_.t(), n, k.EPI_ADAM, m, v, b1, b2, eps)
         return n
 
+    def _adam(self, r, state, b1, b2, eps, backend):
+        """The normalized low-rank step N from the projected gradient r (fp32): the Triton kernel ("triton",
+        "cublas") or PyTorch."""
+        if backend in ("triton", "cublas"):
+            n = torch.empty_like(r)
+            _triton().galore_adam(r.contiguous(), state["exp_avg"], state["exp_avg_sq"], n, b1, b2, eps)
+            return n
+        return self._adam_torch(r, state, b1, b2, eps)
+
     @staticmethod
     def _update_weight(w, n, basis, alpha, lr_wd, backend):
         """W <- (W - alpha·back(N))·(1 - lr·wd), in place, never forming an m×n update. A DTensor W sharded on
@@ -401,7 +407,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if backend == "triton":
             _triton().galore_update(w, a, b, alpha, decay)
             return
-        # torch: addmm_ accumulates into W (beta=1) without an m×n temporary on CUDA
+        # torch and cublas: addmm_ accumulates into W (beta=1) without an m×n temporary on CUDA
         w.addmm_(a.to(w.dtype), b.to(w.dtype), alpha=-alpha)
         if lr_wd > 0.0:
             w.mul_(decay)
