@@ -38,6 +38,7 @@ Kernels (x [M, K], W0 [N, K]):
   _multi_lora_shrink_kernel      S[m, :r_a] = x_m·A_aᵀ            [M, R_MAX], split-K partials for small M
   _multi_lora_gemm_kernel        out = P·Q + Σ_a c_a·L_a·Rm_a + bias  forward: P=x, Q=W0ᵀ, L=S, Rm=B_aᵀ, c=s_a
                                                                       backward: P=dY, Q=W0, L=dS, Rm=A_a, c=1
+                                 HAS_BASE=False: without P·Q, the cuBLAS backend's C (ops/multi_lora_cublas.py)
   _multi_lora_bwd_dy_kernel      dS = s_a·dY·B_a per segment tile
   _multi_lora_seg_reduce_kernel  OUT_a = c_a·U_aᵀ·V_a per adapter, over ranges of segment tiles
                                  dB: U = dY, V = S, c = s_a;  dA: U = x, V = dS, c = 1
@@ -61,8 +62,9 @@ from .common import (  # noqa: F401 (rank_block, tiles_for: re-exported for the 
 )
 from .gemm_loop import gemm_k_loop
 from .multi_lora_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.multi_lora.*)
-    DECODE_M, GEMM_CONFIGS, INTERPRETER_CONFIGS, INTERPRETER_SEG_BLOCK_M, MAX_RANK, SEG_BLOCK_M, SKINNY_CONFIGS,
-    gemm_config, gemm_config_name, gemm_rank_block, rank_bucket, seg_block_m, skinny_config,
+    DECODE_M, EXPAND_CONFIGS, GEMM_CONFIGS, INTERPRETER_CONFIGS, INTERPRETER_SEG_BLOCK_M, MAX_RANK, SEG_BLOCK_M,
+    SKINNY_CONFIGS, expand_config, expand_config_name, gemm_config, gemm_config_name, gemm_rank_block, rank_bucket,
+    seg_block_m, skinny_config,
 )
 from .multi_lora_grouping import Grouping
 
@@ -136,7 +138,7 @@ def _multi_lora_gemm_kernel(
     P, Q, L, RM, BIAS, OUT, IDS, SCALE, RANKS, OFFS, M, N, K, n_adapters,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     stride_id, stride_bias, stride_scale,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BASE: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -169,11 +171,11 @@ def _multi_lora_gemm_kernel(
             acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
         a = _next_adapter(ids, a, n_adapters)
 
-    # x / dY / y through pointers (rows in token order), W0 through a tensor descriptor on Hopper
-    acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                      stride_pm, stride_pk, stride_qk, stride_qn, 0,
-                      P_DESC=False, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=False, EVEN_K=EVEN_K,
-                      DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    if HAS_BASE:  # x / dY / y through pointers (rows in token order), W0 through a tensor descriptor on Hopper
+        acc = gemm_k_loop(acc, P, Q, P, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                          stride_pm, stride_pk, stride_qk, stride_qn, 0,
+                          P_DESC=False, Q_DESC=USE_TMA, Q_KN=Q_KN, HAS_PRO=False, EVEN_K=EVEN_K,
+                          DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
@@ -351,7 +353,26 @@ def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n
         out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, q_t.t() if q_kn else q_t)
-    cfg = gemm_config(M, p_mat.dtype, path)
+    _launch_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters, r_max, out,
+                 gemm_config(M, p_mat.dtype, path), path == "tma", q_kn, True)
+    return out
+
+
+def multi_lora_expand(l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int, out):
+    """out [M, N] (any strides) = Σ_a scale[a]·L[rows of a, :r_a]·Rm_a + bias: _multi_lora_gemm_kernel without its
+    K loop (HAS_BASE=False), the low-rank term written once as the C input of cuBLAS's GEMM
+    (fastpeft/ops/multi_lora_cublas.py). Both factors are cast to out's dtype before the fp32 dot, as the fused
+    GEMM casts them to x's (or dY's), so the two backends round the low-rank term alike."""
+    M = out.shape[0]
+    _launch_gemm(out, out, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters, r_max, out,
+                 expand_config(M, out.dtype), False, False, False)
+    return out
+
+
+def _launch_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters, r_max, out, cfg, use_tma,
+                 q_kn, has_base):
+    M, N = out.shape
+    K = p_mat.shape[1] if has_base else 0  # without the base GEMM, P and Q are never read (out stands in)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _multi_lora_gemm_kernel[grid](
         p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, ids,
@@ -359,10 +380,10 @@ def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n
         p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
         rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
         ids.stride(0), bias.stride(0) if bias is not None else 0, scale.stride(0) if scale is not None else 0,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma",
-        Q_KN=q_kn, BLOCK_R=gemm_rank_block(r_max, cfg), **tile_args(cfg), **launch_opts(cfg),
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_BASE=has_base, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=use_tma, Q_KN=q_kn, BLOCK_R=gemm_rank_block(r_max, cfg),
+        **tile_args(cfg), **launch_opts(cfg),
     )
-    return out
 
 
 def seg_reduce_programs(device, n_tiles: int, d_tiles: int, D: int, r_max: int) -> tuple[int, int]:
@@ -447,14 +468,17 @@ def multi_lora_linear_fwd(x, weight, a_pool, b_pool, bias, ids, table, grouping:
     return s
 
 
-def multi_lora_linear_bwd(dy, x, weight, a_pool, b_pool, s, ids, table, grouping: Grouping, needs):
-    """Backward on 2-D tensors. needs = (dx, dA, dB); returns those three (None where not needed)."""
+def multi_lora_linear_bwd(dy, x, weight, a_pool, b_pool, s, ids, table, grouping: Grouping, needs, dx_fn=None):
+    """Backward on 2-D tensors. needs = (dx, dA, dB); returns those three (None where not needed).
+    dx_fn(dy, weight, a_pool, ds, ids, table) -> dX replaces the fused dX GEMM (the cuBLAS backend's)."""
     need_dx, need_da, need_db = needs
     n, r_max = table.n_adapters, table.max_rank
     ds, db = multi_lora_bwd_dy(dy, b_pool, s, grouping, table.scalings, table.ranks, table.offsets, n, r_max,
                                need_dx or need_da, need_db)
     dx = da = None
-    if need_dx:
+    if need_dx and dx_fn is not None:
+        dx = dx_fn(dy, weight, a_pool, ds, ids, table)
+    elif need_dx:
         # dX = dY·W0 + dS_a·A_a per token: Q = W0 given as its transpose view, Rm = A pool likewise
         dx = multi_lora_gemm(dy, weight.t(), ds, a_pool.t(), None, ids, None, table.ranks, table.offsets, n, r_max)
     if need_da:

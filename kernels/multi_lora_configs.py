@@ -31,6 +31,14 @@ GEMM_CONFIGS = {
                       ieee=dict(BLOCK_N=64)),
     },
 }
+# _multi_lora_gemm_kernel without its K loop (HAS_BASE=False: the cuBLAS backend's C, memory-bound): one
+# [BLOCK_M, BLOCK_N] output tile per program, 16 rows for decode (a tile then spans few adapters), 64 beyond.
+# BLOCK_K is unused (no K loop) but a kernel argument.
+EXPAND_CONFIGS = {
+    "decode": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, GROUP_M=1, RANK_CHUNK=32, num_warps=4, num_stages=1),
+    "tile": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, RANK_CHUNK=32, num_warps=8, num_stages=1,
+                 ieee=dict(BLOCK_N=64)),
+}
 # Skinny kernels by padded rank (pointer loads only, so one table for both architectures). dy and red share
 # BLOCK_M: it is the segment-tile size of the backward's per-adapter grouping. "ieee" (fp32 FMA dots, see
 # kernels/common.py `tiles_for`): the reduction tile of the shrink (K) and of dS (dY's columns) shrinks.
@@ -78,6 +86,16 @@ def gemm_config(M: int, dtype: torch.dtype, path: str) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIGS["gemm"])
     return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M)], dtype)
+
+
+def expand_config_name(M: int) -> str:
+    return "decode" if M <= DECODE_M else "tile"
+
+
+def expand_config(M: int, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS["gemm"])
+    return tiles_for(EXPAND_CONFIGS[expand_config_name(M)], dtype)
 
 
 def skinny_config(kind: str, r_max: int, dtype: torch.dtype) -> dict:

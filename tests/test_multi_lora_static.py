@@ -3,7 +3,8 @@ with tensor-core instructions wherever there is a tl.dot (Triton's ahead-of-time
 
 GEMM: the "tma" path (W0 through a tensor descriptor) runs on sm_90, the "ptr" path on sm_80 and on sm_90
 for unaligned W0; each size compiles forward (bias, per-adapter scaling) and backward (fp32 dS, W0 as
-[K, N]) at its largest rank chunk. Skinny kernels (pointer loads only) compile
+[K, N]) at its largest rank chunk. "expand": the same kernel without its K loop (HAS_BASE=False), the cuBLAS
+backend's C and low, per EXPAND_CONFIGS entry both ways. Skinny kernels (pointer loads only) compile
 per rank bucket at its largest rank block for both architectures. bf16 stands for fp16 (same layouts);
 fp32 (TF32 dots, halved tiles) compiles the heaviest tiles, and fp32 with "ieee" dots (torch's default fp32
 precision: FMA dots, no tensor cores, their own tiles) the tightest ones. Keep the count small: each case
@@ -29,11 +30,13 @@ def _i32(*names):
 
 
 def _gemm_cases(k, dt, dtype, plan, precision="tf32"):
-    """plan: (path, size, direction, arch) tuples."""
+    """plan: (path, size, direction, arch) tuples; path "expand": the kernel without its K loop (HAS_BASE=False,
+    the cuBLAS backend's C and low, EXPAND_CONFIGS), its sizes that table's."""
     cases = []
     label = dt + ("ieee" if precision == "ieee" else "")
     for path, size, direction, arch in plan:
-        cfg = k.tiles_for(k.GEMM_CONFIGS[path][size], dtype, precision)
+        table = k.EXPAND_CONFIGS if path == "expand" else k.GEMM_CONFIGS[path]
+        cfg = k.tiles_for(table[size], dtype, precision)
         tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
         fwd = direction == "fwd"
         sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}" if fwd else "*fp32", "RM": f"*{dt}", "BIAS": f"*{dt}",
@@ -41,8 +44,9 @@ def _gemm_cases(k, dt, dtype, plan, precision="tf32"):
                **_i32("M", "N", "K", "n_adapters", "stride_pm", "stride_pk", "stride_qk", "stride_qn", "stride_lm",
                       "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on", "stride_id", "stride_bias",
                       "stride_scale")}
-        ce = dict(HAS_BIAS=fwd, HAS_SCALE=fwd, EVEN_K=False,
-                  DOT_PRECISION=precision, USE_TMA=path == "tma", Q_KN=not fwd, BLOCK_R=cfg["RANK_CHUNK"], **tile)
+        ce = dict(HAS_BIAS=fwd, HAS_SCALE=fwd, HAS_BASE=path != "expand", EVEN_K=path == "expand",
+                  DOT_PRECISION=precision, USE_TMA=path == "tma", Q_KN=not fwd and path != "expand",
+                  BLOCK_R=cfg["RANK_CHUNK"], **tile)
         cases.append((f"gemm-{path}-{size}-{direction}-{label}-sm{arch}", "_multi_lora_gemm_kernel", sig, ce, arch,
                       cfg["num_warps"], cfg["num_stages"]))
     return cases
@@ -102,7 +106,11 @@ def _cases():
     ieee_gemm = [(p, "large", d, a) for p, archs in (("tma", (90,)), ("ptr", (80, 90))) for d in ("fwd", "bwd")
                  for a in archs]
     ieee_skinny = [(kind, b, arch) for kind in ("shrink", "dy", "red") for b in buckets for arch in (80, 90)]
-    return (_gemm_cases(k, "bf16", torch.bfloat16, gemm) + _skinny_cases(k, "bf16", torch.bfloat16, skinny)
+    # the cuBLAS backend's C / low: every expand config both ways at bf16, each once at fp32 (tf32) and at "ieee"
+    gemm += [("expand", size, d, arch) for size in k.EXPAND_CONFIGS for d in ("fwd", "bwd") for arch in (80, 90)]
+    expand32 = [("expand", "tile", "fwd", 90), ("expand", "decode", "bwd", 80)]
+    expand_ieee = [("expand", "tile", "bwd", 80), ("expand", "decode", "fwd", 90)]
+    return (_gemm_cases(k, "fp32", torch.float32, expand32) + _gemm_cases(k, "fp32", torch.float32, expand_ieee, "ieee") +_gemm_cases(k, "bf16", torch.bfloat16, gemm) + _skinny_cases(k, "bf16", torch.bfloat16, skinny)
             + _gemm_cases(k, "fp32", torch.float32, [("tma", "large", "fwd", 90), ("ptr", "large", "bwd", 80)])
             + _skinny_cases(k, "fp32", torch.float32, [("shrink", buckets[-1], 80), ("dy", buckets[-1], 90)])
             + _gemm_cases(k, "fp32", torch.float32, ieee_gemm, "ieee")
@@ -128,11 +136,16 @@ def test_every_config_is_enumerated():
     from fastpeft.kernels import multi_lora as k
 
     names = [c[0] for c in _cases()]
-    assert len(names) == len(set(names)) and len(names) <= 52  # the seg-reduce kernel checked at "ieee" too
+    assert len(names) == len(set(names)) and len(names) <= 64  # the seg-reduce kernel at "ieee"; 12 expand cases
     for path, table in k.GEMM_CONFIGS.items():
         for size in table:
             for d in ("fwd", "bwd"):
                 assert any(n.startswith(f"gemm-{path}-{size}-{d}-bf16") for n in names), (path, size, d)
+    for size in k.EXPAND_CONFIGS:
+        for d in ("fwd", "bwd"):
+            assert any(n.startswith(f"gemm-expand-{size}-{d}-bf16") for n in names), ("expand", size, d)
+        assert any(n.startswith(f"gemm-expand-{size}-") and "fp32ieee" in n for n in names), ("expand ieee", size)
+    assert {k.expand_config_name(m) for m in (1, 64, 65, 10**6)} == set(k.EXPAND_CONFIGS)
     for kind, table in k.SKINNY_CONFIGS.items():
         for bucket in table:
             assert any(n.startswith(f"{kind}-r{bucket}-bf16") for n in names), (kind, bucket)

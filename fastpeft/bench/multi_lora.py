@@ -9,7 +9,8 @@ dY of a case:
   eager            plain PyTorch: base GEMM, then per adapter index_select, two skinny GEMMs, index_add
   compiled         torch.compile of eager
   peft             HF PEFT's mixed batch, model(x, adapter_names=[one per sequence]): inference only
-  fastpeft[<b>]    fastpeft.multi_lora_linear with backend b (W0 read once for the mixed batch)
+  fastpeft[<b>]    fastpeft.multi_lora_linear with backend b (W0 read once for the mixed batch; cublas: cuBLAS
+                   GEMMs with the per-token low-rank term as their C input)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .common import BuildOptions, Unavailable
 
 NAME = "multi-lora"
 FLOOR = "floor"
+HAS_CUBLAS = True
 IMPLS = ("floor", "single", "loop", "eager", common.COMPILED, "peft", "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen F.linear alone (the floor)",
@@ -35,6 +37,7 @@ DESCRIPTIONS = {
     "peft": "HF PEFT mixed batch (adapter_names), inference only",
     "fastpeft[torch]": "fastpeft.multi_lora_linear, PyTorch backend",
     "fastpeft[triton]": "fastpeft.multi_lora_linear, Triton kernels",
+    "fastpeft[cublas]": "fastpeft.multi_lora_linear, cuBLAS addmm with the per-token low-rank term as C (Triton kernels)",
 }
 
 
@@ -278,17 +281,17 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif common.is_fastpeft(name):
         from fastpeft import multi_lora_linear
 
-        backend = common.fastpeft_backend(name, inp.device)
+        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS)
         c, ids = inp.case, inp.ids
 
         def fwd(x):  # ids are valid by construction: serving skips the check's device sync
             return multi_lora_linear(x, inp.weight, inp.lora_a, inp.lora_b, ids, c.scalings(), list(c.ranks),
                                      check_ids=False, backend=backend)
     else:
-        raise common.unknown_impl(name, IMPLS)
+        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS)
     return common.layer_impl(name, "multi", fwd, inp.x, inp.dy, {"dx": inp.x, "da": inp.lora_a, "db": inp.lora_b},
                              inputs=[inp.weight])
 
 
-__all__ = ["NAME", "FLOOR", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
+__all__ = ["NAME", "FLOOR", "HAS_CUBLAS", "IMPLS", "DESCRIPTIONS", "Case", "Inputs", "headline", "cases", "make_inputs", "reference",
            "build", "work", "tiny", "bytes_needed"]

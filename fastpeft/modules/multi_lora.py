@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._checks import check_finite_number, check_positive_int
+from ..ops.call_cache import CallCache, cacheable, tensor_key
 from ..ops.multi_lora import (
     AdapterTable, apply_multi_lora, check_multi_lora_inputs, prepare_ids, resolve_multi_backend,
 )
@@ -67,6 +68,7 @@ class MultiLoRALinear(nn.Module):
         self._offsets = [i * self.r for i in range(n)]
         self.adapter_names: list[str | None] = [None] * n
         self._context = None  # set by fastpeft.inject_multi_lora's hook for one model call
+        self._call_cache = CallCache()  # the validated signature of the last call (see forward)
         self.register_load_state_dict_post_hook(_sync_after_load)
         if init_adapters:
             with torch.no_grad():
@@ -200,6 +202,10 @@ class MultiLoRALinear(nn.Module):
         """x [..., in]; adapter_ids per token ([M] or x.shape[:-1]) or per sequence ([batch] for 3-D x), -1 base only.
 
         Without adapter_ids, the ids of the current fastpeft.inject_multi_lora model call are used.
+        The tensor checks and the backend choice run on the first call and again only when the call's signature
+        changes (ops/call_cache.py): x's dtype, device and last dimension; the shape, dtype and device of the
+        base weight, bias and pool; the slot buffers and host lists replaced (load_state_dict, .to()); r,
+        num_adapters, backend. The ids are checked on every call (check_ids): their values change per call.
         """
         checked = False
         if adapter_ids is None:
@@ -208,11 +214,42 @@ class MultiLoRALinear(nn.Module):
                                  "adapter_names=... after fastpeft.inject_multi_lora), got None")
             adapter_ids, checked = self._context.ids, True  # mapped from names: valid by construction
         w, bias = self.base_layer.weight, self.base_layer.bias
+        if not cacheable(x):  # traced by torch.compile, or a tensor subclass (or not a tensor): checked every call
+            return self._forward_checked(x, w, bias, adapter_ids, checked)
+        slots = (self.adapter_rank, self.adapter_offset, self.adapter_scaling, self._ranks, self._offsets)
+        # the slots' objects by identity (the plan holds them, so no id is reused); values are read at run time
+        key = (x.dtype, x.device, x.shape[-1], tensor_key(w), tensor_key(bias), tensor_key(self.lora_A),
+               tensor_key(self.lora_B), tuple(map(id, slots)), self.r, self.num_adapters, self.backend)
+        cache = self._call_cache
+        if key != cache.key:
+            cache.key = None  # a failure below leaves the cache empty
+            self._check_tensors(x, w, bias)
+            table = self.table()
+            name = resolve_multi_backend(self.backend, x.device, table)
+            # the table may be reused while it reads the slot buffers themselves (not the copy wrap makes of a
+            # buffer cast to another dtype, which would miss a later load_adapter)
+            same = (table.ranks is self.adapter_rank and table.offsets is self.adapter_offset
+                    and self.adapter_scaling.dtype == torch.float32)
+            cache.plan = (table if same else None, name, slots)
+            cache.key = key
+        table, name, _ = cache.plan
+        if table is None:
+            table = self.table()
+        check = self.check_ids and not checked
+        ids, grouped = prepare_ids(adapter_ids, x, self.num_adapters, check,
+                                   loaded=[r > 0 for r in self._ranks] if check else None)
+        return apply_multi_lora(x, w, self.lora_A, self.lora_B, bias, ids, table, grouped, name)
+
+    def _check_tensors(self, x, w, bias) -> None:
         if isinstance(x, torch.Tensor) and self.lora_A.is_meta and not x.is_meta:
             raise ValueError(f"x: the module's parameters are on the meta device (built under torch.device('meta')), "
                              f"x is on {x.device}: materialise the module first (to_empty(device=...) then "
                              f"load_state_dict), or pass a meta x for shapes only")
         check_multi_lora_inputs(x, w, self.lora_A, self.lora_B, bias)
+
+    def _forward_checked(self, x, w, bias, adapter_ids, checked: bool) -> torch.Tensor:
+        """forward with every check on this call (traced, or a tensor subclass)."""
+        self._check_tensors(x, w, bias)
         table = self.table()
         name = resolve_multi_backend(self.backend, x.device, table)
         ids, grouped = prepare_ids(adapter_ids, x, self.num_adapters, self.check_ids and not checked,

@@ -6,9 +6,10 @@ The adapters sit in one stacked pool: lora_a [R_total, in] and lora_b [out, R_to
 rank rows offsets[a] .. offsets[a] + ranks[a] (its A rows and its B columns) and scales by scalings[a].
 Ranks may differ per adapter; the kernels move each adapter's own rank, never the largest. Gradients of
 the pool are per adapter, each only from its own tokens; pool rows of no adapter get zero.
-Backends: "triton" (kernels/multi_lora.py, W0 read once for the whole mixed batch) and "torch"
-(multi_lora_torch.py, one matmul per adapter present). No dropout: serving, and training several adapters
-at once without LoRA dropout.
+Backends: "triton" (kernels/multi_lora.py, W0 read once for the whole mixed batch), "cublas"
+(multi_lora_cublas.py: cuBLAS for the base GEMMs, the per-token low-rank term as their C input, Triton for the
+rest; never chosen by auto) and "torch" (multi_lora_torch.py, one matmul per adapter present). No dropout:
+serving, and training several adapters at once without LoRA dropout.
 
 Eager calls run MultiLoRALinearFunction. Under torch.compile, prepare_ids and apply_multi_lora call the
 torch.library ops torch.ops.fastpeft.multi_lora_check_ids / multi_lora_linear_fwd / _bwd, which
@@ -77,9 +78,9 @@ class AdapterTable:
 def resolve_multi_lora_backend(backend: str | None, device: torch.device, max_rank: int) -> str:
     """The backend for a pool of this max_rank on `device` (see fastpeft._backend)."""
     reason = None
-    if max_rank > MAX_TRITON_RANK:
+    if max_rank > MAX_TRITON_RANK:  # the cuBLAS path's skinny kernels are the same Triton kernels
         reason = f"max_rank={max_rank} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
-    return resolve_backend(backend or None, device, triton_ok=reason, op="multi_lora_linear")
+    return resolve_backend(backend or None, device, triton_ok=reason, cublas_ok=reason, op="multi_lora_linear")
 
 
 def _impl(backend: str):
@@ -87,12 +88,16 @@ def _impl(backend: str):
         from ..kernels import multi_lora as k
 
         return k.multi_lora_linear_fwd, k.multi_lora_linear_bwd
+    if backend == "cublas":
+        from .multi_lora_cublas import multi_lora_linear_bwd_cublas, multi_lora_linear_fwd_cublas
+
+        return multi_lora_linear_fwd_cublas, multi_lora_linear_bwd_cublas
     return multi_lora_linear_fwd_torch, multi_lora_linear_bwd_torch
 
 
 def _grouping(backend: str, ids: torch.Tensor, n_adapters: int, need_tiles: bool, grouped: bool):
     """Sort tokens by adapter when it pays (larger M) or the backward needs per-adapter segments."""
-    if backend != "triton":
+    if backend not in ("triton", "cublas"):  # the cublas backend runs the same Triton shrink and backward kernels
         return None
     from ..kernels import multi_lora as k
 
@@ -150,6 +155,18 @@ def _frozen_grads(dy, x, weight, need_dw: bool, need_dbias: bool):
     return dw, dbias
 
 
+def _forward(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend, need_tiles):
+    """(y [..., out], S [M, max_rank], the token grouping or None); need_tiles: a backward will need the segments."""
+    x2 = as_rows(x)
+    M, N = x2.shape[0], weight.shape[0]
+    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0 or x.is_meta:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
+        return y, x2.new_zeros((M, table.max_rank)), None
+    grouping = _grouping(backend, ids, table.n_adapters, need_tiles, grouped)
+    s = _impl(backend)[0](x2, weight, lora_a, lora_b, bias, ids, table, grouping, y.view(M, N))
+    return y, s, grouping
+
+
 class MultiLoRALinearFunction(torch.autograd.Function):
     """Autograd Function of the multi-adapter LoRA linear. Use fastpeft.multi_lora_linear, which validates inputs.
 
@@ -161,18 +178,9 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, ids, table, grouped, backend):
-        fwd, _ = _impl(backend)
-        x2 = as_rows(x)
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        need_tiles = need_x or need_a or need_b
-        M, N = x2.shape[0], weight.shape[0]
-        y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-        grouping = None
-        if M == 0 or N == 0 or x.is_meta:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
-            s = x2.new_zeros((M, table.max_rank))
-        else:
-            grouping = _grouping(backend, ids, table.n_adapters, need_tiles, grouped)
-            s = fwd(x2, weight, lora_a, lora_b, bias, ids, table, grouping, y.view(M, N))
+        y, s, grouping = _forward(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend,
+                                  need_x or need_a or need_b)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s, ids)
         ctx.table, ctx.grouping, ctx.backend, ctx.grouped = table, grouping, backend, grouped
         ctx.has_bias = bias is not None
@@ -304,7 +312,9 @@ def apply_multi_lora(x, weight, lora_a, lora_b, bias, ids, table: AdapterTable, 
                                                         table.offsets, table.scalings, table.max_rank, grouped,
                                                         need_tiles, backend)
         return y
-    return MultiLoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
+        return MultiLoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend)
+    return _forward(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend, False)[0]  # no autograd bookkeeping
 
 
 def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks=None, offsets=None, bias=None, *,
@@ -323,7 +333,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks=No
     max_rank: the kernels' rank bound (default the largest rank). check_ids: raise on ids outside [-1, n)
     (one device sync for CUDA ids); unchecked, such ids mean base only. Gradients are first order only
     (differentiating them raises NotImplementedError).
-    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton" or "torch".
+    backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cublas" (cuBLAS GEMMs, the low-rank term as
+    their C input; CUDA tensors) or "torch".
     """
     check_multi_lora_inputs(x, weight, lora_a, lora_b, bias)
     table = build_table(lora_a, scalings, ranks, offsets, max_rank, x.device)
