@@ -149,3 +149,9 @@ def test_import_fastpeft_registers_every_op():
             "assert not missing, f'not registered by import fastpeft: {missing}'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "ia3_linear", "multi_lora_linear", "galore_linear"])
+def test_cublas_op_passes_opcheck(op):
+    """The ops with a cuBLAS path, through it (fp32: the custom ops' plumbing, not rounding, is under test)."""
+    test_op_passes_opcheck(op, "cublas", torch.float32)
