@@ -3,8 +3,8 @@ next to the device's measured copy bandwidth (the `copy` case).
 
     python -m pytest benchmarks/bench_cuda_ops.py --benchmark-only --benchmark-json=benchmarks/results/cuda_ops.json
 
-Targets (issue 6): shrink and dy_reduce >= 80% of copy bandwidth at M=8192, in=4096, r=16; decode <= 1.10x
-the time to read W0 once at copy bandwidth; rank_update faster than W.add_(B @ A, alpha=c).
+Targets (issue 6): shrink, expand, dy_reduce and bwd_da >= 80% of copy bandwidth at M=8192, in=4096, r=16;
+decode <= 1.10x the time to read W0 once at copy bandwidth; rank_update faster than W.add_(B @ A, alpha=c).
 Each timed call launches the op LAUNCHES times and synchronises once, so launch overhead is included
 as it is in a training step but the host-device sync is amortised.
 """
@@ -68,6 +68,24 @@ def test_shrink(benchmark, cuda_ops, p):
            op="lora_shrink", shape=f"M={M} in={IN} r={R} p={p}", dtype=str(DTYPE))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_expand(benchmark, cuda_ops, p):
+    """The C input of cuBLAS: forward's C = s·S·Bᵀ + bias (p = 0), backward's keep⊙(dS·A)/(1-p) (p > 0)."""
+    s, b, bias = _rnd(M, R), _rnd(OUT, R, scale=0.02), _rnd(OUT)
+    e = _esize()
+    _bench(benchmark, lambda: cuda_ops.lora_expand_cuda(s, b.t(), None if p else bias, 2.0, p, 1234),
+           e * (M * OUT + M * R + OUT * R + OUT), op="lora_expand", shape=f"M={M} N={OUT} r={R} p={p}",
+           dtype=str(DTYPE))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bwd_da(benchmark, cuda_ops, p):
+    x, ds = _rnd(M, IN), _rnd(M, R, scale=0.02)
+    e = _esize()
+    _bench(benchmark, lambda: cuda_ops.lora_bwd_da_cuda(x, ds, p, 1234), e * (M * IN + M * R) + 4 * R * IN,
+           op="lora_bwd_da", shape=f"M={M} in={IN} r={R} p={p}", dtype=str(DTYPE))
+
+
 def test_dy_reduce(benchmark, cuda_ops):
     dy, b, s = _rnd(M, OUT), _rnd(OUT, R, scale=0.02), _rnd(M, R)
     e = _esize()
@@ -88,11 +106,11 @@ def test_rank_update(benchmark, cuda_ops, impl):
     _bench(benchmark, fn, nbytes, op=f"rank_update[{impl}]", shape=f"{OUT}x{IN} r={R}", dtype=str(DTYPE))
 
 
-@pytest.mark.parametrize("m", [1, 16])
-def test_decode(benchmark, cuda_ops, m):
+@pytest.mark.parametrize("m, p", [(1, 0.0), (16, 0.0), (16, 0.1)])
+def test_decode(benchmark, cuda_ops, m, p):
     x, w, bias = _rnd(m, IN), _rnd(OUT, IN, scale=0.02), _rnd(OUT)
     a, b = _rnd(R, IN, scale=0.02), _rnd(OUT, R, scale=0.02)
     e = _esize()
-    nbytes = e * (OUT * IN + m * IN + R * IN + OUT * R + OUT + m * OUT)
-    _bench(benchmark, lambda: cuda_ops.lora_decode_cuda(x, w, bias, a, b, 2.0), nbytes, op="lora_decode",
-           shape=f"M={m} in={IN} out={OUT} r={R}", dtype=str(DTYPE), w0_bytes=e * OUT * IN)
+    nbytes = e * (OUT * IN + m * IN + R * IN + OUT * R + OUT + m * OUT + m * R)
+    _bench(benchmark, lambda: cuda_ops.lora_decode_cuda(x, w, bias, a, b, 2.0, p, 1234), nbytes, op="lora_decode",
+           shape=f"M={m} in={IN} out={OUT} r={R} p={p}", dtype=str(DTYPE), w0_bytes=e * OUT * IN)

@@ -32,6 +32,7 @@ namespace {
 
 using at::Tensor;
 constexpr int64_t kSeedBound = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxExpandCols = int64_t(65535) * 128;  // lora_expand's grid: 128 columns per block in grid.y
 
 std::string dev_str(const Tensor& t) { return t.device().str(); }
 
@@ -82,6 +83,30 @@ uint32_t keep_threshold(double p) {
   return t >= 2147483647.0 ? 2147483647u : static_cast<uint32_t>(t);
 }
 
+// The dropout arguments of a kernel: p in [0, 1) and a seed in [0, 2**31 - 1]; p == 0 turns the mask off.
+struct Dropout {
+  bool on;
+  uint32_t seed, thr;
+  float keep_scale;  // 1/(1-p), rounded to float once
+};
+
+Dropout check_dropout(double p, int64_t seed) {
+  TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed >= 0 && seed <= kSeedBound, "seed: expected an int in [0, ", kSeedBound, "], got ", seed);
+  const bool on = p > 0.0;
+  return {on, static_cast<uint32_t>(seed), keep_threshold(p), on ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f};
+}
+
+void check_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& ref, const char* ref_name) {
+  if (!bias.has_value()) return;
+  const Tensor& bi = *bias;
+  TORCH_CHECK_VALUE(bi.is_cuda(), "bias: expected a CUDA tensor, got device ", dev_str(bi));
+  TORCH_CHECK_VALUE(bi.dim() == 1 && bi.size(0) == n, "bias: expected shape [", n, "], got ", bi.sizes());
+  TORCH_CHECK_TYPE(bi.scalar_type() == ref.scalar_type(), "bias: expected dtype ", ref.scalar_type(), " (that of ",
+                   ref_name, "), got ", bi.scalar_type());
+  TORCH_CHECK_VALUE(bi.device() == ref.device(), "bias: expected device ", dev_str(ref), ", got ", dev_str(bi));
+}
+
 Tensor lora_shrink(const Tensor& x, const Tensor& a, double p, int64_t seed, uint64_t stream) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", dev_str(x));
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, in], got shape ", x.sizes());
@@ -89,16 +114,12 @@ Tensor lora_shrink(const Tensor& x, const Tensor& a, double p, int64_t seed, uin
   check_matrix(a, "a", x, "x");
   check_size(a, 1, x.size(1), "a", "a is [r, in] with in = x.shape[1]");
   check_rank(a.size(0), "a.shape[0]");
-  TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed >= 0 && seed <= kSeedBound, "seed: expected an int in [0, ", kSeedBound, "], got ", seed);
+  const Dropout d = check_dropout(p, seed);
   const c10::DeviceGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
   Tensor s = at::empty({M, R}, x.options());
-  const bool drop = p > 0.0;
-  const float keep_scale = drop ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
   check_launch(fastpeft::lora_shrink(dt, x.data_ptr(), x.stride(0), x.stride(1), a.data_ptr(), a.stride(0), a.stride(1),
-                                     s.data_ptr(), M, K, R, static_cast<uint32_t>(seed), keep_threshold(p), keep_scale,
-                                     drop, as_stream(stream)),
+                                     s.data_ptr(), M, K, R, d.seed, d.thr, d.keep_scale, d.on, as_stream(stream)),
                "lora_shrink");
   return s;
 }
@@ -155,8 +176,9 @@ void rank_update_(Tensor& w, const Tensor& b, const Tensor& a, double c, uint64_
                "rank_update_");
 }
 
-Tensor lora_decode(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& a, const Tensor& b,
-                   double scaling, uint64_t stream) {
+std::tuple<Tensor, Tensor> lora_decode(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                                       const Tensor& a, const Tensor& b, double scaling, double p, int64_t seed,
+                                       uint64_t stream) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", dev_str(x));
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, in], got shape ", x.sizes());
   const fastpeft::DType dt = dtype_of(x, "x");
@@ -170,27 +192,67 @@ Tensor lora_decode(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   check_rank(a.size(0), "a.shape[0]");
   check_size(b, 0, w.size(0), "b", "b is [out, r] with out = w.shape[0]");
   check_size(b, 1, a.size(0), "b", "b is [out, r] with r = a.shape[0]");
-  if (bias.has_value()) {
-    const Tensor& bi = *bias;
-    TORCH_CHECK_VALUE(bi.is_cuda(), "bias: expected a CUDA tensor, got device ", dev_str(bi));
-    TORCH_CHECK_VALUE(bi.dim() == 1 && bi.size(0) == w.size(0), "bias: expected shape [", w.size(0), "], got ",
-                      bi.sizes());
-    TORCH_CHECK_TYPE(bi.scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (that of x), got ",
-                     bi.scalar_type());
-    TORCH_CHECK_VALUE(bi.device() == x.device(), "bias: expected device ", dev_str(x), ", got ", dev_str(bi));
-  }
+  check_bias(bias, w.size(0), x, "x");
   TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling: expected a finite number, got ", scaling);
+  const Dropout d = check_dropout(p, seed);
   const c10::DeviceGuard guard(x.device());
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1), R = a.size(0);
-  Tensor y = at::empty({M, N}, x.options());
+  Tensor y = at::empty({M, N}, x.options()), s = at::empty({M, R}, x.options());
   const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
   const int64_t bias_s0 = bias.has_value() ? bias->stride(0) : 0;
   check_launch(fastpeft::lora_decode(dt, x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
                                      bias_ptr, bias_s0, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
-                                     b.stride(1), y.data_ptr(), M, N, K, R, static_cast<float>(scaling),
-                                     as_stream(stream)),
+                                     b.stride(1), y.data_ptr(), s.data_ptr(), M, N, K, R, static_cast<float>(scaling),
+                                     d.seed, d.thr, d.keep_scale, d.on, as_stream(stream)),
                "lora_decode");
-  return y;
+  return {y, s};
+}
+
+Tensor lora_expand(const Tensor& l_mat, const Tensor& rm, const std::optional<Tensor>& bias, double scale, double p,
+                   int64_t seed, uint64_t stream) {
+  TORCH_CHECK_VALUE(l_mat.is_cuda(), "l_mat: expected a CUDA tensor, got device ", dev_str(l_mat));
+  TORCH_CHECK_VALUE(l_mat.dim() == 2, "l_mat: expected a 2-D tensor [M, r], got shape ", l_mat.sizes());
+  const fastpeft::DType dt = dtype_of(l_mat, "l_mat");
+  check_rank(l_mat.size(1), "l_mat.shape[1]");
+  check_matrix(rm, "rm", l_mat, "l_mat");
+  check_size(rm, 0, l_mat.size(1), "rm", "rm is [r, N] with r = l_mat.shape[1]");
+  TORCH_CHECK_VALUE(rm.size(1) <= kMaxExpandCols, "rm: at most ", kMaxExpandCols, " columns, got shape ", rm.sizes());
+  check_bias(bias, rm.size(1), l_mat, "l_mat");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  const Dropout d = check_dropout(p, seed);
+  const c10::DeviceGuard guard(l_mat.device());
+  const int64_t M = l_mat.size(0), N = rm.size(1), R = l_mat.size(1);
+  Tensor out = at::empty({M, N}, l_mat.options());
+  const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  const int64_t bias_s0 = bias.has_value() ? bias->stride(0) : 0;
+  check_launch(fastpeft::lora_expand(dt, l_mat.data_ptr(), l_mat.stride(0), l_mat.stride(1), rm.data_ptr(), rm.stride(0),
+                                     rm.stride(1), bias_ptr, bias_s0, out.data_ptr(), M, N, R, static_cast<float>(scale),
+                                     d.seed, d.thr, d.on, as_stream(stream)),
+               "lora_expand");
+  return out;
+}
+
+Tensor lora_bwd_da(const Tensor& x, const Tensor& ds, double p, int64_t seed, uint64_t stream) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", dev_str(x));
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, in], got shape ", x.sizes());
+  const fastpeft::DType dt = dtype_of(x, "x");
+  check_matrix(ds, "ds", x, "x");
+  check_size(ds, 0, x.size(0), "ds", "ds is [M, r] with M = x.shape[0]");
+  check_rank(ds.size(1), "ds.shape[1]");
+  const Dropout d = check_dropout(p, seed);
+  const c10::DeviceGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), R = ds.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor da = at::empty({R, K}, f32);
+  int sms = 0;
+  check_launch(fastpeft::sm_count(x.device().index(), &sms), "lora_bwd_da");
+  const fastpeft::BwdDaPlan plan = fastpeft::bwd_da_plan(M, K, R, sms);
+  Tensor ws = at::empty({plan.ws_elems}, f32);  // at most 4 MiB; empty when one row range writes dA
+  check_launch(fastpeft::lora_bwd_da(dt, plan, x.data_ptr(), x.stride(0), x.stride(1), ds.data_ptr(), ds.stride(0),
+                                     ds.stride(1), da.data_ptr<float>(), plan.ws_elems > 0 ? ws.data_ptr<float>() : nullptr,
+                                     M, K, R, d.seed, d.thr, d.keep_scale, d.on, as_stream(stream)),
+               "lora_bwd_da");
+  return da;
 }
 
 pybind11::tuple loaded_arch(int64_t device_index) {
@@ -214,9 +276,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dy"), pybind11::arg("b"), pybind11::arg("s_mat"), pybind11::arg("scaling"), pybind11::arg("stream"));
   m.def("rank_update_", &rank_update_, "w += c * b @ a in place", pybind11::arg("w"), pybind11::arg("b"),
         pybind11::arg("a"), pybind11::arg("c"), pybind11::arg("stream"));
-  m.def("lora_decode", &lora_decode, "y = x @ w^T + bias + scaling * (x @ a^T) @ b^T for M <= 16", pybind11::arg("x"),
+  m.def("lora_decode", &lora_decode,
+        "(y, S) = (x @ w^T + bias + scaling * S @ b^T, dropout(x) @ a^T) for M <= 16, one launch", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("bias"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("scaling"),
+        pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("stream"));
+  m.def("lora_expand", &lora_expand, "out = scale * keep * (l_mat @ rm) + bias, written once", pybind11::arg("l_mat"),
+        pybind11::arg("rm"), pybind11::arg("bias"), pybind11::arg("scale"), pybind11::arg("p"), pybind11::arg("seed"),
         pybind11::arg("stream"));
+  m.def("lora_bwd_da", &lora_bwd_da, "dA = ds^T @ dropout(x), fp32", pybind11::arg("x"), pybind11::arg("ds"),
+        pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("stream"));
   m.def("loaded_arch", &loaded_arch, "(binaryVersion, ptxVersion) of the extension's code on a device",
         pybind11::arg("device_index"));
 }

@@ -18,7 +18,8 @@ DEFAULT_ARCHS = "80;90"
 MIN_ARCH = 80  # bf16 tensor cores and TF32 wmma
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("bindings.cpp", "shrink.cu", "dy_reduce.cu", "rank_update.cu", "decode.cu", "runtime.cu")
+SOURCES = ("bindings.cpp", "shrink.cu", "expand.cu", "dy_reduce.cu", "bwd_da.cu", "rank_update.cu", "decode.cu",
+           "runtime.cu")
 CUDA_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 CXX_FLAGS = ("-O3",)

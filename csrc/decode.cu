@@ -1,10 +1,14 @@
-// lora_decode: y[M, N] = x @ W0^T + bias + s * (x @ A^T) @ B^T for M <= 16 (decode), one launch.
+// lora_decode: y[M, N] = x @ W0^T + bias + s * S @ B^T with S = dropout(x) @ A^T, for M <= 16 (decode): the
+// whole forward in one launch, S included (a backward needs it).
 //
 // Block: 8 warps over 32 output features; the warps split K in 32-column chunks and stage x (M rows padded
 // to 16), W0 [32, chunk] and A [RT, chunk] in their own shared-memory tiles, so W0 is read once in total.
-// Each block recomputes t = x @ A^T (A and x are small and stay in L2) and applies t @ B^T to its 32
-// features with fp32 FMAs. Ranks above RT take extra passes over x and A (not over W0). Warp partials are
-// summed in a fixed order (deterministic); everything is fp32 until the one rounding at the store.
+// With dropout a warp also stages the masked x chunk (the mask regenerated from (seed, row, col), as in
+// shrink.cu): W0 sees x, A sees dropout(x). Each block recomputes S = dropout(x) @ A^T · 1/(1-p) (A and x are
+// small and stay in L2), rounds it to x's dtype like the stored S of the other paths (block 0 stores it) and
+// applies S @ B^T to its 32 features with fp32 FMAs. Ranks above RT take extra passes over x and A (not over
+// W0). Warp partials are summed in a fixed order (deterministic, so every block holds the same S); y is fp32
+// until the one rounding at the store.
 #include "common.cuh"
 #include "fastpeft_cuda.h"
 
@@ -19,14 +23,16 @@ struct DecCfg {
   static constexpr int LDY = kNO + 4, LDT = RT + 4;
   static constexpr size_t kX = size_t(kMP) * LD * sizeof(T);
   static constexpr size_t kW = size_t(kNO) * LD * sizeof(T);
-  static constexpr size_t kWarpTile = kX + kW + size_t(RT) * LD * sizeof(T);
+  static constexpr size_t kA = size_t(RT) * LD * sizeof(T);
+  static constexpr size_t kWarpTile = kX + kW + kA + kX;  // x, W0, A, dropout(x)
   static constexpr size_t kTiles = kWarps * kWarpTile;
   static constexpr size_t kYRed = size_t(kWarps) * kMP * LDY * sizeof(float);
   static constexpr size_t kTRed = size_t(kWarps) * kMP * LDT * sizeof(float);
   static constexpr size_t kTFin = size_t(kMP) * LDT * sizeof(float);
   static constexpr size_t kRed = kYRed + kTRed + kTFin;
   static constexpr size_t kSmem = kTiles > kRed ? kTiles : kRed;
-  static_assert(kX % 32 == 0 && kW % 32 == 0 && kWarpTile % 32 == 0 && kYRed % 32 == 0 && kTRed % 32 == 0,
+  static_assert(kX % 32 == 0 && kW % 32 == 0 && kA % 32 == 0 && kWarpTile % 32 == 0 && kYRed % 32 == 0 &&
+                    kTRed % 32 == 0,
                 "wmma needs 32-byte alignment");
 };
 
@@ -34,8 +40,9 @@ template <class T, int RT>
 __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
     const T* __restrict__ x, int64_t x_s0, int64_t x_s1, const T* __restrict__ w, int64_t w_s0, int64_t w_s1,
     const T* __restrict__ bias, int64_t bias_s0, const T* __restrict__ a, int64_t a_s0, int64_t a_s1,
-    const T* __restrict__ b, int64_t b_s0, int64_t b_s1, T* __restrict__ y, int64_t M, int64_t N, int64_t K,
-    int64_t R, float scaling, bool x_vec, bool w_vec, bool a_vec) {
+    const T* __restrict__ b, int64_t b_s0, int64_t b_s1, T* __restrict__ y, T* __restrict__ s, int64_t M, int64_t N,
+    int64_t K, int64_t R, float scaling, uint32_t seed, uint32_t thr, float keep_scale, bool use_dropout, bool x_vec,
+    bool w_vec, bool a_vec) {
   using Cfg = DecCfg<T, RT>;
   using MM = Mma<T>;
   constexpr int NT = RT / 16;
@@ -47,6 +54,7 @@ __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
   T* xs = reinterpret_cast<T*>(smem + warp * Cfg::kWarpTile);
   T* ws = reinterpret_cast<T*>(smem + warp * Cfg::kWarpTile + Cfg::kX);
   T* as = reinterpret_cast<T*>(smem + warp * Cfg::kWarpTile + Cfg::kX + Cfg::kW);
+  T* xds = reinterpret_cast<T*>(smem + warp * Cfg::kWarpTile + Cfg::kX + Cfg::kW + Cfg::kA);
   float* yred = reinterpret_cast<float*>(smem);
   float* tred = reinterpret_cast<float*>(smem + Cfg::kYRed);
   float* tfin = reinterpret_cast<float*>(smem + Cfg::kYRed + Cfg::kTRed);
@@ -77,6 +85,10 @@ __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
     }
     for (; c < nchunks; c += kWarps) {
       xr.store(xs, Cfg::LD, lane);
+      if (use_dropout) {  // rows 0..15 of x, columns of this chunk
+        xr.dropout(seed, thr, 0, c * kKC, lane);
+        xr.store(xds, Cfg::LD, lane);
+      }
       if (with_w) wr.store(ws, Cfg::LD, lane);
       ar.store(as, Cfg::LD, lane);
       __syncwarp();
@@ -98,6 +110,7 @@ __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
             MM::mma(acc_y[i], fa, fb);
           }
         }
+        if (use_dropout) MM::load(fa, xds + kk, Cfg::LD);  // A sees dropout(x)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           typename MM::template B<wmma::col_major> fb;
@@ -123,7 +136,9 @@ __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
       float sum = 0.f;
 #pragma unroll
       for (int wi = 0; wi < kWarps; ++wi) sum += tred[(wi * kMP + row) * Cfg::LDT + col];
-      tfin[row * Cfg::LDT + col] = sum;
+      const T sv = Traits<T>::from_f(sum * keep_scale);  // S as stored, and as y uses it
+      tfin[row * Cfg::LDT + col] = Traits<T>::to_f(sv);
+      if (blockIdx.x == 0 && row < M && j0 + col < R) s[row * R + j0 + col] = sv;
     }
     if (with_w) {
 #pragma unroll
@@ -163,52 +178,55 @@ __global__ void __launch_bounds__(kThreads) lora_decode_kernel(
 template <class T, int RT>
 cudaError_t launch(const void* x, int64_t x_s0, int64_t x_s1, const void* w, int64_t w_s0, int64_t w_s1,
                    const void* bias, int64_t bias_s0, const void* a, int64_t a_s0, int64_t a_s1, const void* b,
-                   int64_t b_s0, int64_t b_s1, void* y, int64_t M, int64_t N, int64_t K, int64_t R, float scaling,
-                   cudaStream_t stream) {
+                   int64_t b_s0, int64_t b_s1, void* y, void* s, int64_t M, int64_t N, int64_t K, int64_t R,
+                   float scaling, uint32_t seed, uint32_t thr, float keep_scale, bool dropout, cudaStream_t stream) {
   using Cfg = DecCfg<T, RT>;
   auto kernel = lora_decode_kernel<T, RT>;
   cudaError_t err = set_smem(kernel, Cfg::kSmem);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(cdiv(N, kNO)), kThreads, Cfg::kSmem, stream>>>(
+  // At least one block: block 0 writes S, also when there are no outputs (N == 0).
+  const int64_t blocks = N > 0 ? cdiv(N, kNO) : 1;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, Cfg::kSmem, stream>>>(
       static_cast<const T*>(x), x_s0, x_s1, static_cast<const T*>(w), w_s0, w_s1, static_cast<const T*>(bias),
-      bias_s0, static_cast<const T*>(a), a_s0, a_s1, static_cast<const T*>(b), b_s0, b_s1, static_cast<T*>(y), M, N, K,
-      R, scaling, can_vec(x, x_s0, x_s1, sizeof(T)), can_vec(w, w_s0, w_s1, sizeof(T)),
-      can_vec(a, a_s0, a_s1, sizeof(T)));
+      bias_s0, static_cast<const T*>(a), a_s0, a_s1, static_cast<const T*>(b), b_s0, b_s1, static_cast<T*>(y),
+      static_cast<T*>(s), M, N, K, R, scaling, seed, thr, keep_scale, dropout, can_vec(x, x_s0, x_s1, sizeof(T)),
+      can_vec(w, w_s0, w_s1, sizeof(T)), can_vec(a, a_s0, a_s1, sizeof(T)));
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t dispatch_rank(const void* x, int64_t x_s0, int64_t x_s1, const void* w, int64_t w_s0, int64_t w_s1,
                           const void* bias, int64_t bias_s0, const void* a, int64_t a_s0, int64_t a_s1, const void* b,
-                          int64_t b_s0, int64_t b_s1, void* y, int64_t M, int64_t N, int64_t K, int64_t R,
-                          float scaling, cudaStream_t stream) {
+                          int64_t b_s0, int64_t b_s1, void* y, void* s, int64_t M, int64_t N, int64_t K, int64_t R,
+                          float scaling, uint32_t seed, uint32_t thr, float keep_scale, bool dropout,
+                          cudaStream_t stream) {
   if (R <= 16)
-    return launch<T, 16>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, M, N, K, R,
-                         scaling, stream);
+    return launch<T, 16>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, s, M, N, K, R,
+                         scaling, seed, thr, keep_scale, dropout, stream);
   // fp32's 3xTF32 fragments leave no registers for a 64-wide slice: it takes more, narrower passes.
   constexpr int kWide = sizeof(T) == 4 ? 32 : 64;
-  return launch<T, kWide>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, M, N, K, R,
-                          scaling, stream);
+  return launch<T, kWide>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, s, M, N, K, R,
+                          scaling, seed, thr, keep_scale, dropout, stream);
 }
 
 }  // namespace
 
 int lora_decode(DType dt, const void* x, int64_t x_s0, int64_t x_s1, const void* w, int64_t w_s0, int64_t w_s1,
                 const void* bias, int64_t bias_s0, const void* a, int64_t a_s0, int64_t a_s1, const void* b,
-                int64_t b_s0, int64_t b_s1, void* y, int64_t M, int64_t N, int64_t K, int64_t R, float scaling,
-                cudaStream_t stream) {
-  if (M == 0 || N == 0) return cudaSuccess;
+                int64_t b_s0, int64_t b_s1, void* y, void* s, int64_t M, int64_t N, int64_t K, int64_t R,
+                float scaling, uint32_t seed, uint32_t thr, float keep_scale, bool dropout, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
   if (M > kMaxDecodeRows) return cudaErrorInvalidValue;
   switch (dt) {
     case DType::kFloat32:
-      return dispatch_rank<float>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, M, N,
-                                  K, R, scaling, stream);
+      return dispatch_rank<float>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, s, M, N,
+                                  K, R, scaling, seed, thr, keep_scale, dropout, stream);
     case DType::kFloat16:
-      return dispatch_rank<__half>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, M, N,
-                                   K, R, scaling, stream);
+      return dispatch_rank<__half>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y, s, M, N,
+                                   K, R, scaling, seed, thr, keep_scale, dropout, stream);
     case DType::kBFloat16:
       return dispatch_rank<__nv_bfloat16>(x, x_s0, x_s1, w, w_s0, w_s1, bias, bias_s0, a, a_s0, a_s1, b, b_s0, b_s1, y,
-                                          M, N, K, R, scaling, stream);
+                                          s, M, N, K, R, scaling, seed, thr, keep_scale, dropout, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,28 +1,17 @@
 // rank_update: W[N, K] += c * B[N, R] @ A[R, K] in place, without forming B @ A in global memory.
 //
 // Block: 8 warps over a [64, 128] tile of W. The rank-R product of the tile is accumulated on the tensor
-// cores from B and A staged in 32-wide slices of R, parked in shared memory (fp32), and added to W in one
-// read-modify-write pass with 16-byte vectors where the layout allows: each W element is read once,
-// updated in fp32 and rounded once.
-#include "common.cuh"
+// cores from B and A staged in 32-wide slices of R (lowrank_tile.cuh), parked in shared memory (fp32), and added
+// to W in one read-modify-write pass with 16-byte vectors where the layout allows: each W element is read
+// once, updated in fp32 and rounded once.
 #include "fastpeft_cuda.h"
+#include "lowrank_tile.cuh"
 
 namespace fastpeft {
 namespace {
 
-constexpr int kWarps = 8, kThreads = kWarps * 32, kBO = 64, kBI = 128, kRK = 32;
-
-template <class T>
-struct RuCfg {
-  static constexpr int LDB = kRK + smem_pad<T>();  // B tile [64][LDB]
-  static constexpr int LDA = kBI + smem_pad<T>();  // A tile [32][LDA]
-  static constexpr int LDP = kBI + 4;              // fp32 product [64][LDP]
-  static constexpr size_t kB = size_t(kBO) * LDB * sizeof(T);
-  static constexpr size_t kTiles = kB + size_t(kRK) * LDA * sizeof(T);
-  static constexpr size_t kProd = size_t(kBO) * LDP * sizeof(float);
-  static constexpr size_t kSmem = kTiles > kProd ? kTiles : kProd;
-  static_assert(kB % 32 == 0, "wmma needs 32-byte alignment");
-};
+using Tile = LowRankTile<__half, false>;  // for the block shape only (the same for every dtype)
+constexpr int kThreads = Tile::kThreads, kBO = Tile::kRows, kBI = Tile::kCols;
 
 // fp32 (3xTF32) needs more than the 128 registers that two blocks per SM would leave it.
 template <class T>
@@ -30,48 +19,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2) rank_update_
     T* __restrict__ w, int64_t w_s0, int64_t w_s1, const T* __restrict__ b, int64_t b_s0, int64_t b_s1,
     const T* __restrict__ a, int64_t a_s0, int64_t a_s1, int64_t N, int64_t K, int64_t R, float c, bool w_vec,
     bool b_vec, bool a_vec) {
-  using Cfg = RuCfg<T>;
-  using MM = Mma<T>;
+  using Cfg = LowRankTile<T, false>;
   constexpr int V = Traits<T>::kVec;
-  const int warp = threadIdx.x / 32, tid = threadIdx.x;
-  const int mt = warp / 2, nh = warp % 2;  // warp tile: rows 16*mt.., columns 64*nh..
+  const int tid = threadIdx.x;
   const int64_t o0 = int64_t(blockIdx.y) * kBO, i0 = int64_t(blockIdx.x) * kBI;
-
-  unsigned char* smem = dyn_smem();
-  T* bs = reinterpret_cast<T*>(smem);
-  T* as = reinterpret_cast<T*>(smem + Cfg::kB);
-
-  typename MM::Acc acc[4];
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) zero(acc[nt]);
-
-  TileRegs<T, kBO, kRK, kThreads> br;
-  TileRegs<T, kRK, kBI, kThreads> ar;
-  for (int64_t r0 = 0; r0 < R; r0 += kRK) {
-    br.load(b, b_s0, b_s1, o0, N, r0, R, b_vec, tid);
-    ar.load(a, a_s0, a_s1, r0, R, i0, K, a_vec, tid);
-    __syncthreads();  // the previous slice's math is done with the tiles
-    br.store(bs, Cfg::LDB, tid);
-    ar.store(as, Cfg::LDA, tid);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kRK; kk += MM::kK) {
-      typename MM::template A<wmma::row_major> fa;
-      MM::load(fa, bs + mt * 16 * Cfg::LDB + kk, Cfg::LDB);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        typename MM::template B<wmma::row_major> fb;
-        MM::load(fb, as + kk * Cfg::LDA + nh * 64 + nt * 16, Cfg::LDA);
-        MM::mma(acc[nt], fa, fb);
-      }
-    }
-  }
-  __syncthreads();
-  float* prod = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-    wmma::store_matrix_sync(prod + mt * 16 * Cfg::LDP + nh * 64 + nt * 16, acc[nt], Cfg::LDP, wmma::mem_row_major);
-  __syncthreads();
+  const float* prod = Cfg::product(b, b_s0, b_s1, o0, N, a, a_s0, a_s1, i0, K, R, b_vec, a_vec, dyn_smem());
 
   constexpr int VPR = kBI / V;
   for (int idx = tid; idx < kBO * VPR; idx += kThreads) {
@@ -97,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2) rank_update_
 template <class T>
 cudaError_t launch(void* w, int64_t w_s0, int64_t w_s1, const void* b, int64_t b_s0, int64_t b_s1, const void* a,
                    int64_t a_s0, int64_t a_s1, int64_t N, int64_t K, int64_t R, float c, cudaStream_t stream) {
-  using Cfg = RuCfg<T>;
+  using Cfg = LowRankTile<T, false>;
   auto kernel = rank_update_kernel<T>;
   cudaError_t err = set_smem(kernel, Cfg::kSmem);
   if (err != cudaSuccess) return err;

@@ -1,8 +1,9 @@
 """The CUDA backend on a machine without a GPU: every source compiles (nvcc for sm_80 and sm_90, object
 files, no link; bindings.cpp against the installed torch's headers), the kernels spill nothing and use
 tensor cores, the dropout stream of csrc/common.cuh equals fastpeft.dropout bit for bit (run as a host
-program), and the package, its custom ops' fake implementations, the loader's errors, setup.py and
-`python -m fastpeft.info` all work without the extension.
+program), the dA pass's plan keeps its workspace within 4 MiB (a host program), the "cuda" backend's Python
+composition is right with float64 stand-ins for the kernels, and the package, its custom ops' fake
+implementations, the loader's errors, setup.py and `python -m fastpeft.info` all work without the extension.
 """
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ _PHILOX_PROG = (
 )
 
 
+# bwd_da_plan (inline in csrc/fastpeft_cuda.h, plain C++) for "M K R sms" lines on stdin.
+_PLAN_PROG = (
+    '#include "fastpeft_cuda.h"\n#include <cstdio>\n'
+    "int main() {\n  long long M, K, R; int sms;\n"
+    "  while (std::scanf(\"%lld %lld %lld %d\", &M, &K, &R, &sms) == 4) {\n"
+    "    const fastpeft::BwdDaPlan p = fastpeft::bwd_da_plan(M, K, R, sms);\n"
+    "    std::printf(\"%lld %lld %lld %lld %lld\\n\", (long long)p.rt, (long long)p.bk, (long long)p.m_blocks,\n"
+    "                (long long)p.rows_per_block, (long long)p.ws_elems);\n  }\n  return 0;\n}\n"
+)
+
+
 def _bindings_cmd() -> list[str]:
     from torch.utils import cpp_extension
 
@@ -105,6 +117,10 @@ def builds(tmp_path_factory):
         jobs["philox"] = _Job([NVCC, "-std=c++17", "-arch=sm_80", f"-I{CSRC}", str(prog), "-o", str(exe)], exe)
     if GXX is not None:
         jobs["bindings"] = _Job(_bindings_cmd())
+        prog = out / "plan_check.cpp"
+        prog.write_text(_PLAN_PROG)
+        exe = out / "plan_check"
+        jobs["plan"] = _Job([GXX, "-std=c++17", "-O1", f"-I{CSRC}", str(prog), "-o", str(exe)], exe)
     yield jobs
     for job in jobs.values():
         if job.proc.poll() is None:
@@ -183,6 +199,26 @@ def test_dropout_stream_matches_pytorch_bit_for_bit(builds):
 
 
 @pytest.mark.skipif(GXX is None, reason="g++ not found")
+def test_bwd_da_plan_bounds_its_workspace(builds):
+    """dA's fp32 partials stay within 4 MiB beside dA for any shape; the row ranges tile M exactly."""
+    proc, exe = builds["plan"].result(), builds["plan"].product
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = [(1, 8, 1, 132), (37, 203, 16, 132), (8192, 4096, 16, 132), (8192, 4096, 64, 132), (8192, 11008, 128, 132),
+             (65536, 4096, 256, 132), (1 << 20, 64, 16, 108), (1000, 16400, 64, 132), (0, 64, 16, 132), (5, 1, 3, 1)]
+    text = "".join(f"{m} {k} {r} {sms}\n" for m, k, r, sms in cases)
+    out = _run([str(exe)], input=text, check=True).stdout.split("\n")
+    for (m, k, r, sms), line in zip(cases, out):
+        rt, bk, m_blocks, rows, ws = map(int, line.split())
+        assert (rt, bk) == ((16, 64) if r <= 16 else (64, 32)), line
+        assert ws * 4 <= 4 << 20 and ws == (m_blocks * r * k if m_blocks > 1 else 0), f"M={m} K={k} r={r}: {line}"
+        assert 1 <= m_blocks <= 65535 and rows % 32 == 0 and rows > 0, line
+        assert m_blocks * rows >= m and (m_blocks - 1) * rows < max(m, 1), f"M={m}: row ranges {line}"
+    # enough blocks to fill the GPU where the workspace allows a split
+    rt, bk, m_blocks, rows, ws = map(int, out[2].split())
+    assert m_blocks > 1 and (4096 // bk) * m_blocks >= 2 * 132
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not found")
 def test_bindings_compile_against_installed_torch(builds):
     proc = builds["bindings"].result()
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -227,8 +263,14 @@ def test_custom_ops_trace_with_fake_tensors():
     ds, db = torch.ops.fastpeft.cuda_lora_dy_reduce(torch.empty(37, 23, **m), b, s, 2.0)
     assert (ds.shape, db.shape, ds.dtype, db.dtype) == ((37, 5), (23, 5), torch.float32, torch.float32)
     assert torch.ops.fastpeft.cuda_rank_update(w, b, a, 0.5) is None
-    y = torch.ops.fastpeft.cuda_lora_decode(x[:7], w, torch.empty(23, **m), a, b, 2.0)
-    assert (y.shape, y.dtype) == ((7, 23), torch.bfloat16)
+    y, s7 = torch.ops.fastpeft.cuda_lora_decode(x[:7], w, torch.empty(23, **m), a, b, 2.0, 0.1, 3)
+    assert (y.shape, y.dtype, s7.shape, s7.dtype) == ((7, 23), torch.bfloat16, (7, 5), torch.bfloat16)
+    c = torch.ops.fastpeft.cuda_lora_expand(s, b.t(), torch.empty(23, **m), 2.0, 0.0, 0)
+    assert (c.shape, c.dtype) == ((37, 23), torch.bfloat16)
+    low = torch.ops.fastpeft.cuda_lora_expand(s, a, None, 1.25, 0.2, 3)
+    assert (low.shape, low.dtype) == ((37, 41), torch.bfloat16)
+    da = torch.ops.fastpeft.cuda_lora_bwd_da(x, s, 0.2, 3)
+    assert (da.shape, da.dtype) == ((5, 41), torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -241,8 +283,15 @@ def test_custom_ops_trace_with_fake_tensors():
         (lambda m: torch.ops.fastpeft.cuda_lora_shrink(torch.empty(4, 8, **m), torch.empty(2, 8, device="meta"), 0.0, 0), TypeError, "a: expected dtype torch.float16"),
         (lambda m: torch.ops.fastpeft.cuda_lora_dy_reduce(torch.empty(4, 8, **m), torch.empty(8, 2, **m), torch.empty(5, 2, **m), 1.0), ValueError, "s_mat: expected size 4 in dim 0"),
         (lambda m: torch.ops.fastpeft.cuda_rank_update(torch.empty(4, 8, **m), torch.empty(4, 2, **m), torch.empty(3, 8, **m), 1.0), ValueError, "a: expected size 2 in dim 0"),
-        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(17, 8, **m), torch.empty(4, 8, **m), None, torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0), ValueError, "at most 16 rows"),
-        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(3, 8, **m), torch.empty(4, 8, **m), torch.empty(5, **m), torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0), ValueError, r"bias: expected shape \[4\]"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(17, 8, **m), torch.empty(4, 8, **m), None, torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0, 0.0, 0), ValueError, "at most 16 rows"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(3, 8, **m), torch.empty(4, 8, **m), torch.empty(5, **m), torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0, 0.0, 0), ValueError, r"bias: expected shape \[4\]"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_decode(torch.empty(3, 8, **m), torch.empty(4, 8, **m), None, torch.empty(2, 8, **m), torch.empty(4, 2, **m), 1.0, 0.1, 2**31), ValueError, "seed: expected"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_expand(torch.empty(4, 3, **m), torch.empty(2, 9, **m), None, 1.0, 0.0, 0), ValueError, "rm: expected size 3 in dim 0"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_expand(torch.empty(4, 3, **m), torch.empty(3, 9, **m), torch.empty(8, **m), 1.0, 0.0, 0), ValueError, r"bias: expected shape \[9\]"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_expand(torch.empty(4, 3, **m), torch.empty(3, 9, **m), None, 1.0, 1.0, 0), ValueError, "p: expected"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_expand(torch.empty(4, 3, **m), torch.empty(3, 9, device="meta"), None, 1.0, 0.0, 0), TypeError, "rm: expected dtype torch.float16"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_bwd_da(torch.empty(4, 8, **m), torch.empty(5, 2, **m), 0.1, 1), ValueError, "ds: expected size 4 in dim 0"),
+        (lambda m: torch.ops.fastpeft.cuda_lora_bwd_da(torch.empty(4, 8, **m), torch.empty(4, 257, **m), 0.1, 1), ValueError, r"rank in \[1, 256\], got 257"),
     ],
 )
 def test_fake_implementations_reject_bad_shapes(call, err, match):
@@ -253,7 +302,9 @@ def test_fake_implementations_reject_bad_shapes(call, err, match):
 
 
 def test_cpu_tensors_get_a_clear_error_before_any_build():
-    from fastpeft.ops.cuda_ops import lora_decode_cuda, lora_dy_reduce_cuda, lora_shrink_cuda, rank_update_cuda_
+    from fastpeft.ops.cuda_ops import (
+        lora_bwd_da_cuda, lora_decode_cuda, lora_dy_reduce_cuda, lora_expand_cuda, lora_shrink_cuda, rank_update_cuda_,
+    )
 
     x, a, b, w = torch.randn(3, 8), torch.randn(2, 8), torch.randn(4, 2), torch.randn(4, 8)
     w0 = w.clone()
@@ -266,6 +317,10 @@ def test_cpu_tensors_get_a_clear_error_before_any_build():
     assert torch.equal(w, w0), "nothing may be written on an error path"
     with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
         lora_decode_cuda(x, w, None, a, b, 1.0)
+    with pytest.raises(ValueError, match="l_mat: expected a CUDA tensor"):
+        lora_expand_cuda(torch.randn(3, 2), b.t(), None, 1.0)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        lora_bwd_da_cuda(x, torch.randn(3, 2), 0.1, 1)
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error of a CPU build of torch")
@@ -313,3 +368,56 @@ def test_info_runs_and_names_every_backend():
         assert key in out, f"missing {key!r} in:\n{out}"
     if torch.version.cuda is None:
         assert "cuda:   cannot run: " in out and "CPU build" in out
+
+
+@pytest.mark.parametrize("m, p, dtype, with_bias", [(5, 0.0, torch.float32, True), (16, 0.3, torch.bfloat16, False),
+                                                     (37, 0.0, torch.bfloat16, False), (37, 0.3, torch.float32, True)])
+def test_cuda_backend_composition_with_float64_stand_ins(monkeypatch, m, p, dtype, with_bias):
+    """ops/lora_linear_cuda.py's plumbing (which op runs, transposes, scales, seed, bias, dtypes) on CPU tensors with
+    the csrc ops replaced by their float64 references (tests/cuda_reference.py): forward and backward against the
+    float64 LoRA reference, fp32 adapters, a column-strided x and a 0-d tensor seed read on the host."""
+    from cuda_reference import fake_cuda_ops, shrink_ref
+    from reference_lora import reference_with_grads
+    from tolerances import assert_close
+
+    from fastpeft.dropout import keep_threshold
+    from fastpeft.ops import lora_linear_cuda as mod
+
+    calls = []
+    fake_cuda_ops(monkeypatch, mod, calls)
+    g = torch.Generator().manual_seed(m)
+    K, N, r, scaling, seed = 23, 19, 4, 1.5, 4321
+    x = torch.randn(m, 2 * K, generator=g).to(dtype)[:, ::2]
+    w = (torch.randn(N, K, generator=g) * 0.2).to(dtype)
+    a, b = torch.randn(r, K, generator=g) * 0.3, torch.randn(N, r, generator=g) * 0.3
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    dy = torch.randn(m, N, generator=g).to(dtype)
+    seed_arg = torch.tensor(seed) if p > 0 else seed
+    y, s = mod.lora_linear_fwd_cuda(x, w, a, b, bias, scaling, p, seed_arg, keep_threshold(p))
+    assert calls == (["decode"] if m <= 16 else ["shrink", "expand"])
+    assert y.dtype == s.dtype == dtype and y.shape == (m, N) and s.shape == (m, r)
+    y_ref, grads = reference_with_grads(x, w, a, b, bias, scaling, dy, p, seed)
+    assert_close(y, y_ref, dtype, f"y M={m} p={p}", k=K)
+    assert_close(s, shrink_ref(x, a.to(dtype), p, seed), dtype, f"S M={m} p={p}", k=K)
+
+    calls.clear()
+    dx, da, db, dbias = mod.lora_linear_bwd_cuda(dy, x, w, a, b, s, scaling, p, seed_arg, keep_threshold(p),
+                                                 (True, True, True, with_bias))
+    assert calls == ["dy_reduce", "expand"] + (["bwd_da"] if p > 0 else [])
+    assert (dx.dtype, da.dtype, db.dtype) == (dtype, a.dtype, b.dtype)
+    gx, _, ga, gb, gbias = grads
+    assert_close(dx, gx, dtype, "dX", k=N)
+    assert_close(da, ga, dtype, "dA", k=m)
+    assert_close(db, gb, dtype, "dB", k=m)
+    if with_bias:
+        assert_close(dbias, gbias, dtype, "dbias", k=m)
+    else:
+        assert dbias is None
+
+    calls.clear()
+    only_dx = mod.lora_linear_bwd_cuda(dy, x, w, a, b, s, scaling, p, seed_arg, keep_threshold(p), (True, False, False, False))
+    assert calls == ["dy_reduce", "expand"] and only_dx[1:] == (None, None, None)
+    assert torch.equal(only_dx[0], dx)
+    calls.clear()
+    only_dbias = mod.lora_linear_bwd_cuda(dy, x, w, a, b, s, scaling, p, seed_arg, keep_threshold(p), (False, False, False, True))
+    assert calls == [] and only_dbias[:3] == (None, None, None)

@@ -1,6 +1,8 @@
-"""The CUDA ops of csrc/ on a GPU: each against a float64 reference on odd shapes and every dtype, the
-shrink's dropout mask bit-identical to fastpeft.dropout, strided inputs, determinism, bad-input errors,
-torch.library.opcheck and torch.compile. Skipped without CUDA (tests/test_cuda_build.py covers CI).
+"""The CUDA ops of csrc/ on a GPU: each against a float64 reference (tests/cuda_reference.py) on odd shapes and
+every dtype, every kernel's dropout mask bit-identical to fastpeft.dropout (the Triton backend's stream), strided
+inputs, determinism, bad-input errors, torch.library.opcheck and torch.compile; the "cuda" backend of
+fastpeft.lora_linear end to end against float64 and against backend="triton" with the same seed. Skipped
+without CUDA (tests/test_cuda_build.py covers CI).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from cuda_reference import bwd_da_ref, decode_ref, expand_ref
 from tolerances import DTYPES, assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU-only machine)")
@@ -178,12 +181,11 @@ def test_decode_matches_float64(dtype, M, N, K, r, with_bias):
     a, b = rnd(r, K, dtype=dtype, scale=0.1), rnd(N, r, dtype=dtype, scale=0.1)
     bias = rnd(N, dtype=dtype) if with_bias else None
     poison_allocator()
-    y = ops().lora_decode_cuda(x, w, bias, a, b, 2.0)
-    ref = x.double() @ w.double().t() + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
-    if with_bias:
-        ref = ref + bias.double()
-    assert y.dtype == dtype and y.shape == (M, N)
+    y, s = ops().lora_decode_cuda(x, w, bias, a, b, 2.0)
+    ref, s_ref = decode_ref(x, w, bias, a, b, 2.0)
+    assert y.dtype == s.dtype == dtype and y.shape == (M, N) and s.shape == (M, r)
     assert_close(y, ref, dtype, f"y M={M} N={N} K={K} r={r}")
+    assert_close(s, s_ref, dtype, f"S M={M} N={N} K={K} r={r}")
 
 
 @pytest.mark.parametrize("layout", ["cols", "offset", "trans"])
@@ -191,10 +193,198 @@ def test_decode_strided_inputs(layout):
     dtype, M, N, K, r = torch.bfloat16, 3, 99, 161, 16
     x, w = rnd(M, K, dtype=dtype), rnd(N, K, dtype=dtype, scale=0.1)
     a, b, bias = rnd(r, K, dtype=dtype, scale=0.1), rnd(N, r, dtype=dtype, scale=0.1), rnd(N, dtype=dtype)
-    y = ops().lora_decode_cuda(strided(x, layout), strided(w, layout), bias[None].expand(2, N)[0], strided(a, layout),
-                               strided(b, layout), 0.5)
-    ref = x.double() @ w.double().t() + bias.double() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    y, s = ops().lora_decode_cuda(strided(x, layout), strided(w, layout), bias[None].expand(2, N)[0],
+                                  strided(a, layout), strided(b, layout), 0.5, 0.25, 17)
+    ref, s_ref = decode_ref(x, w, bias, a, b, 0.5, 0.25, 17)
     assert_close(y, ref, dtype, f"y {layout}")
+    assert_close(s, s_ref, dtype, f"S {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_decode_every_m_with_and_without_dropout(dtype, p):
+    """M = 1..16, one launch each: y and S against float64, r > the kernel's rank slice (two passes), odd K."""
+    N, K, r, seed = 97, 203, 40, 2024
+    w, b, bias = rnd(N, K, dtype=dtype, scale=0.1), rnd(N, r, dtype=dtype, scale=0.1), rnd(N, dtype=dtype)
+    a = rnd(r, K, dtype=dtype, scale=0.1)
+    for M in range(1, 17):
+        x = rnd(M, K, dtype=dtype)
+        y, s = ops().lora_decode_cuda(x, w, bias, a, b, 1.5, p, seed + M)
+        ref, s_ref = decode_ref(x, w, bias, a, b, 1.5, p, seed + M)
+        assert_close(y, ref, dtype, f"y M={M} p={p}")
+        assert_close(s, s_ref, dtype, f"S M={M} p={p}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, seed", [(0.1, 0), (0.6, 2**31 - 1)])
+def test_decode_mask_is_bit_identical(dtype, p, seed):
+    """x = 1 and A = I: S[m, k] != 0 exactly where the mask keeps (m, k); w = 0 and b = 0 leave y = bias."""
+    from fastpeft.dropout import dropout_keep_mask
+
+    M, K, N = 16, 203, 40
+    x, a = torch.ones(M, K, device=DEV, dtype=dtype), torch.eye(K, device=DEV, dtype=dtype)
+    w, b, bias = torch.zeros(N, K, device=DEV, dtype=dtype), torch.zeros(N, K, device=DEV, dtype=dtype), rnd(N, dtype=dtype)
+    y, s = ops().lora_decode_cuda(x, w, bias, a, b, 1.0, p, seed)
+    keep = dropout_keep_mask(seed, M, K, p, device=DEV)
+    assert torch.equal(s != 0, keep), f"mask mismatch at {(~((s != 0) == keep)).nonzero()[:5].tolist()}"
+    assert torch.equal(y, bias.expand(M, N))
+
+
+def test_decode_without_outputs_still_writes_s():
+    x, a = rnd(3, 40, dtype=torch.float16), rnd(8, 40, dtype=torch.float16)
+    w, b = rnd(0, 40, dtype=torch.float16), rnd(0, 8, dtype=torch.float16)
+    y, s = ops().lora_decode_cuda(x, w, None, a, b, 1.0, 0.2, 5)
+    assert y.shape == (3, 0)
+    assert_close(s, decode_ref(x, w, None, a, b, 1.0, 0.2, 5)[1], torch.float16, "S with out_features=0")
+
+
+# --- lora_expand -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, r", [(1, 40, 16), (67, 203, 16), (130, 517, 7), (65, 96, 100), (17, 300, 256)])
+@pytest.mark.parametrize("fwd", [True, False])
+def test_expand_matches_float64(dtype, M, N, r, fwd):
+    """fwd: C = s·S·Bᵀ + bias (rm = b.t(), the transposed staging); else keep⊙(dS·A)/(1-p) (rm = a, row staging)."""
+    l_mat = rnd(M, r, dtype=dtype)
+    if fwd:
+        b, bias = rnd(N, r, dtype=dtype, scale=0.1), rnd(N, dtype=dtype)
+        rm, scale, p, seed = b.t(), 1.75, 0.0, 0
+    else:
+        rm, bias, p, seed = rnd(r, N, dtype=dtype, scale=0.1), None, 0.3, 4321 + M
+        scale = 1 / (1 - p)
+    poison_allocator()
+    out = ops().lora_expand_cuda(l_mat, rm, bias, scale, p, seed)
+    assert out.dtype == dtype and out.shape == (M, N) and out.is_contiguous()
+    assert_close(out, expand_ref(l_mat, rm, bias, scale, p, seed), dtype, f"expand M={M} N={N} r={r} fwd={fwd}", k=r)
+
+
+@pytest.mark.parametrize("layout_l, layout_rm", [("cols", "contig"), ("offset", "trans"), ("trans", "offset"),
+                                                 ("contig", "cols")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_expand_strided_inputs(layout_l, layout_rm, dtype):
+    M, N, r, p, seed = 45, 131, 16, 0.2, 99
+    l_mat, rm, bias = rnd(M, r, dtype=dtype), rnd(r, N, dtype=dtype, scale=0.1), rnd(N, dtype=dtype)
+    out = ops().lora_expand_cuda(strided(l_mat, layout_l), strided(rm, layout_rm), bias[None].expand(3, N)[1], 0.5,
+                                 p, seed)
+    assert_close(out, expand_ref(l_mat, rm, bias, 0.5, p, seed), dtype, f"expand l:{layout_l} rm:{layout_rm}", k=r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, seed", [(0.1, 0), (0.5, 77), (0.9, 2**31 - 1)])
+def test_expand_mask_is_bit_identical(dtype, p, seed):
+    """l = 1 and rm = 1 (rank 1): OUT != 0 exactly where the mask keeps (m, n), and kept values are scale."""
+    from fastpeft.dropout import dropout_keep_mask
+
+    M, N = 1029, 203
+    out = ops().lora_expand_cuda(torch.ones(M, 1, device=DEV, dtype=dtype), torch.ones(1, N, device=DEV, dtype=dtype),
+                                 None, 1 / (1 - p), p, seed)
+    keep = dropout_keep_mask(seed, M, N, p, device=DEV)
+    assert torch.equal(out != 0, keep), f"mask mismatch at {(~((out != 0) == keep)).nonzero()[:5].tolist()}"
+    kept = torch.tensor(1 / (1 - p), dtype=torch.float32).to(dtype)
+    assert torch.equal(out[keep], kept.to(DEV).expand(int(keep.sum())))
+
+
+# --- lora_bwd_da -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, K, r", [(1, 64, 16), (37, 203, 16), (1000, 203, 16), (130, 517, 7), (77, 96, 48),
+                                     (33, 80, 200), (40, 16400, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd_da_matches_float64(dtype, M, K, r, p):
+    """Row ranges with fp32 partials (M=1000: many) and without (r·K > 2**20: one range writes dA)."""
+    seed = 555 + M
+    x, ds = rnd(M, K, dtype=dtype), rnd(M, r, dtype=dtype, scale=0.1)
+    poison_allocator()
+    da = ops().lora_bwd_da_cuda(x, ds, p, seed)
+    assert da.dtype == torch.float32 and da.shape == (r, K)
+    assert_close(da, bwd_da_ref(x, ds, p, seed), dtype, f"dA M={M} K={K} r={r} p={p}", k=M)
+
+
+@pytest.mark.parametrize("layout", ["cols", "offset", "trans"])
+def test_bwd_da_strided_and_deterministic(layout):
+    dtype, M, K, r, p, seed = torch.bfloat16, 517, 389, 16, 0.25, 31
+    x, ds = rnd(M, K, dtype=dtype), rnd(M, r, dtype=dtype, scale=0.1)
+    da = ops().lora_bwd_da_cuda(strided(x, layout), strided(ds, layout), p, seed)
+    assert_close(da, bwd_da_ref(x, ds, p, seed), dtype, f"dA {layout}", k=M)
+    da2 = ops().lora_bwd_da_cuda(strided(x, layout), strided(ds, layout), p, seed)
+    assert torch.equal(da, da2), "the reduction must be bitwise reproducible"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bwd_da_mask_is_bit_identical(dtype):
+    """x = 1 and dS = I (r = M): dA[m, k] != 0 exactly where the mask keeps (m, k)."""
+    from fastpeft.dropout import dropout_keep_mask
+
+    M, K, p, seed = 200, 1029, 0.4, 8
+    da = ops().lora_bwd_da_cuda(torch.ones(M, K, device=DEV, dtype=dtype), torch.eye(M, device=DEV, dtype=dtype), p, seed)
+    keep = dropout_keep_mask(seed, M, K, p, device=DEV)
+    assert torch.equal(da != 0, keep), f"mask mismatch at {(~((da != 0) == keep)).nonzero()[:5].tolist()}"
+
+
+def test_bwd_da_empty_m_is_zero():
+    da = ops().lora_bwd_da_cuda(rnd(0, 40, dtype=torch.float16), rnd(0, 4, dtype=torch.float16), 0.2, 1)
+    assert da.shape == (4, 40) and torch.equal(da, torch.zeros_like(da))
+
+
+# --- the "cuda" backend of fastpeft.lora_linear ----------------------------------------------------------
+def _lora_case(M, K, N, r, dtype, x_layout="contig"):
+    x = strided(rnd(M, K, dtype=dtype), x_layout).requires_grad_()
+    w = rnd(N, K, dtype=dtype, scale=0.1).requires_grad_()
+    a, b = rnd(r, K, dtype=torch.float32, scale=0.1).requires_grad_(), rnd(N, r, dtype=torch.float32, scale=0.1).requires_grad_()
+    bias = rnd(N, dtype=dtype).requires_grad_()
+    return x, w, a, b, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, x_layout", [(1, "contig"), (11, "cols"), (16, "trans"), (17, "contig"), (333, "offset")])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_cuda_backend_matches_float64(dtype, M, x_layout, p):
+    """Forward y and every gradient (dX, dW frozen: none; dA, dB, dbias) against float64, decode (M <= 16) and
+    general path, dropout on and off, fp32 adapters over 16-bit x, strided x."""
+    from reference_lora import reference_with_grads
+
+    from fastpeft import lora_linear
+
+    K, N, r, scaling, seed = 203, 77, 16, 1.5, 9876
+    x, w, a, b, bias = _lora_case(M, K, N, r, dtype, x_layout)
+    w.requires_grad_(False)
+    dy = rnd(M, N, dtype=dtype)
+    y = lora_linear(x, w, a, b, scaling, bias=bias, dropout_p=p, seed=seed, backend="cuda")
+    y.backward(dy)
+    y_ref, (gx, _, ga, gb, gbias) = reference_with_grads(x, w, a, b, bias, scaling, dy, p, seed)
+    assert_close(y, y_ref, dtype, f"y M={M} p={p}", k=K)
+    assert_close(x.grad, gx, dtype, f"dX M={M} p={p}", k=N)
+    assert_close(a.grad, ga, dtype, f"dA M={M} p={p}", k=max(M, N))
+    assert_close(b.grad, gb, dtype, f"dB M={M} p={p}", k=max(M, K))
+    assert_close(bias.grad, gbias, dtype, f"dbias M={M} p={p}", k=M)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [5, 300])
+def test_lora_linear_cuda_backend_uses_the_triton_mask(dtype, M):
+    """The same seed gives the same mask as backend='triton': outputs and gradients agree to rounding (a different
+    mask would differ by the dropped terms, far beyond the tolerance), with p = 0.5 so that half the terms drop."""
+    from fastpeft import lora_linear
+
+    K, N, r, p, seed = 160, 96, 8, 0.5, 31337
+    results = []
+    for backend in ("cuda", "triton"):
+        torch.manual_seed(0)
+        x, w, a, b, bias = _lora_case(M, K, N, r, dtype)
+        dy = rnd(M, N, dtype=dtype)
+        y = lora_linear(x, w, a, b, 2.0, bias=bias, dropout_p=p, seed=seed, backend=backend)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, a.grad, b.grad))
+    for name, c, t in zip(("y", "dX", "dA", "dB"), *results):
+        assert_close(c, t.double(), dtype, f"{name}: cuda vs triton, M={M}")
+
+
+def test_cuda_backend_refuses_a_tensor_seed_inside_capture():
+    from fastpeft.ops.lora_linear_cuda import _host_seed
+
+    assert _host_seed(torch.tensor(12, device=DEV)) == 12 and _host_seed(7) == 7
+    graph, seed = torch.cuda.CUDAGraph(), torch.tensor(3, device=DEV)
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        with torch.cuda.graph(graph):  # torch.cuda.graph captures on a side stream of its own
+            _host_seed(seed)
 
 
 # --- errors ----------------------------------------------------------------------------------------------
@@ -219,6 +409,16 @@ def test_bad_inputs_raise_before_any_launch():
         o.lora_dy_reduce_cuda(x, rnd(32, 4, dtype=torch.float16), rnd(9, 4, dtype=torch.float16), 1.0)
     with pytest.raises(ValueError, match="at most 16 rows"):
         o.lora_decode_cuda(rnd(17, 32, dtype=torch.float16), x, None, a, rnd(8, 4, dtype=torch.float16), 1.0)
+    with pytest.raises(ValueError, match="seed: expected"):
+        o.lora_decode_cuda(x[:2], x, None, a, rnd(8, 4, dtype=torch.float16), 1.0, 0.1, -1)
+    with pytest.raises(ValueError, match="rm: expected size 4 in dim 0"):
+        o.lora_expand_cuda(rnd(8, 4, dtype=torch.float16), rnd(5, 9, dtype=torch.float16), None, 1.0)
+    with pytest.raises(TypeError, match="bias: expected dtype torch.float16"):
+        o.lora_expand_cuda(rnd(8, 4, dtype=torch.float16), rnd(4, 9, dtype=torch.float16), rnd(9, dtype=torch.float32), 1.0)
+    with pytest.raises(ValueError, match="p: expected"):
+        o.lora_bwd_da_cuda(x, rnd(8, 4, dtype=torch.float16), 1.0, 1)
+    with pytest.raises(TypeError, match="ds: expected dtype"):
+        o.lora_bwd_da_cuda(x, rnd(8, 4, dtype=torch.float32), 0.1, 1)
     w = rnd(40, 32, dtype=torch.float16)
     w0 = w.clone()
     with pytest.raises(ValueError, match="must not share memory"):
@@ -238,8 +438,11 @@ def test_opcheck_passes():
     torch.library.opcheck(f.cuda_lora_shrink.default, (x, a, 0.25, 5))
     torch.library.opcheck(f.cuda_lora_dy_reduce.default, (dy, b, s, 1.5))
     torch.library.opcheck(f.cuda_rank_update.default, (w, b, a, 0.5))
-    torch.library.opcheck(f.cuda_lora_decode.default, (x[:3], w, rnd(40, dtype=dt), a, b, 2.0))
-    torch.library.opcheck(f.cuda_lora_decode.default, (x[:3], w, None, a, b, 2.0))
+    torch.library.opcheck(f.cuda_lora_decode.default, (x[:3], w, rnd(40, dtype=dt), a, b, 2.0, 0.0, 0))
+    torch.library.opcheck(f.cuda_lora_decode.default, (x[:3], w, None, a, b, 2.0, 0.3, 9))
+    torch.library.opcheck(f.cuda_lora_expand.default, (s, b.t(), rnd(40, dtype=dt), 2.0, 0.0, 0))
+    torch.library.opcheck(f.cuda_lora_expand.default, (s, a, None, 1.25, 0.2, 4))
+    torch.library.opcheck(f.cuda_lora_bwd_da.default, (x, s, 0.2, 4))
 
 
 def test_ops_work_under_torch_compile():
@@ -250,7 +453,9 @@ def test_ops_work_under_torch_compile():
     def f(x, a, b, w):
         s = o.lora_shrink_cuda(x, a, 0.1, 7)
         ds, db = o.lora_dy_reduce_cuda(torch.ones(12, 40, device=DEV, dtype=dt), b, s, 2.0)
-        return o.lora_decode_cuda(x, w, None, a, b, 0.5) + 1, ds, db
+        y, s2 = o.lora_decode_cuda(x, w, None, a, b, 0.5, 0.1, 7)
+        c = o.lora_expand_cuda(s, b.t(), None, 0.5)
+        return y + 1, s2, ds, db, c, o.lora_bwd_da_cuda(x, ds.to(dt), 0.1, 7)
 
     eager = f(x, a, b, w)
     compiled = torch.compile(f, fullgraph=True)(x, a, b, w)
@@ -266,7 +471,9 @@ def test_compute_sanitizer_clean():
         "    x=torch.randn(37,203,device='cuda').to(dt); a=torch.randn(17,203,device='cuda').to(dt)\n"
         "    b=torch.randn(77,17,device='cuda').to(dt); w=torch.randn(77,203,device='cuda').to(dt)\n"
         "    s=o.lora_shrink_cuda(x[:, 1:], a[:, 1:], 0.3, 5); o.lora_dy_reduce_cuda(torch.randn(37,77,device='cuda').to(dt), b, o.lora_shrink_cuda(x, a), 1.0)\n"
-        "    o.rank_update_cuda_(w, b, a, 0.5); o.lora_decode_cuda(x[:5], w, None, a, b, 2.0)\n"
+        "    o.rank_update_cuda_(w, b, a, 0.5); o.lora_decode_cuda(x[:5], w, None, a, b, 2.0, 0.2, 3)\n"
+        "    o.lora_expand_cuda(s, b[:, 1:].t(), None, 2.0); o.lora_expand_cuda(x[:, :17], a, None, 1.5, 0.3, 4)\n"
+        "    o.lora_bwd_da_cuda(x, x[:, :17], 0.3, 5); o.lora_bwd_da_cuda(x[:, 1:], x[:, :70], 0.0, 5)\n"
         "torch.cuda.synchronize()\n"
     )
     proc = subprocess.run(["compute-sanitizer", "--error-exitcode", "3", sys.executable, "-c", script],

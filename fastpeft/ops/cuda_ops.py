@@ -12,10 +12,12 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["lora_shrink_cuda", "lora_dy_reduce_cuda", "rank_update_cuda_", "lora_decode_cuda"]
+__all__ = ["lora_shrink_cuda", "lora_expand_cuda", "lora_dy_reduce_cuda", "lora_bwd_da_cuda", "rank_update_cuda_",
+           "lora_decode_cuda"]
 
 from ..limits import LORA_MAX_RANK_CUDA as MAX_RANK  # csrc/fastpeft_cuda.h kMaxRank; fastpeft/limits.py
 MAX_DECODE_ROWS = 16
+MAX_EXPAND_COLS = 65535 * 128  # csrc/bindings.cpp kMaxExpandCols: the expand grid's 128-column blocks in grid.y
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -51,16 +53,29 @@ def _check_rank(what: str, r: int) -> None:
         raise ValueError(f"{what}: expected a rank in [1, {MAX_RANK}], got {r}")
 
 
+def _check_dropout(p: float, seed: int) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p}")
+    if not 0 <= seed <= 2**31 - 1:
+        raise ValueError(f"seed: expected an int in [0, {2**31 - 1}], got {seed}")
+
+
+def _check_bias(bias: Tensor | None, n: int, ref: Tensor, ref_name: str) -> None:
+    if bias is None:
+        return
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
+    if bias.dtype != ref.dtype:
+        raise TypeError(f"bias: expected dtype {ref.dtype} (that of {ref_name}), got {bias.dtype}")
+
+
 # --- lora_shrink ---------------------------------------------------------------------------------------
 def _shrink_shapes(x: Tensor, a: Tensor, p: float, seed: int) -> None:
     _check_2d("x", x)
     _check_2d("a", a, x.dtype)
     _check_dim("a", a, 1, x.shape[1], "a is [r, in] with in = x.shape[1]")
     _check_rank("a.shape[0]", a.shape[0])
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p}")
-    if not 0 <= seed <= 2**31 - 1:
-        raise ValueError(f"seed: expected an int in [0, {2**31 - 1}], got {seed}")
+    _check_dropout(p, seed)
 
 
 @torch.library.custom_op("fastpeft::cuda_lora_shrink", mutates_args=())
@@ -82,6 +97,41 @@ def lora_shrink_cuda(x: Tensor, a: Tensor, p: float = 0.0, seed: int = 0) -> Ten
     by 1/(1-p). fp32 accumulation (fp32 inputs: ~fp32 accuracy via 3xTF32).
     """
     return torch.ops.fastpeft.cuda_lora_shrink(x, a, float(p), int(seed))
+
+
+# --- lora_expand ---------------------------------------------------------------------------------------
+def _expand_shapes(l_mat: Tensor, rm: Tensor, bias: Tensor | None, p: float, seed: int) -> None:
+    _check_2d("l_mat", l_mat)
+    _check_rank("l_mat.shape[1]", l_mat.shape[1])
+    _check_2d("rm", rm, l_mat.dtype)
+    _check_dim("rm", rm, 0, l_mat.shape[1], "rm is [r, N] with r = l_mat.shape[1]")
+    if rm.shape[1] > MAX_EXPAND_COLS:
+        raise ValueError(f"rm: at most {MAX_EXPAND_COLS} columns, got shape {tuple(rm.shape)}")
+    _check_bias(bias, rm.shape[1], l_mat, "l_mat")
+    _check_dropout(p, seed)
+
+
+@torch.library.custom_op("fastpeft::cuda_lora_expand", mutates_args=())
+def _lora_expand(l_mat: Tensor, rm: Tensor, bias: Tensor | None, scale: float, p: float, seed: int) -> Tensor:
+    _require_cuda(l_mat=l_mat, rm=rm, bias=bias)
+    return _ext.load_extension().lora_expand(l_mat, rm, bias, scale, p, seed, _stream(l_mat))
+
+
+@_lora_expand.register_fake
+def _(l_mat, rm, bias, scale, p, seed):
+    _expand_shapes(l_mat, rm, bias, p, seed)
+    return l_mat.new_empty((l_mat.shape[0], rm.shape[1]))
+
+
+def lora_expand_cuda(l_mat: Tensor, rm: Tensor, bias: Tensor | None, scale: float, p: float = 0.0,
+                     seed: int = 0) -> Tensor:
+    """OUT = scale * keep * (l_mat @ rm) + bias: a fresh row-major [M, N] tensor in l_mat's dtype, written once.
+
+    l_mat [M, r], rm [r, N] (any strides: Bᵀ or A as views), bias [N] or None. keep is
+    fastpeft.dropout.dropout_keep_mask(seed, M, N, p), bit for bit, where p > 0 (dropped elements: 0 + bias).
+    The forward's C = s·S·Bᵀ + bias (rm = b.t()) and the backward's keep⊙(dS·A)/(1-p) (rm = a, scale = 1/(1-p)).
+    """
+    return torch.ops.fastpeft.cuda_lora_expand(l_mat, rm, bias, float(scale), float(p), int(seed))
 
 
 # --- lora_dy_reduce ------------------------------------------------------------------------------------
@@ -115,6 +165,36 @@ def lora_dy_reduce_cuda(dy: Tensor, b: Tensor, s_mat: Tensor, scaling: float) ->
     dy [M, out], b [out, r], s_mat [M, r] (the forward's S), one dtype. Deterministic: no atomics.
     """
     return torch.ops.fastpeft.cuda_lora_dy_reduce(dy, b, s_mat, float(scaling))
+
+
+# --- lora_bwd_da ---------------------------------------------------------------------------------------
+def _bwd_da_shapes(x: Tensor, ds: Tensor, p: float, seed: int) -> None:
+    _check_2d("x", x)
+    _check_2d("ds", ds, x.dtype)
+    _check_dim("ds", ds, 0, x.shape[0], "ds is [M, r] with M = x.shape[0]")
+    _check_rank("ds.shape[1]", ds.shape[1])
+    _check_dropout(p, seed)
+
+
+@torch.library.custom_op("fastpeft::cuda_lora_bwd_da", mutates_args=())
+def _lora_bwd_da(x: Tensor, ds: Tensor, p: float, seed: int) -> Tensor:
+    _require_cuda(x=x, ds=ds)
+    return _ext.load_extension().lora_bwd_da(x, ds, p, seed, _stream(x))
+
+
+@_lora_bwd_da.register_fake
+def _(x, ds, p, seed):
+    _bwd_da_shapes(x, ds, p, seed)
+    return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
+
+
+def lora_bwd_da_cuda(x: Tensor, ds: Tensor, p: float = 0.0, seed: int = 0) -> Tensor:
+    """dA = ds.T @ dropout(x) as fp32 [r, in], reading x once; x [M, in], ds [M, r] (dS in x's dtype).
+
+    The mask is that of lora_shrink_cuda(x, a, p, seed) (the forward's), regenerated; kept values scaled by 1/(1-p).
+    Deterministic: fixed-order partials over a fixed number of row ranges, at most 4 MiB of workspace beside dA.
+    """
+    return torch.ops.fastpeft.cuda_lora_bwd_da(x, ds, float(p), int(seed))
 
 
 # --- rank_update ---------------------------------------------------------------------------------------
@@ -161,28 +241,29 @@ def _decode_shapes(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tens
     _check_rank("a.shape[0]", a.shape[0])
     _check_dim("b", b, 0, w.shape[0], "b is [out, r] with out = w.shape[0]")
     _check_dim("b", b, 1, a.shape[0], "b is [out, r] with r = a.shape[0]")
-    if bias is not None:
-        if tuple(bias.shape) != (w.shape[0],):
-            raise ValueError(f"bias: expected shape [{w.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: expected dtype {x.dtype} (that of x), got {bias.dtype}")
+    _check_bias(bias, w.shape[0], x, "x")
 
 
 @torch.library.custom_op("fastpeft::cuda_lora_decode", mutates_args=())
-def _lora_decode(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+def _lora_decode(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float, p: float,
+                 seed: int) -> tuple[Tensor, Tensor]:
     _require_cuda(x=x, w=w, bias=bias, a=a, b=b)
-    return _ext.load_extension().lora_decode(x, w, bias, a, b, scaling, _stream(x))
+    y, s = _ext.load_extension().lora_decode(x, w, bias, a, b, scaling, p, seed, _stream(x))
+    return y, s
 
 
 @_lora_decode.register_fake
-def _(x, w, bias, a, b, scaling):
+def _(x, w, bias, a, b, scaling, p, seed):
     _decode_shapes(x, w, bias, a, b)
-    return x.new_empty((x.shape[0], w.shape[0]))
+    _check_dropout(p, seed)
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
 
 
-def lora_decode_cuda(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """y = x @ w.T + bias + scaling * (x @ a.T) @ b.T for M = x.shape[0] <= 16, in one launch reading w once.
+def lora_decode_cuda(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
+                     p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(y, S) for M = x.shape[0] <= 16 in one launch reading w once: S = dropout(x) @ a.T (as lora_shrink_cuda,
+    the same mask bit for bit) and y = x @ w.T + bias + scaling * S @ b.T, S rounded to x's dtype first.
 
-    x [M, in], w [out, in], bias [out] or None, a [r, in], b [out, r]; no dropout (inference).
+    x [M, in], w [out, in], bias [out] or None, a [r, in], b [out, r]; y and S in x's dtype.
     """
-    return torch.ops.fastpeft.cuda_lora_decode(x, w, bias, a, b, float(scaling))
+    return torch.ops.fastpeft.cuda_lora_decode(x, w, bias, a, b, float(scaling), float(p), int(seed))
