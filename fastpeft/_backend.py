@@ -4,8 +4,8 @@
 "triton": the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 "cuda": the CUDA C++ kernels of csrc/ (fastpeft._C) where an op has them; CUDA tensors only.
 "cublas": cuBLAS for an op's big GEMMs (torch.addmm, the low-rank term as its C input), Triton kernels for the
-rest, where an op has that path (the LoRA linear: ops/lora_linear_cublas.py); CUDA tensors (CPU tensors under
-TRITON_INTERPRET=1 for the tests, never chosen by auto there).
+rest, where an op has that path (the LoRA linear, IA3, multi-LoRA, the GaLore linear's backward and GaLoreAdamW:
+ops/*_cublas.py); CUDA tensors (CPU tensors under TRITON_INTERPRET=1 for the tests, never chosen by auto there).
 "auto": on CPU tensors, torch. On CUDA tensors, for an op that measures (resolve_backend(measured=True): the
 LoRA linear), "measured": the op's dispatcher times every backend that can run on the first call of each shape
 bucket and keeps the fastest (fastpeft/autotune.py: on-disk cache, FASTPEFT_AUTOTUNE=0, a time cap). Otherwise,
