@@ -143,11 +143,14 @@ std::tuple<Tensor, Tensor> lora_dy_reduce(const Tensor& dy, const Tensor& b, con
   int sms = 0;
   check_launch(fastpeft::sm_count(dy.device().index(), &sms), "lora_dy_reduce");
   const fastpeft::DyReducePlan plan = fastpeft::dy_reduce_plan(M, N, R, sms);
-  Tensor ws_ds = at::empty({plan.ws_ds_elems}, f32), ws_db = at::empty({plan.ws_db_elems}, f32);
+  // dS's then dB's partials, each at most 4 MiB (dy_reduce_plan); empty when the passes write both outputs
+  const int64_t ws_elems = plan.ws_ds_elems + plan.ws_db_elems;
+  Tensor ws = at::empty({ws_elems}, f32);
   check_launch(fastpeft::lora_dy_reduce(dt, plan, dy.data_ptr(), dy.stride(0), dy.stride(1), b.data_ptr(), b.stride(0),
                                         b.stride(1), s_mat.data_ptr(), s_mat.stride(0), s_mat.stride(1),
-                                        ds.data_ptr<float>(), db.data_ptr<float>(), ws_ds.data_ptr<float>(),
-                                        ws_db.data_ptr<float>(), M, N, R, static_cast<float>(scaling), as_stream(stream)),
+                                        ds.data_ptr<float>(), db.data_ptr<float>(),
+                                        ws_elems > 0 ? ws.data_ptr<float>() : nullptr, M, N, R,
+                                        static_cast<float>(scaling), as_stream(stream)),
                "lora_dy_reduce");
   return {ds, db};
 }

@@ -122,11 +122,8 @@ __global__ void __launch_bounds__(kThreads) lora_bwd_da_kernel(
 __global__ void lora_bwd_da_finish(const float* __restrict__ ws, float* __restrict__ da, int64_t parts,
                                    int64_t elems) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < elems; i += stride) {
-    float sum = 0.f;
-    for (int64_t p = 0; p < parts; ++p) sum += ws[p * elems + i];
-    da[i] = sum;
-  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < elems; i += stride)
+    da[i] = sum_parts(ws, parts, elems, i);
 }
 
 template <class T, int RT, int BK>

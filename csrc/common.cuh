@@ -241,6 +241,14 @@ struct TileRegs {
   }
 };
 
+// Element i of a split reduction: its `parts` fp32 partials (`stride` floats apart) summed in part order, so the
+// result is reproducible bit for bit (the finishing kernels of bwd_da.cu and dy_reduce.cu).
+__device__ inline float sum_parts(const float* __restrict__ ws, int64_t parts, int64_t stride, int64_t i) {
+  float sum = 0.f;
+  for (int64_t p = 0; p < parts; ++p) sum += ws[p * stride + i];
+  return sum;
+}
+
 // Launch-time helpers (host).
 inline bool can_vec(const void* p, int64_t s0, int64_t s1, int elem_bytes) {
   const int v = 16 / elem_bytes;

@@ -9,6 +9,18 @@ from fastpeft.dropout import dropout_keep_mask
 
 F64 = torch.float64
 
+# Shapes (M, N, r) that take each path of csrc's dy_reduce_plan on 108 and 132 SMs (A100, H100/H200; checked on the
+# host by tests/test_cuda_build.py, run against float64 on a GPU by tests/test_cuda_ops.py), with the path:
+# (passes, dS through partials, dB through partials, 256-column chunks per column range of the pass computing dS).
+DY_REDUCE_PATHS = {
+    "one pass, both split, 2-chunk ranges": ((8200, 2600, 16), (1, True, True, 2)),
+    "one pass, dS direct": ((8200, 200, 64), (1, False, True, 1)),
+    "one pass, dB direct": ((40, 9000, 64), (1, True, False, 1)),
+    "one pass, no workspace": ((16, 200, 16), (1, False, False, 1)),
+    "two passes, dS direct over 11 chunks": ((8200, 2600, 64), (2, False, True, 11)),
+    "two passes, no workspace, 4 rank slices": ((3000, 2600, 256), (2, False, False, 11)),
+}
+
 
 def _kept(t64, p, seed):
     """t64 * keep / (1 - p) with the mask of a tensor of t64's shape (rows, cols) drawn from seed."""

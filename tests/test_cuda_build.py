@@ -1,13 +1,14 @@
 """The CUDA backend on a machine without a GPU: every source compiles (nvcc for sm_80 and sm_90, object
 files, no link; bindings.cpp against the installed torch's headers), the kernels spill nothing and use
 tensor cores, the dropout stream of csrc/common.cuh equals fastpeft.dropout bit for bit (run as a host
-program), the dA pass's plan keeps its workspace within 4 MiB (a host program), the "cuda" backend's Python
+program), the plans of the dA pass and the dY reduction keep each workspace within 4 MiB and take the paths the GPU
+tests are written for (a host program), the "cuda" backend's Python
 composition is right with float64 stand-ins for the kernels, and the package, its custom ops' fake
 implementations, the loader's errors, setup.py and `python -m fastpeft.info` all work without the extension.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import importlib
 import importlib.util
 import os
 import re
@@ -68,14 +69,25 @@ _PHILOX_PROG = (
 )
 
 
-# bwd_da_plan (inline in csrc/fastpeft_cuda.h, plain C++) for "M K R sms" lines on stdin.
+# The plans of csrc/fastpeft_cuda.h (inline, plain C++) for lines "da M K R sms" (bwd_da_plan) and "dy M N R sms"
+# (dy_reduce_plan) on stdin: one line of numbers each.
 _PLAN_PROG = (
     '#include "fastpeft_cuda.h"\n#include <cstdio>\n'
-    "int main() {\n  long long M, K, R; int sms;\n"
-    "  while (std::scanf(\"%lld %lld %lld %d\", &M, &K, &R, &sms) == 4) {\n"
-    "    const fastpeft::BwdDaPlan p = fastpeft::bwd_da_plan(M, K, R, sms);\n"
-    "    std::printf(\"%lld %lld %lld %lld %lld\\n\", (long long)p.rt, (long long)p.bk, (long long)p.m_blocks,\n"
-    "                (long long)p.rows_per_block, (long long)p.ws_elems);\n  }\n  return 0;\n}\n"
+    "int main() {\n  char op[3]; long long M, K, R; int sms;\n"
+    "  while (std::scanf(\"%2s %lld %lld %lld %d\", op, &M, &K, &R, &sms) == 5) {\n"
+    "    if (op[1] == 'a') {\n"
+    "      const fastpeft::BwdDaPlan p = fastpeft::bwd_da_plan(M, K, R, sms);\n"
+    "      std::printf(\"%lld %lld %lld %lld %lld\\n\", (long long)p.rt, (long long)p.bk, (long long)p.m_blocks,\n"
+    "                  (long long)p.rows_per_block, (long long)p.ws_elems);\n"
+    "      continue;\n    }\n"
+    "    const fastpeft::DyReducePlan p = fastpeft::dy_reduce_plan(M, K, R, sms);\n"
+    "    std::printf(\"%lld %lld %lld %lld\", (long long)p.rt, (long long)p.passes, (long long)p.ws_ds_elems,\n"
+    "                (long long)p.ws_db_elems);\n"
+    "    for (int i = 0; i < 2; ++i) {\n"
+    "      const fastpeft::DyReducePass& q = p.pass[i < p.passes ? i : 0];\n"
+    "      std::printf(\" %d %d %lld %lld %lld %lld\", int(q.ds), int(q.db), (long long)q.col_splits,\n"
+    "                  (long long)q.chunks_per_split, (long long)q.row_blocks, (long long)q.rows_per_block);\n"
+    "    }\n    std::printf(\"\\n\");\n  }\n  return 0;\n}\n"
 )
 
 
@@ -205,7 +217,7 @@ def test_bwd_da_plan_bounds_its_workspace(builds):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = [(1, 8, 1, 132), (37, 203, 16, 132), (8192, 4096, 16, 132), (8192, 4096, 64, 132), (8192, 11008, 128, 132),
              (65536, 4096, 256, 132), (1 << 20, 64, 16, 108), (1000, 16400, 64, 132), (0, 64, 16, 132), (5, 1, 3, 1)]
-    text = "".join(f"{m} {k} {r} {sms}\n" for m, k, r, sms in cases)
+    text = "".join(f"da {m} {k} {r} {sms}\n" for m, k, r, sms in cases)
     out = _run([str(exe)], input=text, check=True).stdout.split("\n")
     for (m, k, r, sms), line in zip(cases, out):
         rt, bk, m_blocks, rows, ws = map(int, line.split())
@@ -216,6 +228,66 @@ def test_bwd_da_plan_bounds_its_workspace(builds):
     # enough blocks to fill the GPU where the workspace allows a split
     rt, bk, m_blocks, rows, ws = map(int, out[2].split())
     assert m_blocks > 1 and (4096 // bk) * m_blocks >= 2 * 132
+
+
+def _dy_plans(builds, cases):
+    """dy_reduce_plan of each (M, N, r, sms), parsed: (rt, passes, ws_ds, ws_db, [pass dicts])."""
+    proc, exe = builds["plan"].result(), builds["plan"].product
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _run([str(exe)], input="".join(f"dy {m} {n} {r} {sms}\n" for m, n, r, sms in cases), check=True).stdout
+    plans = []
+    for line in out.splitlines():
+        v = list(map(int, line.split()))
+        keys = ("ds", "db", "col_splits", "chunks_per_split", "row_blocks", "rows_per_block")
+        passes = [dict(zip(keys, v[4 + 6 * i: 10 + 6 * i])) for i in range(v[1])]
+        plans.append((v[0], v[1], v[2], v[3], passes))
+    assert len(plans) == len(cases)
+    return plans
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not found")
+def test_dy_reduce_plan_bounds_its_workspace(builds):
+    """dS's and dB's fp32 partials stay within 4 MiB each (so each reduction within one output plus 4 MiB) for any
+    shape; the passes' ranges tile dY exactly; one pass computes both, or a dS pass and a dB pass."""
+    cases = [(m, n, r, sms) for m in (1, 17, 1000, 8192, 65536) for n in (1, 255, 257, 4096, 11008, 28672)
+             for r in (1, 16, 17, 64, 128, 256) for sms in (108, 132)]
+    cases += [(0, 64, 16, 132), (37, 0, 8, 132), (5, 3, 2, 1)]
+    for (m, n, r, sms), (rt, passes, ws_ds, ws_db, ps) in zip(cases, _dy_plans(builds, cases)):
+        what = f"M={m} N={n} r={r} sms={sms}: {passes} pass(es) {ps}, ws {ws_ds} + {ws_db}"
+        assert rt == (16 if r <= 16 else 64), what
+        assert [(p["ds"], p["db"]) for p in ps] == ([(1, 1)] if passes == 1 else [(1, 0), (0, 1)]), what
+        chunks = max(-(-n // 256), 1)
+        for p in ps:
+            per, splits, rows, blocks = p["chunks_per_split"], p["col_splits"], p["rows_per_block"], p["row_blocks"]
+            assert per >= 1 and splits * per >= chunks and (splits - 1) * per < chunks, what
+            assert rows > 0 and rows % 16 == 0 and 1 <= blocks <= 65535, what
+            assert blocks * rows >= m and (blocks - 1) * rows < max(m, 1), what
+        ds_splits, db_blocks = ps[0]["col_splits"], ps[-1]["row_blocks"]
+        assert ws_ds == (ds_splits * m * r if ds_splits > 1 else 0), what
+        assert ws_db == (db_blocks * n * r if db_blocks > 1 else 0), what
+        assert 4 * ws_ds <= 4 << 20 and 4 * ws_db <= 4 << 20, what
+        if passes == 2:  # the dB pass reads every chunk once per row range; the dS pass writes dS directly
+            assert ps[1]["col_splits"] == chunks and ps[1]["chunks_per_split"] == 1 and ds_splits == 1, what
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not found")
+def test_dy_reduce_plan_paths(builds):
+    """The figures of fastpeft_cuda.h at M = 8192 on 132 SMs, and the GPU test's shapes (tests/cuda_reference.py
+    DY_REDUCE_PATHS) take the path they are named for on 108 and 132 SMs."""
+    from cuda_reference import DY_REDUCE_PATHS
+
+    headline = [(8192, 4096, 16, 132), (8192, 4096, 128, 132), (8192, 11008, 16, 132), (8192, 11008, 128, 132)]
+    got = [(passes, ws_ds, ws_db, [(p["col_splits"], p["row_blocks"]) for p in ps])
+           for _, passes, ws_ds, ws_db, ps in _dy_plans(builds, headline)]
+    assert got == [(1, 8 * 8192 * 16, 16 * 4096 * 16, [(8, 16)]),
+                   (2, 0, 2 * 4096 * 128, [(1, 128), (16, 2)]),
+                   (2, 0, 5 * 11008 * 16, [(1, 256), (43, 5)]),
+                   (2, 0, 0, [(1, 128), (43, 1)])], got
+
+    cases = [(*shape, sms) for shape, _ in DY_REDUCE_PATHS.values() for sms in (108, 132)]
+    paths = [path for _, path in DY_REDUCE_PATHS.values() for _ in (108, 132)]
+    for (m, n, r, sms), path, (_, passes, ws_ds, ws_db, ps) in zip(cases, paths, _dy_plans(builds, cases)):
+        assert (passes, ws_ds > 0, ws_db > 0, ps[0]["chunks_per_split"]) == path, (m, n, r, sms, passes, ps)
 
 
 @pytest.mark.skipif(GXX is None, reason="g++ not found")
@@ -254,7 +326,7 @@ def test_setup_py_skips_the_extension_on_cpu_torch():
 
 def test_custom_ops_trace_with_fake_tensors():
     """The fakes give torch.compile the right shapes and dtypes without the extension."""
-    from fastpeft.ops import cuda_ops  # noqa: F401  (registers the ops)
+    importlib.import_module("fastpeft.ops.cuda_ops")  # registers the torch.ops.fastpeft.cuda_* ops
 
     m = dict(device="meta", dtype=torch.bfloat16)
     x, a, b, w = torch.empty(37, 41, **m), torch.empty(5, 41, **m), torch.empty(23, 5, **m), torch.empty(23, 41, **m)
@@ -295,7 +367,7 @@ def test_custom_ops_trace_with_fake_tensors():
     ],
 )
 def test_fake_implementations_reject_bad_shapes(call, err, match):
-    from fastpeft.ops import cuda_ops  # noqa: F401
+    importlib.import_module("fastpeft.ops.cuda_ops")  # registers the ops
 
     with pytest.raises(err, match=match):
         call(dict(device="meta", dtype=torch.float16))

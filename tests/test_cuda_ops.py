@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from cuda_reference import bwd_da_ref, decode_ref, expand_ref
+from cuda_reference import DY_REDUCE_PATHS, bwd_da_ref, decode_ref, dy_reduce_ref, expand_ref
 from tolerances import DTYPES, assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU-only machine)")
@@ -128,6 +128,24 @@ def test_dy_reduce_matches_float64(dtype, M, N, r):
     assert ds.dtype == db.dtype == torch.float32
     assert_close(ds, scaling * dy.double() @ b.double(), dtype, f"dS M={M} N={N} r={r}")
     assert_close(db, scaling * dy.double().t() @ s.double(), dtype, f"dB M={M} N={N} r={r}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(DY_REDUCE_PATHS))
+def test_dy_reduce_every_plan_path(dtype, case):
+    """Each path of dy_reduce_plan (on 108 or 132 SMs; tests/test_cuda_build.py checks which shape takes which): one
+    pass or two, dS and dB through fp32 partials or written directly, column ranges of several chunks (dS summed
+    over them in place), rank slices; against float64 with a negative scaling, and bitwise reproducible."""
+    (M, N, r), _ = DY_REDUCE_PATHS[case]
+    dy, b, s = rnd(M, N, dtype=dtype), rnd(N, r, dtype=dtype, scale=0.1), rnd(M, r, dtype=dtype)
+    poison_allocator()
+    ds, db = ops().lora_dy_reduce_cuda(dy, b, s, -1.25)
+    ds_ref, db_ref = dy_reduce_ref(dy, b, s, -1.25)
+    assert ds.dtype == db.dtype == torch.float32
+    assert_close(ds, ds_ref, dtype, f"dS {case} M={M} N={N} r={r}", k=N)
+    assert_close(db, db_ref, dtype, f"dB {case} M={M} N={N} r={r}", k=M)
+    ds2, db2 = ops().lora_dy_reduce_cuda(dy, b, s, -1.25)
+    assert torch.equal(ds, ds2) and torch.equal(db, db2), "the reduction must be bitwise reproducible"
 
 
 @pytest.mark.parametrize("layout", ["cols", "offset", "trans"])
@@ -471,6 +489,7 @@ def test_compute_sanitizer_clean():
         "    x=torch.randn(37,203,device='cuda').to(dt); a=torch.randn(17,203,device='cuda').to(dt)\n"
         "    b=torch.randn(77,17,device='cuda').to(dt); w=torch.randn(77,203,device='cuda').to(dt)\n"
         "    s=o.lora_shrink_cuda(x[:, 1:], a[:, 1:], 0.3, 5); o.lora_dy_reduce_cuda(torch.randn(37,77,device='cuda').to(dt), b, o.lora_shrink_cuda(x, a), 1.0)\n"
+        "    o.lora_dy_reduce_cuda(torch.randn(2100,600,device='cuda').to(dt), torch.randn(600,256,device='cuda').to(dt), torch.randn(2100,256,device='cuda').to(dt), 0.5)  # two passes\n"
         "    o.rank_update_cuda_(w, b, a, 0.5); o.lora_decode_cuda(x[:5], w, None, a, b, 2.0, 0.2, 3)\n"
         "    o.lora_expand_cuda(s, b[:, 1:].t(), None, 2.0); o.lora_expand_cuda(x[:, :17], a, None, 1.5, 0.3, 4)\n"
         "    o.lora_bwd_da_cuda(x, x[:, :17], 0.3, 5); o.lora_bwd_da_cuda(x[:, 1:], x[:, :70], 0.0, 5)\n"

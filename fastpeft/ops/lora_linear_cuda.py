@@ -7,7 +7,8 @@ Forward on x [M, K] (e = element size):
             C = s·S·Bᵀ + bias     [M, N]         CUDA expand, written once in x's dtype
             y = C + x·W0ᵀ                        cuBLAS: C.addmm_(x, W0ᵀ), C read once in the epilogue (beta=1)
                                                  and overwritten by y in place
-Backward:   dS = s·dY·B, dB                      CUDA dY pass, one read of dY (dbias: dY.sum(0))
+Backward:   dS = s·dY·B, dB                      CUDA dY pass, one read of dY (two at large r·M and r·N, where
+                                                 the <= 4 MiB partials would leave the GPU idle; dbias: dY.sum(0))
             low = keep⊙(dS·A)/(1-p)  [M, K]      CUDA expand, the mask regenerated from the seed
             dX = low + dY·W0                     cuBLAS: low.addmm_(dY, W0)
             dA = dSᵀ·dropout(x)                  CUDA dA pass (fp32, fixed-order partials, <= 4 MiB workspace);
