@@ -39,7 +39,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def lora_linear_amp(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *, seed=None,
-                    backend=None):
+                    backend=None, dropout_mask="regenerate"):
     """fastpeft.lora_linear that honours torch.autocast the way nn.Linear does (same arguments).
 
     Outside autocast this is fastpeft.lora_linear itself. Inside, x, weight and bias are cast to the autocast
@@ -48,13 +48,13 @@ def lora_linear_amp(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0
     dtype = autocast_dtype(x.device)
     if dtype is None:
         return lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, dropout_p=dropout_p, training=training,
-                           seed=seed, backend=backend)
+                           seed=seed, backend=backend, dropout_mask=dropout_mask)
     x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
     if lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
         lora_a, lora_b = _cast(lora_a, dtype), _cast(lora_b, dtype)
     with torch.autocast(x.device.type, enabled=False):
         return lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, dropout_p=dropout_p, training=training,
-                           seed=seed, backend=backend)
+                           seed=seed, backend=backend, dropout_mask=dropout_mask)
 
 
 __all__ = ["lora_linear_amp", "autocast_dtype"]

@@ -1,6 +1,7 @@
 """Measured backend choice: backend="auto" on a CUDA device times the backends that can run and keeps the fastest.
 
-An op that measures (the LoRA linear: fastpeft/ops/lora_linear_auto.py) asks `choose(op, key, ...)` on every
+An op that measures (the LoRA linear's backend: fastpeft/ops/lora_linear_auto.py; the LoRA GEMM's tile config:
+kernels/lora_gemm_tuning.py, "candidates" then being config names) asks `choose(op, key, ...)` on every
 call. The first call for a key times each candidate backend on fresh tensors of the call's shapes and dtypes
 (never the caller's tensors, never torch's RNG: the runners draw from their own generator and take a fixed
 dropout seed), a few repetitions after a warm-up, and keeps the fastest; later calls find it in memory (one
@@ -43,6 +44,7 @@ DEFAULT_CAP_S = 30.0
 WARMUP = 2  # calls before timing (the first compiles the Triton kernels)
 REPS = 5  # timed calls; the median is kept
 FORMAT = 1
+TIMING_SEED = 12345  # the runners' dropout seed: a fixed int, so no RNG is drawn
 
 
 def enabled() -> bool:
@@ -95,6 +97,39 @@ def set_timer(timer: Callable[[Callable[[], object]], float] | None) -> None:
     _timer = timer or cuda_event_timer
 
 
+# ----------------------------------------------------------------------------------------------- runners
+
+
+class Run:
+    """One candidate's run on fresh tensors; `backend` names the candidate (an injected test timer may read it)."""
+
+    def __init__(self, backend: str, fn: Callable[[], object]):
+        self.backend, self.fn = backend, fn
+
+    def __call__(self):
+        return self.fn()
+
+
+def generator(device: torch.device, seed: int = 0) -> torch.Generator:
+    """A private generator for the runners' fresh tensors: torch's default RNG is never drawn from."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape, dtype: torch.dtype, device: torch.device, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Normal values (times `scale`) in `dtype`, drawn in fp32 from `g`."""
+    return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def randn_like(t: torch.Tensor, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """A fresh tensor of t's shape, dtype and device from `g`, in t's memory order: a 2-D tensor whose rows have
+    unit stride (a transposed view) comes as the transpose of a row-major one, so the kernels read it the same way."""
+    if t.dim() == 2 and t.stride(0) < t.stride(1):
+        return randn(tuple(t.shape)[::-1], t.dtype, t.device, g, scale).t()
+    return randn(tuple(t.shape), t.dtype, t.device, g, scale)
+
+
 # ----------------------------------------------------------------------------------------------- state
 
 
@@ -108,6 +143,8 @@ class _State:
         self.disk: dict = {}
         self.warned: set = set()
         self.spent = 0.0
+        self.depth = 0  # measurements in progress: one may run inside another's runner (the GEMM's config
+        # inside the LoRA backend's warm-up); only the outermost adds its time to `spent`
         self.lock = threading.RLock()
 
 
@@ -285,8 +322,10 @@ def _decide(op, full, device, candidates, runner, static) -> str:
         return choice
     times, errors = {}, {}
     t0 = time.perf_counter()
-    rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # runners use their own generator;
-    try:                                                                        # this guards a stray draw
+    # the runners use their own generator; restoring the CUDA RNG guards against a stray draw
+    rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    _STATE.depth += 1
+    try:
         with torch.no_grad():  # the runners' tensors never join an autograd graph
             for name in cands:
                 try:
@@ -296,7 +335,9 @@ def _decide(op, full, device, candidates, runner, static) -> str:
     finally:
         if rng is not None:
             torch.cuda.set_rng_state(rng, device)
-        _STATE.spent += time.perf_counter() - t0
+        _STATE.depth -= 1
+        if _STATE.depth == 0:
+            _STATE.spent += time.perf_counter() - t0
     if not times:
         choice = static()
         _STATE.memory[full] = choice
@@ -311,12 +352,36 @@ def _decide(op, full, device, candidates, runner, static) -> str:
     return choice
 
 
+_DESCRIBERS: dict = {}
+
+
+def set_describer(op: str, describe: Callable[[tuple, str], dict] | None) -> None:
+    """describe(key, choice) -> a dict that `report` adds to each of op's decisions as "detail" (the LoRA GEMM:
+    the chosen config's tiles); computed when reported, never on the hot path. None removes it."""
+    if describe is None:
+        _DESCRIBERS.pop(op, None)
+    else:
+        _DESCRIBERS[op] = describe
+
+
+def _detail(full: tuple, rec: dict) -> dict:
+    describe = _DESCRIBERS.get(rec["op"])
+    if describe is None:
+        return {}
+    try:
+        return {"detail": describe(full[2:], rec["backend"])}
+    except Exception as exc:  # a report never fails for a description
+        return {"detail": {"error": f"{type(exc).__name__}: {exc}"}}
+
+
 def report() -> dict:
     """This process's decisions (op, device, key, backend, per-backend milliseconds, source: measured / disk /
-    static / ...), the time spent measuring and the cap, and whether measuring is on."""
+    static / ..., and the op's "detail" where it has a describer), the time spent measuring and the cap, and
+    whether measuring is on."""
     return {"enabled": enabled(), "spent_s": round(_STATE.spent, 4), "cap_s": cap_seconds(),
-            "decisions": [dict(r) for r in _STATE.records.values()]}
+            "decisions": [{**r, **_detail(full, r)} for full, r in _STATE.records.items()]}
 
 
 __all__ = ["choose", "lookup", "enabled", "cache_path", "report", "reset", "set_timer", "m_bucket", "r_bucket",
-           "measuring_blocked", "cuda_event_timer", "ENV_ENABLE", "ENV_CACHE", "ENV_CAP", "DEFAULT_CAP_S"]
+           "measuring_blocked", "cuda_event_timer", "set_describer", "Run", "generator", "randn", "randn_like",
+           "TIMING_SEED", "ENV_ENABLE", "ENV_CACHE", "ENV_CAP", "DEFAULT_CAP_S"]

@@ -114,3 +114,33 @@ def traced_seed(seed, p: float, device: torch.device) -> torch.Tensor | None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
         raise ValueError(f"seed: expected an int in [0, {SEED_BOUND}], a 0-d int64 tensor or None, got {seed!r}")
     return torch.full((), seed, dtype=torch.int64, device=device)  # (torch.tensor breaks Dynamo on meta x)
+
+
+# dropout_mask: how the backward gets the forward's mask. "regenerate" (default): recomputed from the seed, nothing
+# stored. "packed": stored as bits by the forward, [M, ceil(in/8)] uint8 (kernels/philox.py has the layout).
+DROPOUT_MASKS = ("regenerate", "packed")
+
+
+def check_dropout_mask(value) -> str:
+    if value not in DROPOUT_MASKS or not isinstance(value, str):
+        raise ValueError(f"dropout_mask: expected one of {DROPOUT_MASKS}, got {value!r}")
+    return value
+
+
+def packed_mask_shape(rows: int, cols: int) -> tuple[int, int]:
+    return rows, (cols + 7) // 8
+
+
+def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean keep-mask [rows, cols] as bits [rows, ceil(cols/8)] uint8: bit j of byte c is column 8c+j (past
+    the last column: 0), the layout the kernels write."""
+    rows, cols = keep.shape
+    padded = torch.nn.functional.pad(keep.to(torch.uint8), (0, (-cols) % 8)).view(rows, -1, 8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=keep.device)
+    return (padded * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_keep_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """pack_keep_mask's inverse: the boolean keep-mask [rows, cols] of bits [rows, ceil(cols/8)] uint8."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[:, :, None] >> shifts) & 1).view(bits.shape[0], -1)[:, :cols].bool()

@@ -45,24 +45,29 @@ from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exporte
 )
 from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .gemm_loop import gemm_k_loop
+from .lora_gemm_tuning import persistent_programs, tuned_gemm_config
 from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.lora_linear.*)
-    GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SCALED_GEMM_CONFIGS, SKINNY_CONFIGS, STORE_PRE_PATHS,
-    gemm_config, gemm_config_name, gemm_rank_block, scaled_gemm_config, skinny_config,
+    DEFAULT_CANDIDATE, GEMM_CANDIDATES, GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SCALED_GEMM_CONFIGS,
+    SKINNY_CONFIGS, STORE_PRE_PATHS, gemm_candidates, gemm_config, gemm_config_name, gemm_rank_block,
+    scaled_gemm_config, skinny_config,
 )
-from .philox import dropout_keep, dropout_seed
+from .philox import dropout_keep, dropout_keep_and_bits, dropout_seed, load_keep_bits, store_keep_bits
 
 
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _lora_shrink_kernel(
+@triton.jit
+def _lora_shrink_body(
     X, A, S, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed, thr, drop_scale,
     HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASK=None, stride_mask=0, PACKED: tl.constexpr = False,
 ):
+    """_lora_shrink_kernel, and with PACKED (_lora_shrink_packed_kernel) the keep-mask also stored as bits to MASK
+    (kernels/philox.py's layout) as it is drawn."""
     pid = tl.program_id(0)
     if HAS_DROPOUT:
         key = dropout_seed(seed, SEED_PTR)
@@ -92,7 +97,12 @@ def _lora_shrink_kernel(
         else:
             x = tl.load(x_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(key, offs_m, k0, thr, BLOCK_M, BLOCK_K), x, 0.0)
+            if PACKED:  # the mask's bytes too, columns past K 0 (x is 0 there anyway)
+                keep, bits = dropout_keep_and_bits(key, offs_m, k0, thr, K, BLOCK_M, BLOCK_K)
+                store_keep_bits(MASK, stride_mask, bits, offs_m, k0, M, K, BLOCK_M, BLOCK_K)
+            else:
+                keep = dropout_keep(key, offs_m, k0, thr, BLOCK_M, BLOCK_K)
+            x = tl.where(keep, x, 0.0)
         acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
         if not USE_TMA:
             x_ptrs += BLOCK_K * stride_xk
@@ -103,21 +113,50 @@ def _lora_shrink_kernel(
     tl.store(s_ptrs, acc.to(S.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_shrink_kernel(
+    X, A, S, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, thr, drop_scale,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    _lora_shrink_body(X, A, S, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+                      seed, thr, drop_scale, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
+                      DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_shrink_packed_kernel(
+    X, A, S, MASK, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_mask,
+    seed, thr, drop_scale,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    _lora_shrink_body(X, A, S, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+                      seed, thr, drop_scale, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
+                      DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+                      MASK=MASK, stride_mask=stride_mask, PACKED=True)
+
+
 @triton.jit
 def _lora_gemm_tile(
-    P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
+    tile, P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     stride_bias, stride_col, lora_scale, seed, thr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr, COL_SCALE: tl.constexpr,
     STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, MASK=None, stride_mask=0, PACKED: tl.constexpr = False,
 ):
-    """One output tile of _lora_gemm_kernel / _lora_gemm_scaled_kernel (inlined into each: the compiled code is
-    the kernel's own). COL_SCALE: 0 none; 1 the epilogue scales the output's columns by COL (before the bias;
-    STORE_PRE also stores the tile before that scale to PRE); 2 the prologue scales P's columns (the K
-    dimension) by COL, through gemm_loop's operand-scaling hook. PRE has OUT's shape and strides."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """Output tile number `tile` (grouped order) of _lora_gemm_kernel / _lora_gemm_scaled_kernel (one tile per
+    program: tl.program_id(0)) and _lora_gemm_persistent_kernel (a loop over tiles), inlined into each: the
+    compiled code is the kernel's own. COL_SCALE: 0 none; 1 the epilogue scales the output's columns by COL
+    (before the bias; STORE_PRE also stores the tile before that scale to PRE); 2 the prologue scales P's columns
+    (the K dimension) by COL, through gemm_loop's operand-scaling hook. PRE has OUT's shape and strides.
+    PACKED (_lora_gemm_packed_kernel): the keep-mask is read from the bits MASK [M, ceil(N/8)], not regenerated."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,8 +173,11 @@ def _lora_gemm_tile(
         acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     acc = acc * lora_scale
     if HAS_DROPOUT:
-        key = dropout_seed(seed, SEED_PTR)
-        acc = tl.where(dropout_keep(key, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
+        if PACKED:
+            keep = load_keep_bits(MASK, stride_mask, rows, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
+        else:
+            keep = dropout_keep(dropout_seed(seed, SEED_PTR), offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0)
 
     # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
     acc = gemm_k_loop(acc, P, Q, COL, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,
@@ -173,12 +215,57 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    _lora_gemm_tile(P, Q, L, RM, BIAS, OUT, OUT, OUT, M, N, K, R,
+    _lora_gemm_tile(tl.program_id(0), P, Q, L, RM, BIAS, OUT, OUT, OUT, M, N, K, R,
                     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
                     stride_om, stride_on, stride_bias, 0, lora_scale, seed, thr,
                     HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
                     DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, Q_KN=Q_KN, COL_SCALE=0, STORE_PRE=False,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, GROUP_M=GROUP_M)
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_gemm_persistent_kernel(
+    P, Q, L, RM, BIAS, OUT, M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    stride_bias, lora_scale, seed, thr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, Q_KN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """_lora_gemm_kernel on a fixed grid (about one program per SM, kernels/lora_gemm_tuning.py
+    `persistent_programs`): each program walks the output tiles in grouped order with a stride of the grid,
+    so the programs of one wave share W0's column tiles in L2 and no tile waits for a program to launch.
+    No warp_specialize on the tile loop: Triton (3.9) ignores it on sm_90 for this loop (identical code), and on
+    the K loop it aborts the compiler (see kernels/lora_gemm_tuning.py)."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        _lora_gemm_tile(tile, P, Q, L, RM, BIAS, OUT, OUT, OUT, M, N, K, R,
+                        stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+                        stride_om, stride_on, stride_bias, 0, lora_scale, seed, thr,
+                        HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
+                        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, Q_KN=Q_KN, COL_SCALE=0, STORE_PRE=False,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, GROUP_M=GROUP_M)
+
+
+@triton.jit
+def _lora_gemm_packed_kernel(
+    P, Q, L, RM, BIAS, OUT, MASK, M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    stride_bias, stride_mask, lora_scale,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    Q_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """_lora_gemm_kernel with the keep-mask of the low-rank term read from packed bits MASK [M, ceil(N/8)]
+    (dropout_mask="packed": the backward's dX), no seed."""
+    _lora_gemm_tile(tl.program_id(0), P, Q, L, RM, BIAS, OUT, OUT, OUT, M, N, K, R,
+                    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+                    stride_om, stride_on, stride_bias, 0, lora_scale, 0, 0,
+                    HAS_BIAS=HAS_BIAS, HAS_DROPOUT=True, SEED_PTR=False, EVEN_K=EVEN_K,
+                    DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, Q_KN=Q_KN, COL_SCALE=0, STORE_PRE=False,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, GROUP_M=GROUP_M,
+                    MASK=MASK, stride_mask=stride_mask, PACKED=True)
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
@@ -191,7 +278,7 @@ def _lora_gemm_scaled_kernel(
     STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    _lora_gemm_tile(P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
+    _lora_gemm_tile(tl.program_id(0), P, Q, L, RM, BIAS, OUT, COL, PRE, M, N, K, R,
                     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
                     stride_om, stride_on, stride_bias, stride_col, lora_scale, seed, thr,
                     HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, EVEN_K=EVEN_K,
@@ -291,14 +378,16 @@ def _lora_bwd_db_kernel(
         tl.store(DBIAS_PART + pid_s.to(tl.int64) * N + offs_n, dbias, mask=n_mask)
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _lora_bwd_da_kernel(
+@triton.jit
+def _lora_bwd_da_body(
     X, DS, DA_PART, M, K, R, m_per_split,
     stride_xm, stride_xk, stride_dsm, stride_dsr,
     seed, thr, drop_scale,
     HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASK=None, stride_mask=0, PACKED: tl.constexpr = False,
 ):
+    """_lora_bwd_da_kernel, and with PACKED (_lora_bwd_da_packed_kernel) the keep-mask read from the bits MASK."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -319,7 +408,9 @@ def _lora_bwd_da_kernel(
         else:
             x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_DROPOUT:  # a tensor seed is loaded here, at its use: loaded once before the loop it spilled (sm_90, r16)
+        if HAS_DROPOUT and PACKED:  # rows past M wrapped: x is 0 there
+            x = tl.where(load_keep_bits(MASK, stride_mask, offs_m % M, pid_k * BLOCK_K, K, BLOCK_M, BLOCK_K), x, 0.0)
+        elif HAS_DROPOUT:  # a tensor seed is loaded here, at its use: loaded once before the loop it spilled (sm_90, r16)
             key = dropout_seed(seed, SEED_PTR)
             x = tl.where(dropout_keep(key, offs_m, pid_k * BLOCK_K, thr, BLOCK_M, BLOCK_K), x, 0.0)
         ds = tl.load(DS + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
@@ -329,6 +420,33 @@ def _lora_bwd_da_kernel(
         acc = acc * drop_scale
     da_ptrs = DA_PART + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
     tl.store(da_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_bwd_da_kernel(
+    X, DS, DA_PART, M, K, R, m_per_split,
+    stride_xm, stride_xk, stride_dsm, stride_dsr,
+    seed, thr, drop_scale,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    _lora_bwd_da_body(X, DS, DA_PART, M, K, R, m_per_split, stride_xm, stride_xk, stride_dsm, stride_dsr,
+                      seed, thr, drop_scale, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR, DOT_PRECISION=DOT_PRECISION,
+                      USE_TMA=USE_TMA, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
+
+
+@triton.jit
+def _lora_bwd_da_packed_kernel(
+    X, DS, DA_PART, MASK, M, K, R, m_per_split,
+    stride_xm, stride_xk, stride_dsm, stride_dsr, stride_mask,
+    drop_scale,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    _lora_bwd_da_body(X, DS, DA_PART, M, K, R, m_per_split, stride_xm, stride_xk, stride_dsm, stride_dsr,
+                      0, 0, drop_scale, HAS_DROPOUT=True, SEED_PTR=False, DOT_PRECISION=DOT_PRECISION,
+                      USE_TMA=USE_TMA, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+                      MASK=MASK, stride_mask=stride_mask, PACKED=True)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -365,27 +483,46 @@ def _launch(kernel, grid, *args, **kwargs):
     return compiled
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed, thr: int) -> torch.Tensor:
-    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] and A [R, K] with any strides; seed an int or a tensor (seed_arg)."""
+def packed_tiles(kind: str, cfg: dict, dtype: torch.dtype, precision: str | None = None) -> dict:
+    """Tiles of a packed-mask skinny kernel ("shrink" or "da"): the regenerating kernel's (skinny_config), narrowed
+    where the bit shuffles beside its tiles spill (tests/test_lora_dropout_static.py): dA's 128-column tile to 64
+    columns; the shrink's FMA-dot tiles (fp32 at "ieee", `precision` as in tiles_for) to 16 x 32."""
+    cfg = dict(cfg)
+    if kind == "da":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+    elif _common.fma_dots(dtype, precision):
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 16), BLOCK_K=min(cfg["BLOCK_K"], 32))
+    return cfg
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed, thr: int, mask=None) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ in x's dtype; x [M, K] and A [R, K] with any strides; seed an int or a tensor (seed_arg).
+
+    mask: with p > 0, a uint8 [M, ceil(K/8)] tensor with unit column stride that receives the keep-mask as bits
+    (dropout_mask="packed", kernels/philox.py's layout), or None."""
     M, K = x.shape
     R = a.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     path = path_for(x.device, x)
     cfg = skinny_config("shrink", R, x.dtype, path)
+    if mask is not None and p > 0:
+        cfg = packed_tiles("shrink", cfg, x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
-    _launch(
-        _lora_shrink_kernel, grid,
-        x, a, s, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-        seed=seed, thr=thr, drop_scale=1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype),
-        USE_TMA=path == "tma", BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg),
-    )
+    strides = (x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1))
+    opts = dict(seed=seed, thr=thr, drop_scale=1.0 / (1.0 - p), HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr,
+                EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma",
+                BLOCK_R=rank_block(R), **tile_args(cfg), **launch_opts(cfg))
+    if mask is not None and p > 0:
+        _launch(_lora_shrink_packed_kernel, grid, x, a, s, mask, M, K, R, *strides, mask.stride(0), **opts)
+    else:
+        _launch(_lora_shrink_kernel, grid, x, a, s, M, K, R, *strides, **opts)
     return s
 
 
 def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple | None, *, col=None,
-              col_mode: str = "epilogue", store_pre: bool = False):
+              col_mode: str = "epilogue", store_pre: bool = False, tuned: tuple[str, dict] | None = None,
+              mask=None):
     """out = P·Q + lora_scale·keep⊙(L·Rm) + bias, where q_t = Qᵀ [N, K] and rm_t = Rmᵀ [N, R] as given.
 
     dropout: (seed, thr) to apply the keep-mask to the low-rank term (seed: an int or a tensor, see seed_arg), or
@@ -396,6 +533,12 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple |
     (out, pre) (on the pointer path, whose compiled variant would spill, the kernel stores the unscaled product
     and col and bias are applied in PyTorch). col_mode "prologue": col [K] scales P's columns,
     out = (P ⊙ col)·Q + c·keep⊙(L·Rm) (+ bias), the product rounded to P's dtype as it is loaded.
+    Without col, the config is kernels/lora_gemm_tuning.py's (measured on CUDA tensors); tuned = (path, config)
+    launches with that one instead (its runners, on fresh tensors; the tests), the persistent kernel for a
+    config with PERSISTENT.
+    mask (no col; dropout given): the keep-mask as packed bits, uint8 [M, ceil(N/8)] with unit column stride
+    (dropout_mask="packed", kernels/philox.py's layout), read instead of regenerated from the seed; the static
+    dropout tiles (gemm_config).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
@@ -411,15 +554,23 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple |
     out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
     path = path_for(p_mat.device, p_mat, q_t.t() if q_kn else q_t, out)
+    if tuned is not None:
+        path, cfg = tuned
     if col is not None and store_pre and path not in STORE_PRE_PATHS:  # two passes (see the docstring)
         pre = lora_gemm(p_mat, q_t, l_mat, rm_t, None, lora_scale, dropout)
         out.copy_(pre * col)
         if bias is not None:
             out += bias
         return out, pre
-    cfg = gemm_config(M, p_mat.dtype, path, dropout is not None) if col is None else \
-        scaled_gemm_config(M, p_mat.dtype, path)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    if col is not None:
+        cfg = scaled_gemm_config(M, p_mat.dtype, path)
+    elif mask is not None and tuned is None:  # packed bits: no tuned or persistent variant
+        cfg = gemm_config(M, p_mat.dtype, path, True)
+    elif tuned is None:
+        cfg = tuned_gemm_config(lora_gemm, p_mat, q_t, l_mat, rm_t, bias, lora_scale, dropout, path, q_kn)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    persistent = col is None and mask is None and cfg.get("PERSISTENT", False)
+    grid = (persistent_programs(p_mat.device, tiles) if persistent else tiles,)
     seed, thr = dropout if dropout is not None else (0, 0)
     seed, seed_ptr = seed_arg(seed, p_mat.device)
     common = (p_mat.stride(0), p_mat.stride(1), q_t.stride(1), q_t.stride(0), l_mat.stride(0), l_mat.stride(1),
@@ -427,9 +578,14 @@ def lora_gemm(p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, dropout: tuple |
     consts = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr,
                   EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(p_mat.dtype), USE_TMA=path == "tma",
                   Q_KN=q_kn, BLOCK_R=gemm_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg))
+    if col is None and mask is not None:  # dropout_mask="packed": the keep bits read, no seed
+        _lora_gemm_packed_kernel[grid](p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, mask, M, N, K,
+                                       R, *common, mask.stride(0), lora_scale,
+                                       **{k: v for k, v in consts.items() if k not in ("HAS_DROPOUT", "SEED_PTR")})
+        return out
     if col is None:
-        _launch(_lora_gemm_kernel, grid, p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, M, N, K, R,
-                *common, lora_scale, seed=seed, thr=thr, **consts)
+        _launch(_lora_gemm_persistent_kernel if persistent else _lora_gemm_kernel, grid, p_mat, q_t, l_mat, rm_t,
+                bias if bias is not None else out, out, M, N, K, R, *common, lora_scale, seed=seed, thr=thr, **consts)
         return out
     pre = torch.empty_like(out) if store_pre else out  # out's shape, dtype and strides (the kernel takes out's)
     _launch(_lora_gemm_scaled_kernel, grid, p_mat, q_t, l_mat, rm_t, bias if bias is not None else out, out, col, pre,
@@ -519,8 +675,9 @@ def lora_bwd_db(dy, s, scaling: float, need_db: bool, need_dbias: bool):
     return (_sum_parts(db_part) if need_db else None), (_sum_parts(dbias_part) if need_dbias else None)
 
 
-def lora_bwd_da(x, ds, p: float, seed, thr: int) -> torch.Tensor:
-    """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated.
+def lora_bwd_da(x, ds, p: float, seed, thr: int, mask=None) -> torch.Tensor:
+    """dA = dSᵀ·dropout(x) in fp32 [R, K]; one read of x, the forward's mask regenerated (or, with p > 0 and
+    `mask`, read from those packed bits, uint8 [M, ceil(K/8)]: dropout_mask="packed").
 
     Temporary: fp32 partials [m_splits, R, K], m_splits = reduction_programs over the row blocks (at most one
     output plus PARTIAL_BUDGET bytes). At M = 8192 (bf16, 132 SMs, "tma" tiles): [9, 16, 4096] = 2.25 MiB at
@@ -531,33 +688,44 @@ def lora_bwd_da(x, ds, p: float, seed, thr: int) -> torch.Tensor:
     R = ds.shape[1]
     path = path_for(x.device, x)
     cfg = skinny_config("da", R, x.dtype, path)
+    if mask is not None and p > 0:
+        cfg = packed_tiles("da", cfg, x.dtype)
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     m_per, m_splits = split_even(m_blocks, reduction_programs(x.device, m_blocks, k_blocks, 4 * R * K))
     da_part = torch.empty((m_splits, R, K), device=x.device, dtype=torch.float32)
-    seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
-    _launch(
-        _lora_bwd_da_kernel, (k_blocks, m_splits),
-        x, ds, da_part, M, K, R, m_per * cfg["BLOCK_M"],
-        x.stride(0), x.stride(1), ds.stride(0), ds.stride(1), seed=seed, thr=thr, drop_scale=1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr, DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma",
-        BLOCK_R=rank_block(R),
-        **tile_args(cfg), **launch_opts(cfg),
-    )
+    grid, strides = (k_blocks, m_splits), (x.stride(0), x.stride(1), ds.stride(0), ds.stride(1))
+    consts = dict(DOT_PRECISION=dot_precision(x.dtype), USE_TMA=path == "tma", BLOCK_R=rank_block(R),
+                  **tile_args(cfg), **launch_opts(cfg))
+    if mask is not None and p > 0:  # dropout_mask="packed": the keep bits read, no seed
+        _lora_bwd_da_packed_kernel[grid](x, ds, da_part, mask, M, K, R, m_per * cfg["BLOCK_M"], *strides,
+                                         mask.stride(0), 1.0 / (1.0 - p), **consts)
+    else:
+        seed, seed_ptr = seed_arg(seed, x.device) if p > 0 else (0, False)
+        _launch(_lora_bwd_da_kernel, grid, x, ds, da_part, M, K, R, m_per * cfg["BLOCK_M"], *strides, seed=seed,
+                thr=thr, drop_scale=1.0 / (1.0 - p), HAS_DROPOUT=p > 0, SEED_PTR=seed_ptr, **consts)
     return _sum_parts(da_part)
 
 
-def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int):
+def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int, mask=None):
     """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] saved for backward).
 
-    seed: an int, or a 0-d int64 tensor on x's device (read by the kernels, never on the host)."""
-    s = lora_shrink(x, lora_a, p, seed, thr)
+    mask: with p > 0, a uint8 [M, ceil(K/8)] tensor the shrink fills with the keep-mask's bits
+    (dropout_mask="packed"; the decode kernel does not write it, so such a call takes the shrink and the GEMM).
+
+    seed: an int, or a 0-d int64 tensor on x's device (read by the kernels, never on the host). Up to 16 rows:
+    one launch (kernels/lora_decode.py); else the shrink, then the GEMM."""
+    if 0 < x.shape[0] <= 16 and weight.shape[0] > 0 and (mask is None or p == 0):
+        from .lora_decode import lora_decode  # imports this module (its launch helpers): not at the top
+        return lora_decode(x, weight, lora_a, lora_b, bias, scaling, p, seed, thr)
+    s = lora_shrink(x, lora_a, p, seed, thr, mask)
     y = lora_gemm(x, weight, s, lora_b, bias, scaling, None)
     return y, s
 
 
-def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed, thr: int, needs):
-    """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed)."""
+def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed, thr: int, needs, mask=None):
+    """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed).
+    mask: the forward's packed keep bits (dropout_mask="packed"), read instead of regenerating the mask."""
     need_dx, need_da, need_db, need_dbias = needs
     ds, db, dbias = lora_bwd_dy(dy, lora_b, s, scaling, need_dx or need_da, need_db, need_dbias)
     if ds is not None:  # both consumers multiply dS in dY's dtype; casting once halves their operand tiles
@@ -565,9 +733,10 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, 
     dx = da = None
     if need_dx:
         # dX = dY·W0 + keep⊙(dS·A)/(1-p): Q = W0 given as its transpose view, Rm = A likewise
-        dx = lora_gemm(dy, weight.t(), ds, lora_a.t(), None, 1.0 / (1.0 - p), (seed, thr) if p > 0 else None)
+        dx = lora_gemm(dy, weight.t(), ds, lora_a.t(), None, 1.0 / (1.0 - p), (seed, thr) if p > 0 else None,
+                       mask=mask if p > 0 else None)
     if need_da:
-        da = lora_bwd_da(x, ds, p, seed, thr).to(lora_a.dtype)
+        da = lora_bwd_da(x, ds, p, seed, thr, mask).to(lora_a.dtype)
     if db is not None:
         db = db.to(lora_b.dtype)
     if dbias is not None:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .common import dot_precision, fma_dots, interpreting, launch_opts, rank_block, tile_args
 from .lora_linear import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
-from .philox import dropout_keep, dropout_seed
+from .philox import dropout_keep, dropout_seed, load_keep_bits
 
 # Tiles by dtype class. The pass streams OUT; the rank chunk bounds the [BLOCK_M, BLOCK_R] and [BLOCK_R, BLOCK_N]
 # operand tiles beside the fp32 accumulator. Dropout adds the Philox state of a [BLOCK_M, BLOCK_N / 4] counter
@@ -58,14 +58,16 @@ def expand_rank_block(r: int, cfg: dict) -> int:
     return min(rank_block(r), cfg["RANK_CHUNK"])
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _lora_expand_kernel(
+@triton.jit
+def _lora_expand_body(
     L, RM, BIAS, OUT, M, N, R,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
     scale, seed, thr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASK=None, stride_mask=0, PACKED: tl.constexpr = False,
 ):
+    """_lora_expand_kernel, and with PACKED (_lora_expand_packed_kernel) the keep-mask read from the bits MASK."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,7 +83,9 @@ def _lora_expand_kernel(
         rm = tl.load(RM + (r0 + offs_r[:, None]) * stride_rr + cols[None, :] * stride_rn, mask=r_mask[:, None], other=0.0)
         acc = tl.dot(lo.to(OUT.dtype.element_ty), rm.to(OUT.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     acc = acc * scale
-    if HAS_DROPOUT:
+    if HAS_DROPOUT and PACKED:
+        acc = tl.where(load_keep_bits(MASK, stride_mask, rows, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N), acc, 0.0)
+    elif HAS_DROPOUT:
         key = dropout_seed(seed, SEED_PTR)
         acc = tl.where(dropout_keep(key, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
     if HAS_BIAS:
@@ -90,13 +94,41 @@ def _lora_expand_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _lora_expand_kernel(
+    L, RM, BIAS, OUT, M, N, R,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+    scale, seed, thr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    _lora_expand_body(L, RM, BIAS, OUT, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+                      stride_bias, scale, seed, thr, HAS_BIAS=HAS_BIAS, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR,
+                      DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+
+
+@triton.jit
+def _lora_expand_packed_kernel(
+    L, RM, BIAS, OUT, MASK, M, N, R,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, stride_mask,
+    scale,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    _lora_expand_body(L, RM, BIAS, OUT, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+                      stride_bias, scale, 0, 0, HAS_BIAS=HAS_BIAS, HAS_DROPOUT=True, SEED_PTR=False,
+                      DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+                      MASK=MASK, stride_mask=stride_mask, PACKED=True)
+
+
 def lora_expand(l_mat: torch.Tensor, rm_t: torch.Tensor, bias, scale: float, dtype: torch.dtype,
-                dropout: tuple | None = None) -> torch.Tensor:
+                dropout: tuple | None = None, mask=None) -> torch.Tensor:
     """OUT = scale·keep⊙(L·Rm) + bias as a fresh row-major [M, N] tensor of `dtype`, where rm_t = Rmᵀ [N, R].
 
     Every tensor may have any strides (bias [N] included). dropout: (seed, thr), the seed an int or a 0-d int64
     tensor on L's device, to apply the keep-mask of rows M and columns N (the mask of x [M, N] drawn from that
-    seed: fastpeft.dropout), or None."""
+    seed: fastpeft.dropout), or None. mask (with dropout): that keep-mask as packed bits, uint8 [M, ceil(N/8)]
+    with unit column stride (dropout_mask="packed"), read instead of regenerated."""
     M, R = l_mat.shape
     N = rm_t.shape[0]
     out = torch.empty((M, N), device=l_mat.device, dtype=dtype)
@@ -106,12 +138,15 @@ def lora_expand(l_mat: torch.Tensor, rm_t: torch.Tensor, bias, scale: float, dty
     seed, thr = dropout if dropout is not None else (0, 0)
     seed, seed_ptr = seed_arg(seed, l_mat.device) if dropout is not None else (0, False)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _launch(
-        _lora_expand_kernel, grid,
-        l_mat, rm_t, bias if bias is not None else out, out, M, N, R,
-        l_mat.stride(0), l_mat.stride(1), rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
-        bias.stride(0) if bias is not None else 0, scale,
-        seed=seed, thr=thr, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr,
-        DOT_PRECISION=dot_precision(dtype), BLOCK_R=expand_rank_block(R, cfg), **tile_args(cfg), **launch_opts(cfg),
-    )
+    bias_t = bias if bias is not None else out
+    strides = (l_mat.stride(0), l_mat.stride(1), rm_t.stride(1), rm_t.stride(0), out.stride(0), out.stride(1),
+               bias.stride(0) if bias is not None else 0)
+    consts = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(dtype), BLOCK_R=expand_rank_block(R, cfg),
+                  **tile_args(cfg), **launch_opts(cfg))
+    if dropout is not None and mask is not None:  # dropout_mask="packed": the keep bits read, no seed
+        _lora_expand_packed_kernel[grid](l_mat, rm_t, bias_t, out, mask, M, N, R, *strides, mask.stride(0), scale,
+                                         **consts)
+        return out
+    _launch(_lora_expand_kernel, grid, l_mat, rm_t, bias_t, out, M, N, R, *strides, scale, seed=seed, thr=thr,
+            HAS_DROPOUT=dropout is not None, SEED_PTR=seed_ptr, **consts)
     return out

@@ -283,3 +283,113 @@ def test_lora_tensor_seed_never_goes_to_the_cuda_backend(monkeypatch):
     assert auto._guard("cuda", CPU, 4, 0.1, torch.tensor(3)) == "triton"
     assert auto._guard("cuda", CPU, 4, 0.1, 3) == "cuda"
     assert auto._guard("cuda", CPU, 4, 0.0, torch.tensor(3)) == "cuda"
+
+
+# ----------------------------------------------------------------------------------- the LoRA GEMM's config
+
+
+def _gemm_args(m=37, k=56, n=72, r=5, dtype=torch.float32, q_kn=False):
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(m, k, generator=g).to(dtype)
+    q = torch.randn(k, n, generator=g).to(dtype)
+    q_t = q.t() if q_kn else q.t().contiguous()
+    return p, q_t, torch.randn(m, r, generator=g).to(dtype), torch.randn(n, r, generator=g).to(dtype), \
+        torch.randn(n, generator=g).to(dtype)
+
+
+@pytest.fixture
+def gemm_tuned(tuned, monkeypatch):
+    """The GEMM's config measured on CPU tensors: `tunable` forced on, two interpreter-sized candidates (the
+    persistent one among them) for every bucket."""
+    from fastpeft.kernels import lora_gemm_tuning as gt
+    from fastpeft.kernels import lora_linear_configs as kc
+
+    cands = {"default": kc.INTERPRETER_CONFIGS["gemm"], "persistent": kc.INTERPRETER_CONFIGS["gemm_persistent"]}
+    monkeypatch.setattr(gt, "tunable", lambda device: True)
+    monkeypatch.setattr(gt, "gemm_candidates", lambda M, dtype, path, dropout: cands)
+    return tuned
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gemm_config_fastest_is_chosen_cached_and_run(gemm_tuned, dropout):
+    from fastpeft.kernels import lora_linear as k
+    from fastpeft.kernels.lora_gemm_tuning import chosen_gemm_configs
+
+    timer = FakeTimer({"default": 2.0, "persistent": 1.0}, run=True)  # each candidate runs once on fresh tensors
+    autotune.set_timer(timer)
+    p, q_t, lo, rm_t, bias = _gemm_args(q_kn=dropout)
+    before = [t.clone() for t in (p, q_t, lo, rm_t, bias)]
+    rng = torch.get_rng_state()
+    drop = (torch.tensor(77), 2 ** 31) if dropout else None  # a tensor seed: the runners take their own int
+    y = k.lora_gemm(p, q_t, lo, rm_t, bias, 0.5, drop)
+    assert sorted(timer.calls) == ["default", "persistent"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(t, u) for t, u in zip((p, q_t, lo, rm_t, bias), before))
+    ref = k.lora_gemm(p, q_t, lo, rm_t, bias, 0.5, drop, tuned=("tma", k.INTERPRETER_CONFIGS["gemm"]))
+    assert torch.equal(y, ref)
+    # same bucket (M = 40 -> 64): one dict lookup, nothing timed again
+    k.lora_gemm(torch.randn(40, 56), q_t, torch.randn(40, 5), rm_t, bias, 0.5, drop)
+    assert len(timer.calls) == 2
+    (rec,) = [r for r in autotune.report()["decisions"] if r["op"] == "lora_gemm"]
+    assert rec["backend"] == "persistent" and rec["source"] == "measured" and rec["times_ms"]["default"] == 2.0
+    assert rec["key"] == f"torch.float32|tma|m64|n72|k56|{'dropout' if dropout else 'nodropout'}|" \
+                         f"{'q_kn' if dropout else 'q_nk'}"
+    (chosen,) = chosen_gemm_configs()
+    assert chosen["backend"] == "persistent" and chosen["detail"]["PERSISTENT"] is True
+    assert json.loads(gemm_tuned.read_text())["decisions"][f"lora_gemm|{rec['key']}"]["backend"] == "persistent"
+    assert fastpeft.backend_report("cpu")["autotune"]["decisions"][0]["op"] == "lora_gemm"
+    autotune.reset()  # a new process: the file decides
+    assert k.lora_gemm(p, q_t, lo, rm_t, bias, 0.5, drop).shape == (37, 72) and len(timer.calls) == 2
+    assert autotune.report()["decisions"][0]["source"] == "disk"
+
+
+@pytest.mark.parametrize("why", ["off", "compiling", "capturing"])
+def test_gemm_config_static_default_without_measuring(gemm_tuned, monkeypatch, why):
+    from fastpeft.kernels import lora_gemm_tuning as gt
+
+    timer = FakeTimer({"default": 2.0, "persistent": 1.0})
+    autotune.set_timer(timer)
+    if why == "off":
+        monkeypatch.setenv(autotune.ENV_ENABLE, "0")
+    elif why == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    p, q_t, lo, rm_t, bias = _gemm_args()
+    cfg = gt.tuned_gemm_config(None, p, q_t, lo, rm_t, bias, 1.0, None, "tma", False)  # `launch` never called
+    assert cfg is gt.gemm_candidates(37, p.dtype, "tma", False)["default"] and timer.calls == []
+    assert not gemm_tuned.exists()
+    recs = autotune.report()["decisions"]
+    assert (recs[0]["source"] == "static") if why == "off" else recs == []  # capture / tracing: not remembered
+
+
+def test_gemm_config_untuned_on_cpu_and_under_the_interpreter(tuned):
+    """Without the override: CPU tensors take the interpreter config, nothing is recorded."""
+    from fastpeft.kernels import lora_gemm_tuning as gt
+    from fastpeft.kernels import lora_linear_configs as kc
+
+    p, q_t, lo, rm_t, bias = _gemm_args()
+    assert not gt.tunable(p.device)
+    assert gt.tuned_gemm_config(None, p, q_t, lo, rm_t, bias, 1.0, None, "tma", False) == kc.INTERPRETER_CONFIGS["gemm"]
+    assert autotune.report()["decisions"] == []
+
+
+def test_gemm_candidate_sets(monkeypatch):
+    """Per path and M bucket 1-4 candidates, "default" being the static table's entry (what FASTPEFT_AUTOTUNE=0
+    runs); persistent ones on the "tma" path only; fp32 keeps the default alone (the static test compiles the
+    others for 16-bit operands only); every bucket the launcher can pick has a set."""
+    from fastpeft.kernels import lora_linear_configs as kc
+
+    monkeypatch.setattr(kc, "interpreting", lambda: False)
+    for path, sets in kc.GEMM_CANDIDATES.items():
+        assert set(sets) == set(kc.GEMM_CONFIGS[path])
+        for size, cands in sets.items():
+            assert 1 <= len(cands) <= 4 and cands[kc.DEFAULT_CANDIDATE] is kc.GEMM_CONFIGS[path][size]
+            assert path == "tma" or not any(c.get("PERSISTENT") for c in cands.values())
+    assert any(c.get("PERSISTENT") for c in kc.GEMM_CANDIDATES["tma"]["large"].values())
+    for M, dropout in ((1, False), (100, True), (1000, False), (1000, True)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            got = kc.gemm_candidates(M, dtype, "tma", dropout)
+            assert got[kc.DEFAULT_CANDIDATE] == kc.gemm_config(M, dtype, "tma", dropout)
+            assert len(got) == 1 if dtype == torch.float32 else len(got) >= 2

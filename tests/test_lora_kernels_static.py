@@ -46,29 +46,42 @@ GEMM_VARIANTS = {"decode": (FWD, BWD, BWD_DROPOUT, BWD_DROPOUT_TSEED),
                  "large": (FWD, BWD), "large_dropout": (BWD_DROPOUT, BWD_DROPOUT_TSEED)}
 
 
-def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precision="tf32"):
-    cases = []
-    label = dt + ("ieee" if precision == "ieee" else "")
+def _gemm_entries(k, sizes, candidates):
+    """(path, size, case tag, table entry): the static defaults (GEMM_CONFIGS), or the other autotuning candidates
+    (GEMM_CANDIDATES less "default", which is GEMM_CONFIGS' entry), tagged size-name."""
     for path, table in k.GEMM_CONFIGS.items():
         for size in sizes:
-            cfg = k.tiles_for(table[size], dtype, precision)
-            chunks = sorted({k.gemm_rank_block(r, cfg) for r in k.RANK_BLOCKS})
-            rank_blocks = (chunks[0], chunks[-1]) if extremes else (chunks[-1],)
-            tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
-            for br in rank_blocks:
-                for direction, has_bias, has_dropout, q_kn, seed_ptr in variants_of[size]:
-                    sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}",
-                           "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
-                           **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
-                                      "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on",
-                                      "stride_bias"),
-                           "lora_scale": "fp32", "seed": "*i64" if seed_ptr else "i32", "thr": "i32"}
-                    ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, SEED_PTR=seed_ptr, EVEN_K=False,
-                              DOT_PRECISION=precision,
-                              USE_TMA=path == "tma", Q_KN=q_kn, BLOCK_R=br, **tile)
-                    for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
-                        cases.append((f"gemm-{path}-{size}-r{br}-{direction}-{label}-sm{arch}", "_lora_gemm_kernel",
-                                      sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
+            if not candidates:
+                yield path, size, size, table[size]
+                continue
+            for name, entry in k.GEMM_CANDIDATES[path][size].items():
+                if name != k.DEFAULT_CANDIDATE:
+                    yield path, size, f"{size}-{name}", entry
+
+
+def _gemm_cases(k, dt, dtype, sizes, extremes, variants_of=GEMM_VARIANTS, precision="tf32", candidates=False):
+    cases = []
+    label = dt + ("ieee" if precision == "ieee" else "")
+    for path, size, tag, entry in _gemm_entries(k, sizes, candidates):
+        cfg = k.tiles_for(entry, dtype, precision)
+        kernel = "_lora_gemm_persistent_kernel" if cfg.get("PERSISTENT") else "_lora_gemm_kernel"
+        chunks = sorted({k.gemm_rank_block(r, cfg) for r in k.RANK_BLOCKS})
+        rank_blocks = (chunks[0], chunks[-1]) if extremes else (chunks[-1],)
+        tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
+        for br in rank_blocks:
+            for direction, has_bias, has_dropout, q_kn, seed_ptr in variants_of[size]:
+                sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}",
+                       "RM": f"*{dt}", "BIAS": f"*{dt}", "OUT": f"*{dt}",
+                       **_strides("M", "N", "K", "R", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
+                                  "stride_lm", "stride_lr", "stride_rr", "stride_rn", "stride_om", "stride_on",
+                                  "stride_bias"),
+                       "lora_scale": "fp32", "seed": "*i64" if seed_ptr else "i32", "thr": "i32"}
+                ce = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, SEED_PTR=seed_ptr, EVEN_K=False,
+                          DOT_PRECISION=precision,
+                          USE_TMA=path == "tma", Q_KN=q_kn, BLOCK_R=br, **tile)
+                for arch in TMA_ARCHS if path == "tma" else PTR_ARCHS:
+                    cases.append((f"gemm-{path}-{tag}-r{br}-{direction}-{label}-sm{arch}", kernel,
+                                  sig, ce, arch, cfg["num_warps"], cfg["num_stages"]))
     return cases
 
 
@@ -155,11 +168,14 @@ def _cases():
     bf16: every GEMM size with the smallest and largest epilogue rank chunk (register use grows with it),
     every skinny rank block. fp32 (its own tiles, 4-byte loads), once with TF32 dots and once with "ieee"
     ones (torch's default fp32 precision: FMA dots, their own smaller reduction tiles): every GEMM size at
-    the largest rank chunk, every skinny rank block.
+    the largest rank chunk, every skinny rank block. The GEMM's other autotuning candidates (GEMM_CANDIDATES:
+    persistent and other tilings, which the launcher offers for 16-bit operands only): bf16, each variant of
+    their size, at the largest rank chunk (the registers beside the accumulator grow with it).
     """
     from fastpeft.kernels import lora_linear as k
 
     return (_gemm_cases(k, "bf16", torch.bfloat16, list(GEMM_VARIANTS), extremes=True)
+            + _gemm_cases(k, "bf16", torch.bfloat16, list(GEMM_VARIANTS), extremes=False, candidates=True)
             + _skinny_cases(k, "bf16", torch.bfloat16, k.RANK_BLOCKS)
             + _gemm_cases(k, "fp32", torch.float32, list(GEMM_VARIANTS), extremes=False)
             + _skinny_cases(k, "fp32", torch.float32, k.RANK_BLOCKS)
@@ -204,7 +220,11 @@ def test_every_config_is_enumerated():
                  "gemm-ptr-mid-r32-dorafwd-bf16-sm90",
                  "gemm-ptr-decode-r8-dorafwd-fp32ieee-sm80",
                  "gemm-ptr-mid-r8-bwd-dropout-fp32ieee-sm80", "dy-tma-r256-fp32ieee-sm90", "da-ptr-r256-fp32ieee-sm80",
-                 "db-tma-r128-bf16-sm90", "db-ptr-r16-fp32ieee-sm80"):
+                 "db-tma-r128-bf16-sm90", "db-ptr-r16-fp32ieee-sm80",
+                 # the GEMM's autotuning candidates (bf16 only)
+                 "gemm-tma-large-persistent-r32-fwd-bf16-sm90", "gemm-tma-mid-persistent-r64-bwd-dropout-bf16-sm90",
+                 "gemm-tma-large_dropout-persistent-r32-bwd-dropout-tensorseed-bf16-sm90",
+                 "gemm-ptr-large-k32s4-r32-bwd-bf16-sm80"):
         assert must in names
     # every fp32 case also at "ieee", the precision the launchers pass under torch's default 'highest'
     # (GEMMs at their own rank chunk)
@@ -228,8 +248,17 @@ def test_compiles_without_spills_and_with_tensor_cores(reports):
 
 def test_hopper_tma_gemm_uses_warpgroup_mma(reports):
     by_name = {name: rep for name, rep, _ in reports}
-    for name in ("gemm-tma-large-r32-fwd-bf16-sm90", "gemm-tma-large-r32-dorafwd-pre-bf16-sm90",
-                 "gemm-tma-large-r32-dorabwd-bf16-sm90"):
+    names = ["gemm-tma-large-r32-fwd-bf16-sm90", "gemm-tma-large-r32-dorafwd-pre-bf16-sm90",
+             "gemm-tma-large-r32-dorabwd-bf16-sm90"]
+    # every autotuning candidate of the "tma" path with warpgroup-sized row tiles (the decode tiles' 16 rows are
+    # below a warpgroup MMA's 64: those take mma.sync)
+    from fastpeft.kernels import lora_linear as k
+
+    names += [n for n in by_name if any(
+        n.startswith(f"gemm-tma-{size}-{cand}-r") for size, cands in k.GEMM_CANDIDATES["tma"].items()
+        for cand, cfg in cands.items() if cfg["BLOCK_M"] >= 64 and cand != k.DEFAULT_CANDIDATE)]
+    assert any("persistent" in n for n in names)
+    for name in names:
         rep = by_name[name]
         assert rep is not None and rep["hgmma"] > 0, (name, rep)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_finite_number, check_positive_int, check_probability
+from ..dropout import check_dropout_mask
 from ..ops.dora_linear_cached import DoRACallCache, cached_weight_sq_norm, dora_linear_cached
 from ..ops.dora_linear_torch import dora_norm
 from ..ops.lora_linear_cached import LoRACallCache, lora_linear_cached  # honours torch.autocast like nn.Linear
@@ -31,10 +32,13 @@ class LoRALinear(MergedState, nn.Module):
     (see fastpeft.modules.merged_state), so a merged layer's state loads as merged.
     use_dora=True: PEFT's DoRA (LoraConfig(use_dora=True)); the instance is a DoRALinear (see there).
     A bitsandbytes Linear4bit base (NF4 / FP4, QLoRA) makes a QLoRALinear (see there).
+    dropout_mask: "regenerate" (default: backward recomputes the dropout mask from its seed) or "packed" (forward
+    stores it as bits for backward, M·ceil(in/8) bytes; see fastpeft.lora_linear; not for DoRA or QLoRA).
     """
 
     _fastpeft_adapter = "fused"  # computes with base_layer's weight, never calls it (see fastpeft.targets)
     use_dora = False
+    dropout_mask = "regenerate"  # the class default (also for instances pickled before the option existed)
 
     def __new__(cls, *args, use_dora: bool = False, **kwargs):
         base = args[0] if args else kwargs.get("base_layer")
@@ -51,8 +55,13 @@ class LoRALinear(MergedState, nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
-                 use_dora: bool = False):
+                 use_dora: bool = False, dropout_mask: str = "regenerate"):
         super().__init__()
+        if check_dropout_mask(dropout_mask) != "regenerate":
+            if type(self) is not LoRALinear:
+                raise NotImplementedError(f"dropout_mask={dropout_mask!r}: only LoRALinear over an nn.Linear takes "
+                                          f"it, not {type(self).__name__}; use dropout_mask='regenerate'")
+            self.dropout_mask = dropout_mask
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora: expected True or False, got {use_dora!r}")
         if not isinstance(base_layer, nn.Linear):
@@ -129,7 +138,7 @@ class LoRALinear(MergedState, nn.Module):
             return self.base_layer(x)
         w, bias, a, b = self._tensors()
         return lora_linear_cached(self._call_cache, x, w, a, b, self.scaling, bias, self.lora_dropout, self.training,
-                                  self.backend)
+                                  self.backend, dropout_mask=self.dropout_mask)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -167,7 +176,8 @@ class LoRALinear(MergedState, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
-                f"use_rslora={self.use_rslora}, merged={self.merged}" + (", use_dora=True" if self.use_dora else ""))
+                f"use_rslora={self.use_rslora}, merged={self.merged}" + (", use_dora=True" if self.use_dora else "")
+                + (f", dropout_mask={self.dropout_mask!r}" if self.dropout_mask != "regenerate" else ""))
 
 
 class DoRALinear(LoRALinear):
@@ -185,11 +195,11 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
-                 use_dora: bool = True):
+                 use_dora: bool = True, dropout_mask: str = "regenerate"):
         if use_dora is not True:
             raise ValueError(f"use_dora: a DoRALinear is DoRA; expected True, got {use_dora!r}")
         super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend,
-                         adapter_dtype=adapter_dtype)
+                         adapter_dtype=adapter_dtype, dropout_mask=dropout_mask)
         w = base_layer.weight
         self._dora_cache = DoRACallCache()
         self.lora_magnitude_vector = nn.Parameter(self._norm().to(self.lora_A.dtype))
@@ -278,9 +288,12 @@ class QLoRALinear(LoRALinear):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None, adapter_dtype: torch.dtype | None = None,
-                 use_dora: bool = False):
+                 use_dora: bool = False, dropout_mask: str = "regenerate"):
         if use_dora is not False:
             raise NotImplementedError("QLoRALinear: use_dora=True over a 4-bit base (QDoRA) is not supported")
+        if check_dropout_mask(dropout_mask) != "regenerate":
+            raise NotImplementedError(f"dropout_mask={dropout_mask!r}: only LoRALinear over an nn.Linear takes it, "
+                                      "not QLoRALinear; use dropout_mask='regenerate'")
         if not is_linear4bit(base_layer):
             raise TypeError(f"base_layer: expected a bitsandbytes Linear4bit, got {type(base_layer).__name__}")
         cd = getattr(base_layer, "compute_dtype", None)

@@ -5,6 +5,14 @@ the same decomposition; see fastpeft._backend for how one is chosen. Dropout is 
 (fastpeft.dropout), so backward regenerates the mask instead of storing it: saved for backward are x itself,
 S = dropout(x)·Aᵀ and the seed.
 
+dropout_mask="packed" (torch, triton, cublas and auto's choice among them; not cuda) stores the mask instead: the
+forward's shrink writes it as bits, [M, ceil(in/8)] uint8, saved for backward, where the dX GEMM and the dA
+kernel read it. Tradeoff per step: M·in/8 bytes written once and read twice (12 MiB at M = 8192, in = 4096,
+about 3 µs of an H200's ~4 TB/s) and held from forward to backward (4 MiB per layer there), against two Philox
+regenerations of the [M, in] mask (Philox4x32-10, ~15 integer instructions per element: ~19 µs each at that
+shape on an H200, partly hidden under the kernels' memory and tensor-core time; benchmarks/bench_dropout.py
+measures both). Same seed, same mask bits, same results.
+
 Eager calls run LoRALinearFunction. Under torch.compile, lora_linear_traced calls the torch.library ops
 torch.ops.fastpeft.lora_linear_fwd/bwd, which lora_linear_custom_op.py registers (importing this module, never
 imported by it; fastpeft/__init__.py imports both).
@@ -18,7 +26,7 @@ from .._checks import (
     FLOAT_DTYPES, check_finite_number, check_finite_number_traceable, check_float_dtype, check_probability,
     check_same_device, check_tensor,
 )
-from ..dropout import SEED_BOUND, draw_seed, keep_threshold, traced_seed
+from ..dropout import SEED_BOUND, check_dropout_mask, draw_seed, keep_threshold, packed_mask_shape, traced_seed
 from .. import _ext_cpu
 from .lora_linear_backends import launchers
 from .lora_linear_torch import lora_linear_bwd_torch, lora_shrink_torch
@@ -36,6 +44,18 @@ def resolve_lora_backend(backend: str | None, device: torch.device, r: int) -> s
     cuda_reason = None if r <= LORA_MAX_RANK_CUDA else f"r={r} exceeds the CUDA kernels' maximum rank {LORA_MAX_RANK_CUDA}"
     return resolve_backend(backend, device, triton_ok=triton_reason, cuda_ok=cuda_reason, op="lora_linear",
                            cublas_ok=triton_reason, measured=True)
+
+
+# backends that take dropout_mask="packed" ("measured": auto on CUDA, which then never picks cuda)
+PACKED_MASK_BACKENDS = ("torch", "triton", "cublas", "measured")
+
+
+def check_mask_backend(dropout_mask: str, backend: str) -> None:
+    """Refuse dropout_mask="packed" on a backend without it (cuda), before any work."""
+    if dropout_mask == "packed" and backend not in PACKED_MASK_BACKENDS:
+        raise NotImplementedError(
+            f"dropout_mask='packed' is not supported by the {backend!r} backend (it regenerates the mask in its "
+            f"own kernels); use dropout_mask='regenerate', or backend 'triton', 'cublas', 'torch' or 'auto'")
 
 
 def _impl(backend: str):
@@ -68,15 +88,20 @@ def _unrows(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[1])
 
 
-def _forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-    """(y [M, out], S [M, r], the dropout threshold) on rows x2 [M, in] from the backend's forward launcher."""
+def _forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend, packed=False):
+    """(y [M, out], S [M, r], the dropout threshold, the packed keep bits or None) on rows x2 [M, in] from the
+    backend's forward launcher; packed (dropout_mask="packed", with dropout): the launcher fills the bits."""
     fwd, _ = _impl(backend)
     thr = keep_threshold(dropout_p)
     m, n = x2.shape[0], weight.shape[0]
     if m == 0 or n == 0:  # nothing to compute; no kernel is launched on an empty grid
-        return x2.new_empty((m, n)), x2.new_zeros((m, lora_a.shape[0])), thr
+        return x2.new_empty((m, n)), x2.new_zeros((m, lora_a.shape[0])), thr, None
+    if packed and dropout_p > 0:
+        mask = torch.empty(packed_mask_shape(m, x2.shape[1]), dtype=torch.uint8, device=x2.device)
+        y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr, mask=mask)
+        return y2, s, thr, mask
     y2, s = fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, thr)
-    return y2, s, thr
+    return y2, s, thr, None
 
 
 def _differentiable_backward(dy2, x2, weight, lora_a, lora_b, scaling, p, seed, needs):
@@ -97,9 +122,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-        y2, s, thr = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend, packed=False):
+        y2, s, thr, mask = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend,
+                                    packed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s, mask)  # mask: None unless dropout_mask="packed"
         # seed: an int, or a 0-d device tensor (draw_seed under CUDA graph capture), kept as it is: backward reads
         # the tensor's memory, which a replay's forward has refilled with that replay's seed
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, ctx.backend = scaling, dropout_p, seed, thr, backend
@@ -108,7 +134,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy2):
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        x, weight, lora_a, lora_b, s, mask = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         need_dbias = need_dbias and ctx.has_bias
         needs = (need_dx, need_da, need_db, need_dbias)
@@ -125,13 +151,13 @@ class LoRALinearFunction(torch.autograd.Function):
             dbias = weight.new_zeros(weight.shape[0]) if need_dbias else None
         elif any(needs):
             _, bwd = _impl(ctx.backend)
-            dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr,
-                                    needs)
+            args = (dy2, x2, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.thr, needs)
+            dx, da, db, dbias = bwd(*args) if mask is None else bwd(*args, mask=mask)
         if dx is not None:
             dx = dx.view(x.shape)
         if need_dw:  # W0 is frozen in LoRA; a caller who trains it anyway gets its exact gradient
             dw = (dy2.t() @ x2).to(weight.dtype)
-        return dx, dw, da, db, dbias, None, None, None, None
+        return dx, dw, da, db, dbias, None, None, None, None, None
 
 
 def check_lora_tensors(x, weight, lora_a, lora_b, bias, *, noun: str = "shape", rank: str = "r") -> None:
@@ -199,7 +225,8 @@ def check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p) -> tu
     return check_finite_number("scaling", scaling), check_probability("dropout_p", dropout_p)
 
 
-def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *, seed=None, backend=None):
+def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *, seed=None, backend=None,
+                dropout_mask="regenerate"):
     """LoRA linear in HF PEFT's layout: y = x·Wᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ.
 
     x [..., in] (fp32, fp16 or bf16); weight [out, in] and bias [out] in x's dtype; lora_a [r, in] and
@@ -207,13 +234,18 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     overlapping views); in_features >= 1, r >= 1, any M and out_features (0 included). The result is a fresh
     tensor (for x of other than 2 dims, a view of one made outside the autograd Function), so in-place ops
     on it train; double backward works on every backend. Dropout applies only when `training`; its mask
-    comes from `seed` (drawn from torch's CPU generator when None) and is never stored.
+    comes from `seed` (drawn from torch's CPU generator when None) and, by default, is never stored.
     backend: "auto" (default, or $FASTPEFT_BACKEND), "triton", "cuda", "cublas" or "torch" (see fastpeft._backend).
+    dropout_mask: "regenerate" (default: the backward recomputes the mask from the seed) or "packed" (the forward
+    stores it as bits, [M, ceil(in/8)] uint8, for the backward; not on the cuda backend): the same results.
     """
     if torch.compiler.is_compiling():  # traced: the torch.library ops, no graph break
-        return lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed=seed, backend=backend)
+        return lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed=seed, backend=backend,
+                                  dropout_mask=dropout_mask)
     scaling, dropout_p = check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    packed = check_dropout_mask(dropout_mask) == "packed"
     name = resolve_lora_backend(backend, x.device, lora_a.shape[0])
+    check_mask_backend(dropout_mask, name)
     p = dropout_p if training else 0.0
     if p > 0:
         if seed is None:  # an int; a device tensor while a CUDA graph is captured, so each replay gets a fresh mask
@@ -223,11 +255,12 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, tr
     else:
         seed = 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias)):
+        # the C++ node keeps no mask: a packed one takes the Function
         node = cpu_autograd_node(name, x.device) if type(seed) is int and type(x) is torch.Tensor else None
-        if node is not None:
+        if node is not None and not (packed and p > 0):
             y2 = node(x, weight, lora_a, lora_b, bias, scaling, p, seed, keep_threshold(p) if p > 0 else 0)
         else:
-            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name)
+            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, name, packed)
     else:  # inference (decode): the same kernels without autograd's bookkeeping, which costs more than a small GEMV
         y2 = _forward(as_rows(x), weight, lora_a, lora_b, bias, scaling, p, seed, name)[0]
     return _unrows(y2, x)
@@ -245,7 +278,7 @@ def _check_scalars(scaling, dropout_p):
 
 
 def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, training=True, *,
-                       seed=None, backend=None):
+                       seed=None, backend=None, dropout_mask="regenerate"):
     """fastpeft.lora_linear through the torch.library ops (lora_linear_custom_op.py): what a compiled graph calls.
 
     Same arguments and checks as fastpeft.lora_linear; `seed` may also be a 0-d torch.int64 tensor, on the CPU
@@ -265,11 +298,13 @@ def lora_linear_traced(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=
     check_lora_inputs(x, weight, lora_a, lora_b, bias, 1.0, 0.0)  # the tensor checks
     if backend is not None:
         requested_backend(backend)  # a bad name fails while tracing, not at the first run
+    check_dropout_mask(dropout_mask)
     p = dropout_p if training else 0.0
     seed_t = traced_seed(seed, p, x.device)
-    y2, _ = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "")
+    y2 = torch.ops.fastpeft.lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed_t, backend or "",
+                                            dropout_mask)[0]
     return _unrows(y2, x)
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "cpu_autograd_node", "lora_linear_traced", "resolve_lora_backend", "check_lora_inputs",
+__all__ = ["lora_linear", "LoRALinearFunction", "cpu_autograd_node", "check_mask_backend", "lora_linear_traced", "resolve_lora_backend", "check_lora_inputs",
            "check_lora_tensors", "FLOAT_DTYPES"]

@@ -24,7 +24,7 @@ from ..limits import LORA_MAX_RANK_CUDA, LORA_MAX_RANK_TRITON
 from .lora_linear_backends import launchers
 
 OP = "lora_linear"
-TIMING_SEED = 12345  # the runners' dropout seed: a fixed int, so no RNG is drawn
+TIMING_SEED = autotune.TIMING_SEED
 _NEEDS_LABEL = {}
 
 
@@ -60,25 +60,14 @@ def _key(x2, weight, lora_a, bias, p, label):
             "dropout" if p > 0 else "nodropout", label)
 
 
-class _Run:
-    """One candidate's pass on fresh tensors; `backend` names it (an injected test timer may read it)."""
-
-    def __init__(self, backend, fn):
-        self.backend, self.fn = backend, fn
-
-    def __call__(self):
-        return self.fn()
-
-
 def _fresh(device, x2, weight, lora_a, lora_b, bias):
     """Tensors of the call's shapes and dtypes, drawn from a private generator (torch's RNG untouched)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(0)
+    g = autotune.generator(device)
     m, k = x2.shape
     n, r = weight.shape[0], lora_a.shape[0]
 
     def rnd(shape, dtype, scale=1.0):
-        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+        return autotune.randn(shape, dtype, device, g, scale)
 
     return (rnd((m, k), x2.dtype), rnd((n, k), weight.dtype, 1 / math.sqrt(k)),
             rnd((r, k), lora_a.dtype, 1 / math.sqrt(k)), rnd((n, r), lora_b.dtype, 1 / math.sqrt(r)),
@@ -97,14 +86,12 @@ def _choose(key, x2, weight, lora_a, lora_b, bias, scaling, p, needs):
         seed = TIMING_SEED if p > 0 else 0
         thr = keep_threshold(p)
         if needs is None:
-            return _Run(name, lambda: fwd(x, w, a, b, bs, scaling, p, seed, thr))
+            return autotune.Run(name, lambda: fwd(x, w, a, b, bs, scaling, p, seed, thr))
         if "s" not in holder:
-            holder["s"] = torch.randn((x.shape[0], r), device=device, dtype=torch.float32,
-                                      generator=torch.Generator(device=device).manual_seed(1)).to(x.dtype)
-            holder["dy"] = torch.randn((x.shape[0], w.shape[0]), device=device, dtype=torch.float32,
-                                       generator=torch.Generator(device=device).manual_seed(2)).to(x.dtype)
+            holder["s"] = autotune.randn((x.shape[0], r), x.dtype, device, autotune.generator(device, 1))
+            holder["dy"] = autotune.randn((x.shape[0], w.shape[0]), x.dtype, device, autotune.generator(device, 2))
         s, dy = holder["s"], holder["dy"]
-        return _Run(name, lambda: bwd(dy, x, w, a, b, s, scaling, p, seed, thr, needs))
+        return autotune.Run(name, lambda: bwd(dy, x, w, a, b, s, scaling, p, seed, thr, needs))
 
     try:
         return autotune.choose(OP, key, device, lambda: lora_candidates(device, r), runner, lambda: _static(device, r))
@@ -120,23 +107,31 @@ def _guard(name, device, r, p, seed):
     return name
 
 
-def lora_linear_fwd_measured(x2, weight, lora_a, lora_b, bias, scaling, p, seed, thr):
+def _masked(name, mask):
+    """A packed dropout mask (dropout_mask="packed") runs on the choice made for the regenerated one, except cuda,
+    which has no packed kernels: triton instead. Returns (name, the mask keyword)."""
+    if mask is None:
+        return name, {}
+    return ("triton" if name == "cuda" else name), {"mask": mask}
+
+
+def lora_linear_fwd_measured(x2, weight, lora_a, lora_b, bias, scaling, p, seed, thr, mask=None):
     key = _key(x2, weight, lora_a, bias, p, "fwd")
     name = autotune.lookup(OP, key, x2.device)
     if name is None:
         name = _choose(key, x2, weight, lora_a, lora_b, bias, scaling, p, None)
-    return launchers(_guard(name, x2.device, lora_a.shape[0], p, seed))[0](
-        x2, weight, lora_a, lora_b, bias, scaling, p, seed, thr)
+    name, kw = _masked(_guard(name, x2.device, lora_a.shape[0], p, seed), mask)
+    return launchers(name)[0](x2, weight, lora_a, lora_b, bias, scaling, p, seed, thr, **kw)
 
 
-def lora_linear_bwd_measured(dy, x2, weight, lora_a, lora_b, s, scaling, p, seed, thr, needs):
+def lora_linear_bwd_measured(dy, x2, weight, lora_a, lora_b, s, scaling, p, seed, thr, needs, mask=None):
     needs = tuple(bool(n) for n in needs)
     key = _key(x2, weight, lora_a, None, p, _needs_label(needs))
     name = autotune.lookup(OP, key, x2.device)
     if name is None:
         name = _choose(key, x2, weight, lora_a, lora_b, None, scaling, p, needs)
-    return launchers(_guard(name, x2.device, lora_a.shape[0], p, seed))[1](
-        dy, x2, weight, lora_a, lora_b, s, scaling, p, seed, thr, needs)
+    name, kw = _masked(_guard(name, x2.device, lora_a.shape[0], p, seed), mask)
+    return launchers(name)[1](dy, x2, weight, lora_a, lora_b, s, scaling, p, seed, thr, needs, **kw)
 
 
 def measured_choice(x2, weight, lora_a, bias=None, dropout_p: float = 0.0, needs=None) -> str:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 
 from ..autocast import lora_linear_amp
-from ..dropout import draw_seed, keep_threshold
+from ..dropout import check_dropout_mask, draw_seed, keep_threshold
 from .call_cache import CallCache
-from .lora_linear import LoRALinearFunction, _impl, check_lora_inputs, cpu_autograd_node, resolve_lora_backend
+from .lora_linear import (
+    LoRALinearFunction, _impl, check_lora_inputs, check_mask_backend, cpu_autograd_node, resolve_lora_backend,
+)
 
 _is_compiling = torch.compiler.is_compiling
 _autocast_on = torch.is_autocast_enabled
@@ -32,15 +34,15 @@ class LoRACallCache(CallCache):
 
     Not part of the layer's state: a copy of the layer starts with an empty cache (see CallCache)."""
 
-    __slots__ = ("backend", "fwd", "node", "thr", "scaling", "p")
+    __slots__ = ("backend", "fwd", "node", "thr", "scaling", "p", "packed")
 
     def __init__(self):
         super().__init__()
         self.backend = self.fwd = self.node = None
-        self.thr, self.scaling, self.p = 0, 1.0, 0.0
+        self.thr, self.scaling, self.p, self.packed = 0, 1.0, 0.0, False
 
 
-def call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend):
+def call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend, dropout_mask="regenerate"):
     """The cache key of a call: what its checks and backend choice depend on; None where the cache does not apply
     (while torch.compile traces, under autocast, for a tensor subclass)."""
     if _is_compiling() or type(x) is not torch.Tensor:
@@ -50,33 +52,34 @@ def call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend)
         return None
     b = None if bias is None else (bias.shape, bias.dtype, bias.device)
     return (x.dtype, dev, x.shape[-1], weight.shape, weight.dtype, weight.device, lora_a.shape, lora_a.dtype,
-            lora_a.device, lora_b.shape, lora_b.dtype, lora_b.device, b, scaling, dropout_p, backend)
+            lora_a.device, lora_b.shape, lora_b.dtype, lora_b.device, b, scaling, dropout_p, backend, dropout_mask)
 
 
 _UNSET = object()
 
 
 def lora_linear_cached(cache: LoRACallCache, x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0,
-                       training=True, backend=None, *, key=_UNSET):
+                       training=True, backend=None, *, key=_UNSET, dropout_mask="regenerate"):
     """fastpeft.lora_linear (honouring autocast) with the checks and backend choice cached in `cache`;
     `key`: call_signature() of these arguments when the caller has it already."""
     if key is _UNSET:
-        key = call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend)
+        key = call_signature(x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend, dropout_mask)
     if key is None:
         return lora_linear_amp(x, weight, lora_a, lora_b, scaling, bias=bias, dropout_p=dropout_p, training=training,
-                               backend=backend)
+                               backend=backend, dropout_mask=dropout_mask)
     if key != cache.key:
-        _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend)
+        _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend, dropout_mask)
     scaling = cache.scaling  # as floats, checked
     p = cache.p if training else 0.0
     seed = draw_seed(x.device) if p > 0 else 0  # a device tensor inside CUDA graph capture (see draw_seed)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                     or weight.requires_grad or (bias is not None and bias.requires_grad)):
         node = cache.node
-        if node is not None and type(seed) is int:  # the whole layer as one C++ autograd node (CPU, torch backend)
+        # the whole layer as one C++ autograd node (CPU, torch backend), which keeps no packed mask
+        if node is not None and type(seed) is int and not (cache.packed and p > 0):
             y2 = node(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.thr if p > 0 else 0)
         else:
-            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.backend)
+            y2 = LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scaling, p, seed, cache.backend, cache.packed)
     else:  # inference: the backend's forward without autograd's bookkeeping
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0 or weight.shape[0] == 0:  # nothing to compute; no kernel is launched on an empty grid
@@ -86,13 +89,16 @@ def lora_linear_cached(cache: LoRACallCache, x, weight, lora_a, lora_b, scaling,
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[1])
 
 
-def _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend) -> None:
+def _validate(cache, key, x, weight, lora_a, lora_b, bias, scaling, dropout_p, backend, dropout_mask) -> None:
     scaling, dropout_p = check_lora_inputs(x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    check_dropout_mask(dropout_mask)
     name = resolve_lora_backend(backend, x.device, lora_a.shape[0])
+    check_mask_backend(dropout_mask, name)
     cache.key = None  # a failure below leaves the cache empty
     cache.backend, cache.fwd = name, _impl(name)[0]
     cache.node = cpu_autograd_node(name, x.device)
     cache.thr, cache.scaling, cache.p = keep_threshold(dropout_p), scaling, dropout_p
+    cache.packed = dropout_mask == "packed"
     cache.key = key
 
 

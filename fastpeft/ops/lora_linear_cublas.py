@@ -25,16 +25,19 @@ from ..kernels.lora_linear import lora_bwd_da, lora_bwd_dy, lora_shrink
 from ..kernels.lora_skinny import lora_expand
 
 
-def lora_linear_fwd_cublas(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int):
-    """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] in x's dtype, saved for backward)."""
-    s = lora_shrink(x, lora_a, p, seed, thr)
+def lora_linear_fwd_cublas(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed, thr: int, mask=None):
+    """Forward on 2-D x [M, K]: returns (y [M, N] in x's dtype, S [M, R] in x's dtype, saved for backward).
+    mask: a uint8 [M, ceil(K/8)] tensor the shrink fills with the keep bits (dropout_mask="packed"), or None."""
+    s = lora_shrink(x, lora_a, p, seed, thr, mask)
     c = lora_expand(s, lora_b, bias, scaling, x.dtype)  # C = s·S·Bᵀ + bias, written once
     y = c.addmm_(x, weight.t())  # y = C + x·W0ᵀ, in C's memory
     return y, s
 
 
-def lora_linear_bwd_cublas(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed, thr: int, needs):
-    """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed)."""
+def lora_linear_bwd_cublas(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed, thr: int, needs,
+                           mask=None):
+    """Backward on 2-D tensors. needs = (dx, dA, dB, dbias) flags; returns those four (None where not needed).
+    mask: the forward's packed keep bits (dropout_mask="packed"), read instead of regenerating the mask."""
     need_dx, need_da, need_db, need_dbias = needs
     ds, db, dbias = lora_bwd_dy(dy, lora_b, s, scaling, need_dx or need_da, need_db, need_dbias)
     if ds is not None:  # both consumers multiply dS in dY's dtype, as the fused path does
@@ -42,10 +45,10 @@ def lora_linear_bwd_cublas(dy, x, weight, lora_a, lora_b, s, scaling: float, p: 
     dx = da = None
     if need_dx:
         # low = keep⊙(dS·A)/(1-p): Rmᵀ = Aᵀ as a view; the mask is x's (rows M, columns K)
-        low = lora_expand(ds, lora_a.t(), None, 1.0 / (1.0 - p), dy.dtype, (seed, thr) if p > 0 else None)
+        low = lora_expand(ds, lora_a.t(), None, 1.0 / (1.0 - p), dy.dtype, (seed, thr) if p > 0 else None, mask)
         dx = low.addmm_(dy, weight)  # dX = low + dY·W0
     if need_da:
-        da = lora_bwd_da(x, ds, p, seed, thr).to(lora_a.dtype)
+        da = lora_bwd_da(x, ds, p, seed, thr, mask).to(lora_a.dtype)
     if db is not None:
         db = db.to(lora_b.dtype)
     if dbias is not None:

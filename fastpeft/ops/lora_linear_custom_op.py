@@ -7,6 +7,9 @@ fastpeft.lora_linear calls them, through lora_linear_traced (ops/lora_linear.py,
 is described), only while torch.compiler.is_compiling(). This module imports ops/lora_linear.py, never the
 reverse: the ops are reached through torch.ops.fastpeft, and fastpeft/__init__.py imports this module.
 
+dropout_mask="packed": the forward op also returns the keep-mask's bits ([M, ceil(in/8)] uint8; else an empty
+[0] uint8 tensor), which the backward op takes as `mask`.
+
 The seed is an optional 0-d int64 tensor (None without dropout). The ops hand a seed on x's device to the
 launchers and to the PyTorch twin as it is, to be read on the device (no host read: a CUDA graph replays it);
 see `_kernel_seed` for a CPU seed with CUDA x.
@@ -17,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..dropout import keep_threshold
-from .lora_linear import _differentiable_backward, _impl, resolve_lora_backend
+from ..dropout import keep_threshold, packed_mask_shape
+from .lora_linear import _differentiable_backward, _impl, check_mask_backend, resolve_lora_backend
 from .lora_linear import lora_linear_traced  # noqa: F401  (the entry point of these ops, importable from here too)
 from .shapes import as_rows, lead_rows
 
@@ -49,8 +52,10 @@ def _kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, x: torch.Tensor
 @torch.library.custom_op("fastpeft::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        bias: Optional[torch.Tensor], scaling: float, dropout_p: float,
-                       seed: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [M, out] in x's dtype, the rows of x [..., in]; S [M, r] saved for backward); inputs already validated.
+                       seed: Optional[torch.Tensor], backend: str,
+                       dropout_mask: str = "regenerate") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [M, out] in x's dtype, the rows of x [..., in]; S [M, r] saved for backward; the packed keep bits with
+    dropout_mask="packed" and dropout, else an empty uint8 tensor); inputs already validated.
 
     y comes back as rows, not viewed to x's leading shape: lora_linear_traced reshapes it outside the op, so
     no output is a view made inside the op's autograd Function (which in-place ops after it could not follow).
@@ -58,25 +63,35 @@ def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tens
     _check_scalars_at_run(scaling, dropout_p)
     x2 = as_rows(x)
     m, n, r = x2.shape[0], weight.shape[0], lora_a.shape[0]
+    name = _resolved(backend, x, r)
+    check_mask_backend(dropout_mask, name)
+    packed = dropout_mask == "packed" and dropout_p > 0
+    mask = x.new_empty(packed_mask_shape(m, x2.shape[1]) if packed else (0,), dtype=torch.uint8)
     if m == 0 or n == 0:  # nothing to compute; no kernel is launched on an empty grid
-        return x.new_empty((m, n)), x.new_zeros((m, r))
-    fwd, _ = _impl(_resolved(backend, x, r))
-    return fwd(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, _kernel_seed(seed, dropout_p, x),
-               keep_threshold(dropout_p))
+        return x.new_empty((m, n)), x.new_zeros((m, r)), mask
+    fwd, _ = _impl(name)
+    args = (x2, weight, lora_a, lora_b, bias, scaling, dropout_p, _kernel_seed(seed, dropout_p, x),
+            keep_threshold(dropout_p))
+    y, s = fwd(*args, mask=mask) if packed else fwd(*args)
+    return y, s, mask
 
 
 @lora_linear_fwd_op.register_fake
-def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend, dropout_mask="regenerate"):
     m = lead_rows(x)
-    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_a.shape[0]))
+    packed = dropout_mask == "packed" and dropout_p > 0
+    mask = x.new_empty(packed_mask_shape(m, x.shape[-1]) if packed else (0,), dtype=torch.uint8)
+    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_a.shape[0])), mask
 
 
 @torch.library.custom_op("fastpeft::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                        lora_b: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float,
                        seed: Optional[torch.Tensor], need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB, dbias) for dy [M, out], the rows of y; a gradient not needed comes back as an empty [0] tensor."""
+                       backend: str, mask: Optional[torch.Tensor] = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias) for dy [M, out], the rows of y; a gradient not needed comes back as an empty [0] tensor.
+    mask: the forward op's packed keep bits (dropout_mask="packed"), read instead of regenerating the mask."""
     x2, dy2 = as_rows(x), as_rows(dy)
     r = lora_a.shape[0]
     if x2.shape[0] == 0 or weight.shape[0] == 0:
@@ -84,9 +99,9 @@ def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dbias = dy.new_zeros(weight.shape[0])
     else:
         _, bwd = _impl(_resolved(backend, x, r))
-        dx, da, db, dbias = bwd(dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p,
-                                _kernel_seed(seed, dropout_p, x), keep_threshold(dropout_p),
-                                (need_dx, need_da, need_db, need_dbias))
+        args = (dy2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, _kernel_seed(seed, dropout_p, x),
+                keep_threshold(dropout_p), (need_dx, need_da, need_db, need_dbias))
+        dx, da, db, dbias = bwd(*args) if mask is None or dropout_p == 0 else bwd(*args, mask=mask)
         if dx is not None:
             dx = dx.view(x.shape)
     # a custom op's outputs may not alias each other: a fresh empty tensor for each gradient not needed
@@ -95,7 +110,8 @@ def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 @lora_linear_bwd_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db, need_dbias, backend):
+def _(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_da, need_db, need_dbias, backend,
+      mask=None):
     def maybe(need, like, shape):
         return like.new_empty(shape) if need else like.new_empty((0,))
     return (maybe(need_dx, x, x.shape), maybe(need_da, lora_a, lora_a.shape), maybe(need_db, lora_b, lora_b.shape),
@@ -103,14 +119,15 @@ def _(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)  # seed: a tensor or None
+    x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend = inputs[:9]
+    mask = output[2] if output[2].numel() else None  # the packed keep bits (dropout_mask="packed")
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed, mask)  # seed: a tensor or None
     ctx.scaling, ctx.dropout_p, ctx.backend, ctx.has_bias = scaling, dropout_p, backend, bias is not None
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, dy, _ds):
-    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+def _backward(ctx, dy, _ds, _mask):
+    x, weight, lora_a, lora_b, s, seed, mask = ctx.saved_tensors
     need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
     need_dbias = need_dbias and ctx.has_bias
     dx = dw = da = db = dbias = None
@@ -124,12 +141,12 @@ def _backward(ctx, dy, _ds):
     elif need_dx or need_da or need_db or need_dbias:
         dx, da, db, dbias = torch.ops.fastpeft.lora_linear_bwd(
             dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed,
-            need_dx, need_da, need_db, need_dbias, ctx.backend)
+            need_dx, need_da, need_db, need_dbias, ctx.backend, mask)
         dx, da, db, dbias = (g if need else None for g, need in
                              ((dx, need_dx), (da, need_da), (db, need_db), (dbias, need_dbias)))
     if need_dw:  # W0 is frozen in LoRA; a caller who trains it anyway gets its exact gradient
         dw = (as_rows(dy).t() @ as_rows(x)).to(weight.dtype)
-    return dx, dw, da, db, dbias, None, None, None, None
+    return dx, dw, da, db, dbias, None, None, None, None, None
 
 
 torch.library.register_autograd("fastpeft::lora_linear_fwd", _backward, setup_context=_setup_context)

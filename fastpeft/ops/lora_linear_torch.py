@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext_cpu
+from ..dropout import dropout_keep_mask, pack_keep_mask, unpack_keep_mask
 from ..dropout_cpu import dropped, dropped_pair, twin_dropped
 
 _DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
@@ -45,20 +46,33 @@ def lora_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int
     return xd @ _as(lora_a, x.dtype).t()
 
 
-def lora_linear_fwd_torch(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0):
-    """Forward on 2-D x [M, K] (any strides): returns (y [M, N], S [M, R]) in x's dtype."""
-    ext = _cpp(x, seed)
+def lora_linear_fwd_torch(x, weight, lora_a, lora_b, bias, scaling: float, p: float, seed: int, thr: int = 0,
+                          mask=None):
+    """Forward on 2-D x [M, K] (any strides): returns (y [M, N], S [M, R]) in x's dtype.
+
+    mask: a uint8 [M, ceil(K/8)] tensor that receives the keep-mask as bits (dropout_mask="packed"), or None;
+    with it the mask is drawn once by the PyTorch twin (the C++ kernels draw it on the fly and keep nothing)."""
+    packed = mask is not None and p > 0
+    ext = None if packed else _cpp(x, seed)
     if ext is not None:
         return ext.lora_fwd(x, weight, lora_a, lora_b, bias, scaling, p, seed, thr)
-    s = lora_shrink_torch(x, lora_a, p, seed)
+    if packed:
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+        mask.copy_(pack_keep_mask(keep))
+        s = _dropped(x, p, seed, keep) @ _as(lora_a, x.dtype).t()
+    else:
+        s = lora_shrink_torch(x, lora_a, p, seed)
     y = torch.nn.functional.linear(x, weight, bias)
     y.addmm_(s, _as(lora_b, x.dtype).t(), alpha=scaling)
     return y, s
 
 
-def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs):
-    """Backward on 2-D tensors; needs = (dx, dA, dB, dbias). Returns those four (None where not needed)."""
-    ext = _cpp(x, seed)
+def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: float, seed: int, thr: int, needs,
+                          mask=None):
+    """Backward on 2-D tensors; needs = (dx, dA, dB, dbias). Returns those four (None where not needed).
+    mask: the forward's packed keep bits (dropout_mask="packed"), unpacked instead of regenerating the mask."""
+    keep = unpack_keep_mask(mask, x.shape[1]) if mask is not None and p > 0 else None
+    ext = _cpp(x, seed) if keep is None else None
     if ext is not None and type(dy) is torch.Tensor:
         return ext.lora_bwd(dy, x, weight, lora_a, lora_b, s, scaling, p, seed, thr, *needs)
     need_dx, need_da, need_db, need_dbias = needs
@@ -74,7 +88,9 @@ def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: f
         dx = dy @ weight
         if p > 0:  # the forward's mask and 1/(1-p) on dS·A; with dA wanted, dA's input under the same mask
             low = ds @ a
-            if need_da:
+            if keep is not None:
+                low = _dropped(low, p, seed, keep)
+            elif need_da:
                 xd, low = dropped_pair(x, low, p, seed)
             else:
                 low = dropped(low, p, seed)
@@ -83,7 +99,7 @@ def lora_linear_bwd_torch(dy, x, weight, lora_a, lora_b, s, scaling: float, p: f
             dx.addmm_(ds, a)
     if need_da:
         if xd is None:
-            xd = dropped(x, p, seed) if p > 0 else x
+            xd = _dropped(x, p, seed, keep) if p > 0 else x
         da = _as(ds.t() @ xd, lora_a.dtype)
     if need_dbias:
         dbias = _as(dy.sum(0, dtype=torch.float32), dy.dtype)
