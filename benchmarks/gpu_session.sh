@@ -68,11 +68,13 @@ stage tests 100 220 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations
 # 2. every op's quick preset (each op's headline and decode cases; torch.compile on each op's first case; every
 #    fastpeft backend that can run: torch, triton, cublas, cuda where the op has them, and for the LoRA linear
 #    fastpeft[auto], whose measured choices (backends and Triton GEMM configs, with their timings) the JSON keeps
-#    under settings.autotune);
+#    under settings.autotune; fastpeft[torch], the PyTorch twin, is left to the full preset: GPU_BACKENDS);
 #    --time-budget stops starting new cases early enough to write the JSON files and the plots, and shares
 #    the time among the ops by their estimates
 BENCH_T=$(( $(left) - 100 )); (( BENCH_T > 170 )) && BENCH_T=170
-stage bench 170 100 "$PY" -m fastpeft.bench all --preset quick --out "$RES" --time-budget $((BENCH_T > 80 ? BENCH_T - 45 : 30))
+GPU_BACKENDS="triton cublas cuda auto"  # tests/test_bench.py models the preset's time with these
+stage bench 170 100 "$PY" -m fastpeft.bench all --preset quick --backend $GPU_BACKENDS --out "$RES" \
+  --time-budget $((BENCH_T > 80 ? BENCH_T - 45 : 30))
 # 3. the whole-model benchmark (python -m fastpeft.bench model --preset gpu: 2 decoder layers at Llama-3-8B
 #    widths, seq 2048 x batch 4, bf16); without its torch.compile variants, whose two inductor compilations do
 #    not fit this call's budget (run them alone: python -m fastpeft.bench model --preset gpu, < 4 min); the JSON

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_precision, interpreting, launch_opts, path_for, rank_block, tile_args, tiles_for
-from .lora_linear import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
+from .launch import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
 from .philox import dropout_keep, dropout_seed
 
 # Rows the decode kernel takes (tl.dot's minimum M: the row tile, padded).

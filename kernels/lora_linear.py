@@ -45,6 +45,8 @@ from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exporte
 )
 from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .gemm_loop import gemm_k_loop
+from .launch import _launch, seed_arg  # noqa: F401 (seed_arg re-exported: fastpeft.kernels.lora_linear.seed_arg)
+from .lora_decode import lora_decode
 from .lora_gemm_tuning import persistent_programs, tuned_gemm_config
 from .lora_linear_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.lora_linear.*)
     DEFAULT_CANDIDATE, GEMM_CANDIDATES, GEMM_CONFIGS, INTERPRETER_CONFIGS, MAX_RANK, RANK_BLOCKS, SCALED_GEMM_CONFIGS,
@@ -452,37 +454,6 @@ def _lora_bwd_da_packed_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def seed_arg(seed, device: torch.device) -> tuple:
-    """(the kernel's seed argument, SEED_PTR): an int as it is; a 0-d int64 tensor on `device`, loaded by the kernel."""
-    if not isinstance(seed, torch.Tensor):
-        return seed, False
-    if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device != device:
-        raise ValueError(f"seed: expected an int or a 0-d torch.int64 tensor on {device} (the kernels' device), "
-                         f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
-    return seed, True
-
-
-# compiled int-seed dropout kernels whose tensor-seed variant is loaded too (_launch)
-_TENSOR_SEED_READY: set = set()
-
-
-def _launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), with `seed`, HAS_DROPOUT and SEED_PTR among the keywords.
-
-    On a GPU, a dropout launch with an int seed also compiles and loads, once per compiled kernel, the same
-    kernel with the seed as a tensor, launched on an empty grid (no work). A CUDA graph capture of the same call
-    (fastpeft.dropout.draw_seed hands the kernels a tensor there) then finds it loaded: warm-up runs outside
-    capture see int seeds, and loading a module during capture fails ("operation not permitted when stream is
-    capturing")."""
-    compiled = kernel[grid](*args, **kwargs)
-    if (kwargs["HAS_DROPOUT"] and not kwargs["SEED_PTR"] and args[0].device.type == "cuda"
-            and compiled not in _TENSOR_SEED_READY):
-        seed_t = torch.zeros((), dtype=torch.int64, device=args[0].device)
-        kernel[(0,)](*args, **{**kwargs, "seed": seed_t, "SEED_PTR": True})
-        _TENSOR_SEED_READY.add(compiled)
-    return compiled
-
-
 def packed_tiles(kind: str, cfg: dict, dtype: torch.dtype, precision: str | None = None) -> dict:
     """Tiles of a packed-mask skinny kernel ("shrink" or "da"): the regenerating kernel's (skinny_config), narrowed
     where the bit shuffles beside its tiles spill (tests/test_lora_dropout_static.py): dA's 128-column tile to 64
@@ -716,7 +687,6 @@ def lora_linear_fwd(x, weight, lora_a, lora_b, bias, scaling: float, p: float, s
     seed: an int, or a 0-d int64 tensor on x's device (read by the kernels, never on the host). Up to 16 rows:
     one launch (kernels/lora_decode.py); else the shrink, then the GEMM."""
     if 0 < x.shape[0] <= 16 and weight.shape[0] > 0 and (mask is None or p == 0):
-        from .lora_decode import lora_decode  # imports this module (its launch helpers): not at the top
         return lora_decode(x, weight, lora_a, lora_b, bias, scaling, p, seed, thr)
     s = lora_shrink(x, lora_a, p, seed, thr, mask)
     y = lora_gemm(x, weight, s, lora_b, bias, scaling, None)

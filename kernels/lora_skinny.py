@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_precision, fma_dots, interpreting, launch_opts, rank_block, tile_args
-from .lora_linear import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
+from .launch import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
 from .philox import dropout_keep, dropout_seed, load_keep_bits
 
 # Tiles by dtype class. The pass streams OUT; the rank chunk bounds the [BLOCK_M, BLOCK_R] and [BLOCK_R, BLOCK_N]

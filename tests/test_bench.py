@@ -259,10 +259,12 @@ def test_quick_presets_fit_the_gpu_session():
     """gpu_session.sh runs every op's quick preset in one call next to the CUDA tests: the modelled time
     (timing, checks, compilation) must leave room for imports and Triton compilation."""
     st = presets.Settings.for_preset("quick")
+    script = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_session.sh")).read()
+    backends = tuple(re.search(r'^GPU_BACKENDS="([^"]+)"', script, re.M).group(1).split())
     total = 0.0
     for name in OPS:
         op = get_op(name)
-        total += core.estimate_seconds(op, op.cases("quick"), lambda c, op=op: op.impl_names(c), st,
+        total += core.estimate_seconds(op, op.cases("quick"), lambda c, op=op: op.impl_names(c, backends), st,
                                        torch.device("cuda"))
     assert total < 210, total
 

@@ -110,7 +110,7 @@ def test_int_seed_dropout_launch_on_a_gpu_also_loads_the_tensor_seed_kernel(monk
     capture is refused by CUDA: so the first int-seed dropout launch of each compiled kernel on a GPU also
     launches its tensor-seed variant on an empty grid (compiled and loaded, no work), once. Checked here with a
     stand-in kernel; on a GPU the manual-capture test below runs the real one."""
-    from fastpeft.kernels import lora_linear as k
+    from fastpeft.kernels import launch as k  # the launch helper and its set of loaded variants
 
     launches = []
 
