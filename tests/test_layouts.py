@@ -215,30 +215,42 @@ def lora_spec(**over):
     return spec
 
 
-def run_lora(backend, spec):
-    gen = torch.Generator().manual_seed(spec["seed"])
+def lora_args(spec, gen, weight=True, magnitude=False) -> Args:
+    """The tensors of a LoRA-family call at their drawn layouts: x, weight (unless a quantized one stands in),
+    lora_a, lora_b (never zero: the adapter term is tested), DoRA's magnitude, the bias; storages snapshotted."""
     dt, lead, k, n, r = spec["dtype"], spec["lead"], spec["in_f"], spec["out_f"], spec["r"]
     adt = torch.float32 if spec["adapter_fp32"] else dt
     t = Args(spec, gen)
-    x = t.add("x", randn(gen, *lead, k, dtype=dt))
-    w = t.add("weight", randn(gen, n, k, scale=k ** -0.5, dtype=dt))
-    a = t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
-    b = t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))  # never zero: the adapter term is tested
-    bias = t.add("bias", randn(gen, n, dtype=dt)) if spec["bias"] else None
+    t.add("x", randn(gen, *lead, k, dtype=dt))
+    if weight:
+        t.add("weight", randn(gen, n, k, scale=k ** -0.5, dtype=dt))
+    t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
+    t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))
+    if magnitude:
+        t.add("magnitude", (randn(gen, n) * 0.2 + 1.0).to(adt))
+    if spec["bias"]:
+        t.add("bias", randn(gen, n, dtype=dt))
     t.snapshot()
-    seed = spec["seed"] % 2 ** 31 if spec["p"] > 0 else None
-    y = fastpeft.lora_linear(x, w, a, b, spec["scaling"], bias=bias, dropout_p=spec["p"], training=True, seed=seed,
-                             backend=backend)
-    x64, w64, a64, b64 = (t.ref(nm) for nm in ("x", "weight", "lora_a", "lora_b"))
+    return t
+
+
+def lora_ref64(t: Args, spec, seed, w64):
+    """x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias) in float64 from the call's values, W0 given as w64."""
+    x64, a64, b64 = (t.ref(nm) for nm in ("x", "lora_a", "lora_b"))
     xd = x64
     if spec["p"] > 0:
-        m = math.prod(lead)
-        keep = dropout_keep_mask(seed, m, k, spec["p"]).reshape(x64.shape).to(torch.float64)
-        xd = x64 * keep / (1 - spec["p"])
+        keep = dropout_keep_mask(seed, math.prod(spec["lead"]), spec["in_f"], spec["p"]).reshape(x64.shape)
+        xd = x64 * keep.to(torch.float64) / (1 - spec["p"])
     y64 = x64 @ w64.t() + spec["scaling"] * (xd @ a64.t()) @ b64.t()
-    if bias is not None:
-        y64 = y64 + t.ref("bias")
-    t.check(y, y64, (*lead, n), _backward)
+    return y64 + t.ref("bias") if spec["bias"] else y64
+
+
+def run_lora(backend, spec):
+    t = lora_args(spec, torch.Generator().manual_seed(spec["seed"]))
+    seed = spec["seed"] % 2 ** 31 if spec["p"] > 0 else None
+    y = fastpeft.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], spec["scaling"], bias=t["bias"],
+                             dropout_p=spec["p"], training=True, seed=seed, backend=backend)
+    t.check(y, lora_ref64(t, spec, seed, t.ref("weight")), (*spec["lead"], spec["out_f"]), _backward)
 
 
 @pytest.mark.parametrize("backend", LORA_BACKENDS)
@@ -270,24 +282,15 @@ def dora_specs(draw):
 
 
 def run_dora(backend, spec):
-    gen = torch.Generator().manual_seed(spec["seed"])
-    dt, lead, k, n, r = spec["dtype"], spec["lead"], spec["in_f"], spec["out_f"], spec["r"]
-    adt = torch.float32 if spec["adapter_fp32"] else dt
-    t = Args(spec, gen)
-    x = t.add("x", randn(gen, *lead, k, dtype=dt))
-    w = t.add("weight", randn(gen, n, k, scale=k ** -0.5, dtype=dt))
-    a = t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
-    b = t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))
-    m = t.add("magnitude", (randn(gen, n) * 0.2 + 1.0).to(adt))
-    bias = t.add("bias", randn(gen, n, dtype=dt)) if spec["bias"] else None
-    t.snapshot()
+    t = lora_args(spec, torch.Generator().manual_seed(spec["seed"]), magnitude=True)
     s = spec["scaling"]
-    y = fastpeft.dora_linear(x, w, a, b, m, s, bias=bias, backend=backend)
+    y = fastpeft.dora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["magnitude"], s, bias=t["bias"],
+                             backend=backend)
     merged = t.ref("weight") + s * t.ref("lora_b") @ t.ref("lora_a")
     y64 = (t.ref("magnitude") / merged.norm(dim=1).detach()) * (t.ref("x") @ merged.t())  # PEFT detaches the norm
-    if bias is not None:
+    if spec["bias"]:
         y64 = y64 + t.ref("bias")
-    t.check(y, y64, (*lead, n), _backward)
+    t.check(y, y64, (*spec["lead"], spec["out_f"]), _backward)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -321,31 +324,17 @@ def run_qlora(backend, spec):
 
     deq = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # flat-indexed: exact
     gen = torch.Generator().manual_seed(spec["seed"])
-    dt, lead, k, n, r = spec["dtype"], spec["lead"], spec["in_f"], spec["out_f"], spec["r"]
-    adt = torch.float32 if spec["adapter_fp32"] else dt
+    dt, k, n = spec["dtype"], spec["in_f"], spec["out_f"]
     packed, qs = bnb_f.quantize_4bit(randn(gen, n, k, scale=k ** -0.5).to(DEVICE), blocksize=spec["blocksize"],
                                      quant_type=spec["quant_type"], compress_statistics=spec["double"])
     amax = (bnb_f.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
     # the weight as the compute dtype holds it, then float64
     w64 = deq(packed.reshape(-1), amax, qs.code, qs.blocksize, tuple(qs.shape), dt).double().cpu()
-    t = Args(spec, gen)
-    x = t.add("x", randn(gen, *lead, k, dtype=dt))
-    a = t.add("lora_a", randn(gen, r, k, scale=k ** -0.5, dtype=adt))
-    b = t.add("lora_b", randn(gen, n, r, scale=0.5, dtype=adt))
-    bias = t.add("bias", randn(gen, n, dtype=dt)) if spec["bias"] else None
-    t.snapshot()
+    t = lora_args(spec, gen, weight=False)
     seed = spec["seed"] % 2 ** 31 if spec["p"] > 0 else None
-    y = fastpeft.qlora_linear(x, packed, qs, a, b, spec["scaling"], bias=bias, dropout_p=spec["p"], training=True,
-                              seed=seed, backend=backend)
-    x64, a64, b64 = (t.ref(nm) for nm in ("x", "lora_a", "lora_b"))
-    xd = x64
-    if spec["p"] > 0:
-        keep = dropout_keep_mask(seed, math.prod(lead), k, spec["p"]).reshape(x64.shape).to(torch.float64)
-        xd = x64 * keep / (1 - spec["p"])
-    y64 = x64 @ w64.t() + spec["scaling"] * (xd @ a64.t()) @ b64.t()
-    if bias is not None:
-        y64 = y64 + t.ref("bias")
-    t.check(y, y64, (*lead, n), _backward)
+    y = fastpeft.qlora_linear(t["x"], packed, qs, t["lora_a"], t["lora_b"], spec["scaling"], bias=t["bias"],
+                              dropout_p=spec["p"], training=True, seed=seed, backend=backend)
+    t.check(y, lora_ref64(t, spec, seed, w64), (*spec["lead"], n), _backward)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
