@@ -41,15 +41,21 @@ order. Scaling W's rows is the same pass on Wᵀ (a transposed view).
 """
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
 from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .common import (
     dot_precision, grouped_tile, interpreting, launch_opts, path_for, reduction_programs, split_even, tile_args,
     tiles_for,
 )
+from . import gemm_tuning as _tuning  # tunable: tests replace it there
 from .gemm_loop import gemm_k_loop
+from .gemm_tuning import DEFAULT_CANDIDATE  # noqa: F401 (re-exported: the static test reads it)
 
 # ----------------------------------------------------------------------------------------------- configs
 # Every configuration a launcher can pick; tests/test_ia3.py compiles each ("tma" for sm_90, "ptr" for
@@ -57,7 +63,7 @@ from .gemm_loop import gemm_k_loop
 # dots (FMA, no tensor cores) takes the smallest reduction tile (`tiles_for`).
 # "large_fused": the variants that hold a second [BM, *] tile in registers beside the accumulator (the
 # prologue's scaled A operand, the reduction's E tile) take a narrower tile than the plain epilogue.
-# Untuned beyond that: measured tuning on a GPU is owed.
+# The static defaults; GEMM_CANDIDATES below are what the launcher times on a GPU (no GPU has measured them yet).
 GEMM_CONFIGS = {
     "tma": {
         "decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
@@ -72,6 +78,39 @@ GEMM_CONFIGS = {
         "large_fused": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     },
 }
+# What the launcher times per size on a GPU (kernels/gemm_tuning.py; FASTPEFT_AUTOTUNE=0: "default", the entry
+# above, the static default). 16-bit operands only: fp32 keeps "default", so tests/test_ia3.py compiles the
+# other candidates for bf16 alone. Why these (no GPU has measured them yet; 132 SMs on H100/H200):
+#   decode: W streams once; 64-column tiles give N/64 programs (64 at N = 4096), 32 columns twice as many, a
+#     longer K tile keeps the bytes in flight.
+#   mid: M <= 256 is at most 4 row tiles, so the column tiles set the parallelism: 128 columns give 128
+#     programs at M = 256, N = 4096 (under one wave), 64 columns 256, with one more stage to hide the latency.
+#   large: 128x256 tiles at M = 8192, N = 4096 are 1024 programs, 7.76 waves: 128x128 (4 stages, the fused
+#     variants' tile) evens out shapes whose last wave is ragged.
+#   large_fused: 128x128 holds a second tile (prologue's scaled A, the reduction's E) beside the accumulator;
+#     64x128 at 4 warps halves both per program and doubles the programs.
+#   "ptr" (pointer tensors' registers): a K-32, 4-stage variant of each large tile (the classic Ampere shape).
+GEMM_CANDIDATES = {
+    "tma": {
+        "decode": {"default": GEMM_CONFIGS["tma"]["decode"],
+                   "n32": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)},
+        "mid": {"default": GEMM_CONFIGS["tma"]["mid"],
+                "n64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)},
+        "large": {"default": GEMM_CONFIGS["tma"]["large"],
+                  "128x128": GEMM_CONFIGS["tma"]["large_fused"]},
+        "large_fused": {"default": GEMM_CONFIGS["tma"]["large_fused"],
+                        "64x128": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)},
+    },
+    "ptr": {
+        "decode": {"default": GEMM_CONFIGS["ptr"]["decode"]},
+        "mid": {"default": GEMM_CONFIGS["ptr"]["mid"]},
+        "large": {"default": GEMM_CONFIGS["ptr"]["large"],
+                  "k32s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)},
+        "large_fused": {"default": GEMM_CONFIGS["ptr"]["large_fused"],
+                        "k32s4": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)},
+    },
+}
+OP = "ia3_gemm"  # its decisions in backend_report()["autotune"]
 # Under the interpreter: small tiles, so the tests' small shapes span several tiles and tails.
 INTERPRET_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
 
@@ -89,6 +128,33 @@ def gemm_config(M: int, dtype, path: str, fused: bool) -> dict:
     if interpreting():
         return dict(INTERPRET_GEMM_CONFIG)
     return tiles_for(GEMM_CONFIGS[path][gemm_config_name(M, fused)], dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_candidates(path: str, size: str, dtype, precision: str) -> dict:
+    return _tuning.resolve_candidates(GEMM_CANDIDATES[path][size], dtype, precision)
+
+
+def gemm_candidates(M: int, dtype, path: str, fused: bool) -> dict:
+    """{name: resolved config} the launcher may time (GEMM_CANDIDATES; fp32: "default" alone), the static
+    default under DEFAULT_CANDIDATE. Cached and shared: callers must not modify the configs."""
+    return _resolved_candidates(path, gemm_config_name(M, fused), dtype, dot_precision(dtype))
+
+
+def _key(a, w, N, K, path, flags) -> tuple:
+    """The tuning key: dtype, path, rows bucketed, N, K and the variant (its kernel's constexpr flags)."""
+    return (a.dtype, path, f"m{autotune.m_bucket(a.shape[0])}", f"n{N}", f"k{K}",
+            "+".join(name for name, on in flags.items() if on) or "plain")
+
+
+def _describe(key: tuple, choice: str) -> dict:
+    """The chosen config's tiles, for backend_report()["autotune"] (autotune.set_describer)."""
+    dtype, path, mb, _, _, variant = key[:6]
+    fused = "pro" in variant.split("+") or "red" in variant.split("+")
+    return dict(gemm_candidates(int(mb[1:]), dtype, path, fused).get(choice, {}))
+
+
+autotune.set_describer(OP, _describe)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -155,17 +221,29 @@ def _unit_stride(v):
     return v if v is None or v.stride(0) == 1 or v.numel() <= 1 else v.contiguous()
 
 
-def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
+def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None, tuned=None):
     """c = ((a ⊙ pro)·B + bias) ⊙ epi for a [M, K], where B = wᵀ (b_kn False: w is [N, K]) or B = w
     (b_kn True: w is [K, N]). With e [M, N]: returns Σ_rows e ⊙ (a·B + bias), fp32 [N], from per-row-block
-    partials in row chunks of a bounded partial buffer (module docstring)."""
-    import torch
-
+    partials in row chunks of a bounded partial buffer (module docstring). The config: measured on CUDA tensors
+    (kernels/gemm_tuning.py), else the interpreter's; tuned = (path, config) forces both (the timing runs)."""
     epi = _unit_stride(epi)
     M = a.shape[0]
-    # path_for sends expanded (stride-0) or overlapping rows through pointers
-    path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
-    cfg = gemm_config(M, a.dtype, path, fused=pro is not None or e is not None)
+    fused = pro is not None or e is not None
+    if tuned is not None:
+        path, cfg = tuned
+    else:
+        # path_for sends expanded (stride-0) or overlapping rows through pointers
+        path = path_for(a.device, *(t for t in (a, w, c, e) if t is not None))
+        if _tuning.tunable(a.device):
+            flags = {"bias": bias is not None, "pro": pro is not None, "epi": epi is not None, "red": e is not None,
+                     "c": c is not None, "b_kn": b_kn}
+            cfg = _tuning.tuned_config(
+                OP, _key(a, w, N, K, path, flags), a.device, gemm_candidates(M, a.dtype, path, fused),
+                lambda g: tuple(_tuning.fresh_like(t, g) for t in (a, w, c, bias, pro, epi, e)),
+                lambda t, cfg: _gemm(t[0], t[1], b_kn=b_kn, N=N, K=K, c=t[2], bias=t[3], pro=t[4], epi=t[5],
+                                     e=t[6], tuned=(path, cfg)))
+        else:
+            cfg = gemm_config(M, a.dtype, path, fused)
     stride_bk, stride_bn = (w.stride(0), w.stride(1)) if b_kn else (w.stride(1), w.stride(0))
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     chunk_blocks = m_blocks
@@ -201,8 +279,6 @@ def _gemm(a, w, *, b_kn, N, K, c=None, bias=None, pro=None, epi=None, e=None):
 def ia3_fwd(x, weight, bias, scale, mode: str, out=None):
     """y [M, N] in x's dtype (written into `out` when given): (x·Wᵀ + b) ⊙ l for mode "output",
     (x ⊙ l)·Wᵀ + b for mode "input"."""
-    import torch
-
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
@@ -215,8 +291,6 @@ def ia3_fwd(x, weight, bias, scale, mode: str, out=None):
 
 def ia3_bwd(dy, x, weight, bias, scale, mode: str, need_dx: bool, need_dl: bool):
     """dx [M, K] (x's dtype) or None, and dl (fp32, shape of scale) or None."""
-    import torch
-
     M, K = x.shape
     N = weight.shape[0]
     dev = x.device
@@ -289,8 +363,6 @@ def ia3_scale_reduce(a, scale=None, out=None, e=None):
     """out = a ⊙ scale (scale [N] scales a's columns; out [M, N] may be a itself) and, with e [M, N], returns
     Σ_rows e ⊙ a (of a before scaling) in fp32 [N], else None. Every tensor at any strides (stride 0
     included, out excepted: it is written)."""
-    import torch
-
     M, N = a.shape
     if M == 0 or N == 0:
         return torch.zeros(N, device=a.device, dtype=torch.float32) if e is not None else None

@@ -1,6 +1,7 @@
 """Which config the LoRA GEMM (kernels/lora_linear.py `lora_gemm`) launches with: measured on the GPU it runs on.
 
-On CUDA tensors the launcher asks `tuned_gemm_config`; its key is (dtype, path, rows bucketed to a power of two,
+On CUDA tensors the launcher asks `tuned_gemm_config` (the mechanism shared with the IA3 and multi-LoRA GEMMs:
+kernels/gemm_tuning.py `tuned_config`); its key is (dtype, path, rows bucketed to a power of two,
 N, K, dropout on/off, Q's layout). The first call for a key times each candidate of the M bucket
 (lora_linear_configs.GEMM_CANDIDATES: the static default, persistent and other tilings) through
 fastpeft/autotune.py `choose`, on fresh tensors of the call's shapes, dtypes and layouts (never the caller's),
@@ -23,8 +24,9 @@ from __future__ import annotations
 import torch
 
 from .. import autotune
-from .common import _num_sms, interpreting
-from .lora_linear_configs import DEFAULT_CANDIDATE, gemm_candidates, gemm_config
+from .common import _num_sms
+from .gemm_tuning import chosen_configs, fresh_like, tunable, tuned_config  # tunable: tests replace it here
+from .lora_linear_configs import gemm_candidates, gemm_config
 
 OP = "lora_gemm"
 
@@ -35,11 +37,6 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
     if device.type == "cuda":
         return max(1, min(tiles, _num_sms(device.index if device.index is not None else torch.cuda.current_device())))
     return max(1, min(tiles, 3))
-
-
-def tunable(device: torch.device) -> bool:
-    """Whether the config is chosen by measurement (CUDA tensors, compiled kernels); tests replace it."""
-    return device.type == "cuda" and not interpreting()
 
 
 def _key(p_mat, q_t, dropout, path: str, q_kn: bool) -> tuple:
@@ -57,30 +54,10 @@ def tuned_gemm_config(launch, p_mat, q_t, l_mat, rm_t, bias, lora_scale: float, 
     if not tunable(device):
         return gemm_config(M, p_mat.dtype, path, dropout is not None)
     cands = gemm_candidates(M, p_mat.dtype, path, dropout is not None)
-    key = _key(p_mat, q_t, dropout, path, q_kn)
-    name = autotune.lookup(OP, key, device)
-    if name is None:
-        name = _choose(launch, key, cands, p_mat, q_t, l_mat, rm_t, bias, lora_scale, dropout, path)
-    return cands[name]
-
-
-def _choose(launch, key, cands, p_mat, q_t, l_mat, rm_t, bias, lora_scale, dropout, path) -> str:
-    device = p_mat.device
-    holder = {}
     drop = None if dropout is None else (autotune.TIMING_SEED, dropout[1])
-
-    def runner(name):
-        if "t" not in holder:
-            g = autotune.generator(device)
-            holder["t"] = tuple(None if t is None else autotune.randn_like(t, g)
-                                for t in (p_mat, q_t, l_mat, rm_t, bias))
-        p, q, lo, rm, bs = holder["t"]
-        return autotune.Run(name, lambda: launch(p, q, lo, rm, bs, lora_scale, drop, tuned=(path, cands[name])))
-
-    try:
-        return autotune.choose(OP, key, device, lambda: list(cands), runner, lambda: DEFAULT_CANDIDATE)
-    finally:
-        holder.clear()  # the fresh tensors go now, not with the closures
+    return tuned_config(OP, _key(p_mat, q_t, dropout, path, q_kn), device, cands,
+                        lambda g: tuple(fresh_like(t, g) for t in (p_mat, q_t, l_mat, rm_t, bias)),
+                        lambda t, cfg: launch(*t, lora_scale, drop, tuned=(path, cfg)))
 
 
 def _describe(key: tuple, choice: str) -> dict:
@@ -96,7 +73,7 @@ def chosen_gemm_configs() -> list[dict]:
     """The GEMM configs decided in this process (for benchmarks): backend_report()["autotune"]'s decisions of op
     "lora_gemm": key, the chosen candidate's name ("backend"), per-candidate milliseconds, source, and its tiles
     ("detail", PERSISTENT among them)."""
-    return [rec for rec in autotune.report()["decisions"] if rec["op"] == OP]
+    return chosen_configs(OP)
 
 
 __all__ = ["OP", "tuned_gemm_config", "tunable", "persistent_programs", "chosen_gemm_configs"]

@@ -15,6 +15,7 @@ import torch
 
 from ..limits import LORA_MAX_RANK_TRITON
 from .common import dot_precision, interpreting, rank_block, tiles_for
+from .gemm_tuning import DEFAULT_CANDIDATE, resolve_candidates  # noqa: F401 (DEFAULT_CANDIDATE re-exported)
 
 MAX_RANK = LORA_MAX_RANK_TRITON  # fastpeft/limits.py; larger ranks take the PyTorch backend
 
@@ -77,7 +78,7 @@ GEMM_CANDIDATES = {
         "large_dropout": {"default": GEMM_CONFIGS["ptr"]["large_dropout"]},
     },
 }
-DEFAULT_CANDIDATE = "default"
+
 # The DoRA GEMM (_lora_gemm_scaled_kernel): the LoRA GEMM's tiles, except where the per-column scale's registers
 # beside the bias's spill: Hopper's large tile narrows to 128 columns (as with dropout), the pointer path's mid tile
 # takes 8 warps. Its store of the unscaled tile (STORE_PRE) is compiled for the "tma" path only: beside the pointer
@@ -180,9 +181,7 @@ def gemm_config(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _resolved_candidates(path: str, size: str, dtype: torch.dtype, precision: str) -> dict:
-    if dtype == torch.float32:
-        return {DEFAULT_CANDIDATE: tiles_for(GEMM_CONFIGS[path][size], dtype, precision)}
-    return {name: tiles_for(cfg, dtype, precision) for name, cfg in GEMM_CANDIDATES[path][size].items()}
+    return resolve_candidates(GEMM_CANDIDATES[path][size], dtype, precision)
 
 
 def gemm_candidates(M: int, dtype: torch.dtype, path: str, dropout: bool) -> dict:

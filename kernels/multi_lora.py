@@ -60,12 +60,16 @@ from .common import (  # noqa: F401 (rank_block, tiles_for: re-exported for the 
     dot_precision, grouped_tile, launch_opts, path_for, rank_block, reduction_programs, split_even, tile_args,
     tiles_for,
 )
+from .. import autotune
+from . import gemm_tuning as _tuning  # tunable: tests replace it there
 from .gemm_loop import gemm_k_loop
 from .multi_lora_configs import (  # noqa: F401 (the tables, re-exported: fastpeft.kernels.multi_lora.*)
-    DECODE_M, EXPAND_CONFIGS, GEMM_CONFIGS, INTERPRETER_CONFIGS, INTERPRETER_SEG_BLOCK_M, MAX_RANK, SEG_BLOCK_M,
-    SKINNY_CONFIGS, expand_config, expand_config_name, gemm_config, gemm_config_name, gemm_rank_block, rank_bucket,
-    seg_block_m, skinny_config,
+    DECODE_M, EXPAND_CONFIGS, GEMM_CANDIDATES, GEMM_CONFIGS, INTERPRETER_CONFIGS, INTERPRETER_SEG_BLOCK_M, MAX_RANK,
+    SEG_BLOCK_M, SKINNY_CONFIGS, expand_config, expand_config_name, gemm_candidates, gemm_config, gemm_config_name,
+    gemm_rank_block, rank_bucket, seg_block_m, skinny_config,
 )
+
+OP = "multi_lora_gemm"  # its decisions in backend_report()["autotune"]
 from .multi_lora_grouping import Grouping
 
 
@@ -342,20 +346,53 @@ def multi_lora_shrink(x, ids, perm, a_pool, ranks, offsets, n_adapters: int, r_m
     return s
 
 
-def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int, out=None):
+def multi_lora_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int, out=None,
+                    tuned=None):
     """out = P·Q + Σ_a scale[a]·L[rows of a, :r_a]·Rm_a + bias, q_t = Qᵀ [N, K], rm_t = pool Rmᵀ [N, R_total].
 
     scale None means 1 (L already scaled, as dS in backward). out: None or the [M, N] destination (any strides).
+    The config: measured on CUDA tensors (kernels/gemm_tuning.py), else the interpreter's; tuned = (path,
+    config) forces both (the timing runs).
     """
     M, K = p_mat.shape
     N = q_t.shape[0]
     if out is None:
         out = torch.empty((M, N), device=p_mat.device, dtype=p_mat.dtype)
     q_kn = q_t.stride(1) != 1  # Q itself is row-major [K, N] (backward's W0) rather than [N, K]
-    path = path_for(p_mat.device, q_t.t() if q_kn else q_t)
+    if tuned is not None:
+        path, cfg = tuned
+    else:
+        path = path_for(p_mat.device, q_t.t() if q_kn else q_t)
+        if _tuning.tunable(p_mat.device):
+            cfg = _tuning.tuned_config(
+                OP, _gemm_key(p_mat, N, r_max, path, q_kn, bias, scale), p_mat.device,
+                gemm_candidates(M, p_mat.dtype, path),
+                lambda g: tuple(_tuning.fresh_like(t, g)
+                                for t in (p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, out)),
+                lambda t, cfg: multi_lora_gemm(*t[:9], n_adapters, r_max, out=t[9], tuned=(path, cfg)))
+        else:
+            cfg = gemm_config(M, p_mat.dtype, path)
     _launch_gemm(p_mat, q_t, l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters, r_max, out,
-                 gemm_config(M, p_mat.dtype, path), path == "tma", q_kn, True)
+                 cfg, path == "tma", q_kn, True)
     return out
+
+
+def _gemm_key(p_mat, N, r_max, path, q_kn, bias, scale) -> tuple:
+    """The tuning key: dtype, path, rows bucketed, N, K, the pool's rank bucket (the epilogue's rank chunk) and
+    the kernel's variant flags. The adapter mix of the first call's ids is what is timed (a copy of them)."""
+    M, K = p_mat.shape
+    return (p_mat.dtype, path, f"m{autotune.m_bucket(M)}", f"n{N}", f"k{K}", f"r{autotune.r_bucket(r_max)}",
+            "q_kn" if q_kn else "q_nk", "bias" if bias is not None else "nobias",
+            "scale" if scale is not None else "noscale")
+
+
+def _describe(key: tuple, choice: str) -> dict:
+    """The chosen config's tiles, for backend_report()["autotune"] (autotune.set_describer)."""
+    dtype, path, mb = key[:3]
+    return dict(gemm_candidates(int(mb[1:]), dtype, path).get(choice, {}))
+
+
+autotune.set_describer(OP, _describe)
 
 
 def multi_lora_expand(l_mat, rm_t, bias, ids, scale, ranks, offsets, n_adapters: int, r_max: int, out):

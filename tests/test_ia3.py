@@ -337,10 +337,12 @@ from test_adapter import _start_static_compiles, check_report, compile_reports  
 STATIC_ARCHS = {"tma": (90,), "ptr": (90, 80)}
 
 
-def _gemm_cases(k, path, size, dt, variant="", precision="tf32"):
+def _gemm_cases(k, path, size, dt, variant="", precision="tf32", cand=None):
     """variant "": the heaviest variant of the size (see above); "dl": the output-scaling scale gradient,
-    Σ dY ⊙ (x·Wᵀ + b) with B read as Wᵀ and no C (the fused sizes only)."""
-    cfg = k.tiles_for(k.GEMM_CONFIGS[path][size], {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], precision)
+    Σ dY ⊙ (x·Wᵀ + b) with B read as Wᵀ and no C (the fused sizes only). cand: a measured candidate other than
+    the default (GEMM_CANDIDATES), named gemm-<path>-<size>@<cand>-..."""
+    entry = k.GEMM_CONFIGS[path][size] if cand is None else k.GEMM_CANDIDATES[path][size][cand]
+    cfg = k.tiles_for(entry, {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], precision)
     sig = {"A": f"*{dt}", "B": f"*{dt}", "C": f"*{dt}", "BIAS": f"*{dt}", "PRO": "*fp32", "EPI": "*fp32",
            "E": f"*{dt}", "P": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk",
                                                               "stride_bn", "stride_cm", "stride_cn", "stride_em",
@@ -354,7 +356,8 @@ def _gemm_cases(k, path, size, dt, variant="", precision="tf32"):
               **{n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))})
     tag = f"-{variant}" if variant else ""
     label = dt + ("ieee" if precision == "ieee" else "")
-    return [(f"gemm-{path}-{size}-{label}{tag}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
+    at = "" if cand is None else f"@{cand}"
+    return [(f"gemm-{path}-{size}{at}-{label}{tag}-sm{arch}", "fastpeft.kernels.ia3", "_ia3_kernel", sig, ce, arch,
              cfg["num_warps"], cfg["num_stages"]) for arch in STATIC_ARCHS[path]]
 
 
@@ -376,6 +379,14 @@ def _static_cases():
             cases += _gemm_cases(k, path, size, "fp32", precision="ieee")
             if size != "large":
                 cases += _gemm_cases(k, path, size, "fp32", "dl", precision="ieee")
+    # the measured candidates other than the default: bf16 only (fp32 keeps the default, `gemm_candidates`)
+    for path, sets in k.GEMM_CANDIDATES.items():
+        for size, cands in sets.items():
+            for cand in cands:
+                if cand != k.DEFAULT_CANDIDATE:
+                    cases += _gemm_cases(k, path, size, "bf16", cand=cand)
+                    if size != "large":
+                        cases += _gemm_cases(k, path, size, "bf16", "dl", cand=cand)
     return cases
 
 
@@ -394,6 +405,13 @@ def test_static_cases_cover_every_config():
                 else:
                     assert f"gemm-{path}-{size}-bf16-dl-sm{arch}" in names
                     assert f"gemm-{path}-{size}-fp32ieee-dl-sm{arch}" in names
+    for path, sets in k.GEMM_CANDIDATES.items():
+        assert set(sets) == set(k.GEMM_CONFIGS[path])
+        for size, cands in sets.items():
+            assert cands[k.DEFAULT_CANDIDATE] is k.GEMM_CONFIGS[path][size] and len(cands) <= 3
+            for cand in set(cands) - {k.DEFAULT_CANDIDATE}:
+                for arch in STATIC_ARCHS[path]:
+                    assert f"gemm-{path}-{size}@{cand}-bf16-sm{arch}" in names
     # the launcher picks exactly the tables' sizes, and "large" only for variants without prologue or reduction
     picked = {k.gemm_config_name(m, fused) for m in (1, 32, 33, 256, 257, 10 ** 6) for fused in (False, True)}
     assert picked == set(k.GEMM_CONFIGS["tma"]) == set(k.GEMM_CONFIGS["ptr"])

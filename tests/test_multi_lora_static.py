@@ -4,7 +4,8 @@ with tensor-core instructions wherever there is a tl.dot (Triton's ahead-of-time
 GEMM: the "tma" path (W0 through a tensor descriptor) runs on sm_90, the "ptr" path on sm_80 and on sm_90
 for unaligned W0; each size compiles forward (bias, per-adapter scaling) and backward (fp32 dS, W0 as
 [K, N]) at its largest rank chunk. "expand": the same kernel without its K loop (HAS_BASE=False), the cuBLAS
-backend's C and low, per EXPAND_CONFIGS entry both ways. Skinny kernels (pointer loads only) compile
+backend's C and low, per EXPAND_CONFIGS entry both ways. The GEMM's measured candidates (GEMM_CANDIDATES, other than the
+default) compile both ways at bf16 only: fp32 keeps the default. Skinny kernels (pointer loads only) compile
 per rank bucket at its largest rank block for both architectures. bf16 stands for fp16 (same layouts);
 fp32 (TF32 dots, halved tiles) compiles the heaviest tiles, and fp32 with "ieee" dots (torch's default fp32
 precision: FMA dots, no tensor cores, their own tiles) the tightest ones. Keep the count small: each case
@@ -35,8 +36,10 @@ def _gemm_cases(k, dt, dtype, plan, precision="tf32"):
     cases = []
     label = dt + ("ieee" if precision == "ieee" else "")
     for path, size, direction, arch in plan:
+        size, _, cand = size.partition("@")  # "<size>@<candidate>": a measured candidate (GEMM_CANDIDATES)
         table = k.EXPAND_CONFIGS if path == "expand" else k.GEMM_CONFIGS[path]
-        cfg = k.tiles_for(table[size], dtype, precision)
+        cfg = k.tiles_for(k.GEMM_CANDIDATES[path][size][cand] if cand else table[size], dtype, precision)
+        size += f"@{cand}" if cand else ""
         tile = {n: v for n, v in cfg.items() if n.startswith(("BLOCK_", "GROUP_"))}
         fwd = direction == "fwd"
         sig = {"P": f"*{dt}", "Q": f"*{dt}", "L": f"*{dt}" if fwd else "*fp32", "RM": f"*{dt}", "BIAS": f"*{dt}",
@@ -98,6 +101,10 @@ def _cases():
     gemm = [("tma", size, d, 90) for size in k.GEMM_CONFIGS["tma"] for d in ("fwd", "bwd")]
     gemm += [("ptr", size, d, 80) for size in k.GEMM_CONFIGS["ptr"] for d in ("fwd", "bwd")]
     gemm += [("ptr", "large", d, 90) for d in ("fwd", "bwd")]
+    # the measured candidates other than the default, both ways at bf16 only (fp32 keeps the default)
+    gemm += [(path, f"{size}@{cand}", d, arch) for path, archs in (("tma", (90,)), ("ptr", (80, 90)))
+             for size, cands in k.GEMM_CANDIDATES[path].items() for cand in cands if cand != "default"
+             for d in ("fwd", "bwd") for arch in archs]
     buckets = sorted(k.SKINNY_CONFIGS["shrink"])
     skinny = [(kind, b, arch) for kind in ("shrink", "dy", "red") for b in buckets for arch in (80, 90)]
     skinny += [("fixup", b, 90) for b in buckets]
@@ -136,7 +143,8 @@ def test_every_config_is_enumerated():
     from fastpeft.kernels import multi_lora as k
 
     names = [c[0] for c in _cases()]
-    assert len(names) == len(set(names)) and len(names) <= 64  # the seg-reduce kernel at "ieee"; 12 expand cases
+    # the seg-reduce kernel at "ieee"; 12 expand cases; 10 GEMM candidates
+    assert len(names) == len(set(names)) and len(names) <= 74
     for path, table in k.GEMM_CONFIGS.items():
         for size in table:
             for d in ("fwd", "bwd"):
@@ -149,6 +157,13 @@ def test_every_config_is_enumerated():
     for kind, table in k.SKINNY_CONFIGS.items():
         for bucket in table:
             assert any(n.startswith(f"{kind}-r{bucket}-bf16") for n in names), (kind, bucket)
+    for path, sets in k.GEMM_CANDIDATES.items():
+        assert set(sets) == set(k.GEMM_CONFIGS[path])
+        for size, cands in sets.items():
+            assert cands["default"] is k.GEMM_CONFIGS[path][size] and len(cands) <= 3
+            for cand in set(cands) - {"default"}:
+                for d in ("fwd", "bwd"):
+                    assert any(n.startswith(f"gemm-{path}-{size}@{cand}-{d}-bf16") for n in names), (path, cand)
     # the launchers choose from these tables only
     assert {k.gemm_config_name(m) for m in (1, 64, 65, 256, 257, 10**6)} == set(k.GEMM_CONFIGS["tma"])
     assert {k.rank_bucket(r) for r in range(1, k.MAX_RANK + 1)} == set(k.SKINNY_CONFIGS["dy"])
