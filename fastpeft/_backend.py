@@ -7,7 +7,7 @@
 rest, where an op has that path (the LoRA linear, IA3, multi-LoRA, the GaLore linear's backward and GaLoreAdamW:
 ops/*_cublas.py); CUDA tensors (CPU tensors under TRITON_INTERPRET=1 for the tests, never chosen by auto there).
 "auto": on CPU tensors, torch. On CUDA tensors, for an op that measures (resolve_backend(measured=True): the
-LoRA linear), "measured": the op's dispatcher times every backend that can run on the first call of each shape
+LoRA linear, IA3, multi-LoRA), "measured": the op's dispatcher times every backend that can run on the first call of each shape
 bucket and keeps the fastest (fastpeft/autotune.py: on-disk cache, FASTPEFT_AUTOTUNE=0, a time cap). Otherwise,
 and where measuring is off, the static default: the backend in AUTO_CHOICE (what the benchmarks showed fastest
 on the device class), else triton when Triton imports, torch otherwise. fastpeft.backend_report() shows the
@@ -165,7 +165,7 @@ def candidates(device: torch.device, *, triton_ok: str | None = None, cuda_ok: s
 
 def backend_report(device: torch.device | str | None = None) -> dict:
     """What can run on `device` (default: the current CUDA device, else the CPU) and why not, what
-    backend='auto' picks for the LoRA linear there ('measured': per shape, see "autotune"), and under
+    backend='auto' picks for the LoRA linear, IA3 and multi-LoRA there ('measured': per shape, see "autotune"), and under
     "autotune" every measured decision of this process (key, backend, per-backend milliseconds, source)."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -180,7 +180,10 @@ def backend_report(device: torch.device | str | None = None) -> dict:
         "available": {k: v is None for k, v in reasons.items()},
         "why_not": {k: v for k, v in reasons.items() if v is not None},
         "auto": {"lora_linear": resolve_backend("auto", device, cuda_ok=None, cublas_ok=None, op="lora_linear",
-                                                measured=True)},
+                                                measured=True),
+                 "ia3_linear": resolve_backend("auto", device, cublas_ok=None, op="ia3_linear", measured=True),
+                 "multi_lora_linear": resolve_backend("auto", device, cublas_ok=None, op="multi_lora_linear",
+                                                      measured=True)},
         "auto_measured": {f"{op}@{cls}": be for (op, cls), be in AUTO_CHOICE.items()},
         "default_from_env": os.environ.get(ENV_VAR),
         "autotune": autotune.report(),  # the measured choices of this process, with their timings

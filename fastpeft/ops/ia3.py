@@ -3,7 +3,7 @@
 scale="output": y = (x·Wᵀ + b) ⊙ l (PEFT's IA3 on k/v projections, bias scaled too);
 scale="input":  y = (x ⊙ l)·Wᵀ + b (PEFT's feed-forward IA3).
 Backends: "triton" (kernels/ia3.py), "cublas" (ia3_cublas.py: cuBLAS GEMMs, the vector in one Triton pass on
-the cheaper side) and "torch" (ia3_torch.py). Saved for backward: x (the caller's
+the cheaper side) and "torch" (ia3_torch.py); auto on CUDA measures them per shape (ia3_auto.py). Saved for backward: x (the caller's
 tensor), W, b and l; never the output (users may edit it in place) and no [M, N] tensor: for output
 scaling the backward recomputes the pre-scale product x·Wᵀ + b when l needs a gradient.
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import requested_backend, resolve_backend
+from .._backend import MEASURED, requested_backend, resolve_backend
 from .._checks import check_float_dtype, check_same_device, check_tensor
 from .call_cache import CallCache, cacheable, tensor_key
-from .ia3_torch import ia3_bwd_torch, ia3_fwd_torch
+from .ia3_backends import launchers
 from .shapes import as_rows
 
 SCALE_MODES = ("output", "input")
@@ -28,21 +28,17 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import ia3 as k
+    if backend == MEASURED:  # auto on CUDA: each pass dispatched by shape to the backend measured fastest
+        from .ia3_auto import ia3_bwd_measured, ia3_fwd_measured
 
-        return k.ia3_fwd, k.ia3_bwd
-    if backend == "cublas":
-        from .ia3_cublas import ia3_bwd_cublas, ia3_fwd_cublas
-
-        return ia3_fwd_cublas, ia3_bwd_cublas
-    return ia3_fwd_torch, ia3_bwd_torch
+        return ia3_fwd_measured, ia3_bwd_measured
+    return launchers(backend)
 
 
 def resolve_ia3_backend(backend, device: torch.device) -> str:
     """The backend that runs IA3 on `device` (fastpeft._backend.resolve_backend): every input the op accepts
-    has a Triton and a cuBLAS path; auto keeps its static default."""
-    return resolve_backend(backend, device, cublas_ok=None, op="ia3_linear")
+    has a Triton and a cuBLAS path; auto on CUDA is "measured" (ops/ia3_auto.py)."""
+    return resolve_backend(backend, device, cublas_ok=None, op="ia3_linear", measured=True)
 
 
 def _forward(backend, x, weight, bias, scale, mode):

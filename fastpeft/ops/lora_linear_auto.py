@@ -9,7 +9,8 @@ per call, by shape, with one dict lookup (fastpeft.autotune.lookup) once a shape
 Forward and backward are chosen separately: the forward's key has no gradients, the backward's has the ones
 it computes. Every backend computes the same S (x's dtype, [M, r]) from the same dropout stream, so a
 backward may follow a forward of another backend. The first call of a key times each candidate (torch, triton,
-cublas, cuda: those that can run for this rank) on fresh tensors of the call's shapes (fastpeft/autotune.py).
+cublas, cuda: those that can run for this rank) on fresh tensors of the call's shapes (fastpeft/autotune.py,
+through ops/measured.py, which the IA3 and multi-LoRA dispatchers share).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from .._backend import candidates, static_default
 from ..dropout import keep_threshold
 from ..limits import LORA_MAX_RANK_CUDA, LORA_MAX_RANK_TRITON
 from .lora_linear_backends import launchers
+from .measured import measure, needs_label
 
 OP = "lora_linear"
 TIMING_SEED = autotune.TIMING_SEED
-_NEEDS_LABEL = {}
+_GRADS = ("dx", "dA", "dB", "dbias")
 
 
 def rank_reasons(r: int) -> dict:
@@ -46,11 +48,7 @@ def _static(device: torch.device, r: int) -> str:
 
 
 def _needs_label(needs) -> str:
-    label = _NEEDS_LABEL.get(needs)
-    if label is None:
-        names = [n for n, f in zip(("dx", "dA", "dB", "dbias"), needs) if f]
-        label = _NEEDS_LABEL[needs] = "bwd:" + ("+".join(names) or "none")
-    return label
+    return needs_label(_GRADS, needs)
 
 
 def _key(x2, weight, lora_a, bias, p, label):
@@ -76,27 +74,27 @@ def _fresh(device, x2, weight, lora_a, lora_b, bias):
 
 def _choose(key, x2, weight, lora_a, lora_b, bias, scaling, p, needs):
     device, r = x2.device, lora_a.shape[0]
-    holder = {}
+    seed = TIMING_SEED if p > 0 else 0
+    thr = keep_threshold(p)
 
-    def runner(name):
-        if "t" not in holder:
-            holder["t"] = _fresh(device, x2, weight, lora_a, lora_b, bias)
-        x, w, a, b, bs = holder["t"]
-        fwd, bwd = launchers(name)
-        seed = TIMING_SEED if p > 0 else 0
-        thr = keep_threshold(p)
+    def fresh():
+        t = _fresh(device, x2, weight, lora_a, lora_b, bias)
         if needs is None:
-            return autotune.Run(name, lambda: fwd(x, w, a, b, bs, scaling, p, seed, thr))
-        if "s" not in holder:
-            holder["s"] = autotune.randn((x.shape[0], r), x.dtype, device, autotune.generator(device, 1))
-            holder["dy"] = autotune.randn((x.shape[0], w.shape[0]), x.dtype, device, autotune.generator(device, 2))
-        s, dy = holder["s"], holder["dy"]
-        return autotune.Run(name, lambda: bwd(dy, x, w, a, b, s, scaling, p, seed, thr, needs))
+            return t
+        m, n = x2.shape[0], weight.shape[0]
+        s = autotune.randn((m, r), x2.dtype, device, autotune.generator(device, 1))
+        dy = autotune.randn((m, n), x2.dtype, device, autotune.generator(device, 2))
+        return (*t, s, dy)
 
-    try:
-        return autotune.choose(OP, key, device, lambda: lora_candidates(device, r), runner, lambda: _static(device, r))
-    finally:
-        holder.clear()  # the fresh tensors go now, not with the closures
+    def launch(name, t):
+        fwd, bwd = launchers(name)
+        if needs is None:
+            x, w, a, b, bs = t
+            return lambda: fwd(x, w, a, b, bs, scaling, p, seed, thr)
+        x, w, a, b, _, s, dy = t
+        return lambda: bwd(dy, x, w, a, b, s, scaling, p, seed, thr, needs)
+
+    return measure(OP, key, device, lambda: lora_candidates(device, r), lambda: _static(device, r), fresh, launch)
 
 
 def _guard(name, device, r, p, seed):

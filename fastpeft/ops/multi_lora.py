@@ -8,7 +8,8 @@ Ranks may differ per adapter; the kernels move each adapter's own rank, never th
 the pool are per adapter, each only from its own tokens; pool rows of no adapter get zero.
 Backends: "triton" (kernels/multi_lora.py, W0 read once for the whole mixed batch), "cublas"
 (multi_lora_cublas.py: cuBLAS for the base GEMMs, the per-token low-rank term as their C input, Triton for the
-rest; never chosen by auto) and "torch" (multi_lora_torch.py, one matmul per adapter present). No dropout:
+rest) and "torch" (multi_lora_torch.py, one matmul per adapter present); auto on CUDA measures them per shape
+(multi_lora_auto.py). No dropout:
 serving, and training several adapters at once without LoRA dropout.
 
 Eager calls run MultiLoRALinearFunction. Under torch.compile, prepare_ids and apply_multi_lora call the
@@ -23,9 +24,10 @@ from typing import Sequence
 
 import torch
 
-from .._backend import requested_backend, resolve_backend
+from .._backend import MEASURED, requested_backend, resolve_backend
 from .lora_linear import check_lora_tensors
-from .multi_lora_torch import multi_lora_linear_bwd_torch, multi_lora_linear_fwd_torch
+from .multi_lora_backends import _grouping, _impl  # noqa: F401 (importable from here, as before)
+from .multi_lora_table import AdapterTable  # noqa: F401 (importable from here, as before)
 from .multi_lora_ids import (  # noqa: F401  (importable from here, as before)
     BASE_ONLY, ID_DTYPES, KERNEL_ID_DTYPES, WIDE_UNSIGNED_ID_DTYPES, check_id_values, prepare_ids,
 )
@@ -34,76 +36,26 @@ from .shapes import as_rows
 from ..limits import MULTI_LORA_MAX_RANK_TRITON as MAX_TRITON_RANK  # the one limit: fastpeft/limits.py
 
 
-class AdapterTable:
-    """Per-adapter metadata of a pool: ranks, offsets (pool rank rows) and scalings, on the device and on the host.
-
-    max_rank bounds every rank and fixes the kernels' specialisation, so loading an adapter of another rank
-    (<= max_rank) recompiles nothing.
-    The kernels read ranks and offsets as contiguous int32 vectors (the table makes them so) and scalings as
-    a float vector at any stride (a caller's tensor, not copied).
-    """
-
-    def __init__(self, ranks: Sequence[int], offsets: Sequence[int], scalings: Sequence[float] | torch.Tensor,
-                 max_rank: int, device: torch.device | str):
-        self.n_adapters = len(ranks)
-        self.max_rank = int(max_rank)
-        self.host_ranks = [int(r) for r in ranks]
-        self.host_offsets = [int(o) for o in offsets]
-        device = torch.device(device)
-        self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32).to(device)
-        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int32).to(device)
-        if isinstance(scalings, torch.Tensor):
-            self.scalings = scalings.detach().to(device=device, dtype=torch.float32)
-        else:
-            self.scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32).to(device)
-
-    @classmethod
-    def wrap(cls, ranks: torch.Tensor, offsets: torch.Tensor, scalings: torch.Tensor, host_ranks, host_offsets,
-             max_rank: int) -> "AdapterTable":
-        """A table over existing device tensors (a module's buffers): no copies unless a buffer was replaced
-        by one of another layout or dtype (a module cast by .half(), say), then an explicit n-element copy."""
-        t = cls.__new__(cls)
-        t.n_adapters, t.max_rank = len(host_ranks), int(max_rank)
-        t.host_ranks, t.host_offsets = host_ranks, host_offsets
-        t.ranks = ranks.to(torch.int32).contiguous()
-        t.offsets = offsets.to(torch.int32).contiguous()
-        t.scalings = scalings.detach().to(torch.float32)
-        return t
-
-    @property
-    def device(self) -> torch.device:
-        return self.ranks.device
-
-
 def resolve_multi_lora_backend(backend: str | None, device: torch.device, max_rank: int) -> str:
     """The backend for a pool of this max_rank on `device` (see fastpeft._backend)."""
     reason = None
     if max_rank > MAX_TRITON_RANK:  # the cuBLAS path's skinny kernels are the same Triton kernels
         reason = f"max_rank={max_rank} exceeds the Triton kernels' maximum rank {MAX_TRITON_RANK}"
-    return resolve_backend(backend or None, device, triton_ok=reason, cublas_ok=reason, op="multi_lora_linear")
+    return resolve_backend(backend or None, device, triton_ok=reason, cublas_ok=reason, op="multi_lora_linear",
+                           measured=True)
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import multi_lora as k
+def concrete_backend(backend: str, x2, weight, lora_a, lora_b, bias, table, needs=None) -> str:
+    """backend, or for "measured" (auto on CUDA) the backend measured fastest for this pass (multi_lora_auto.py):
+    the forward (needs None) or the backward computing needs = (dx, dA, dB). Resolved before the tokens are
+    grouped, since the grouping depends on the backend."""
+    if backend != MEASURED:
+        return backend
+    from .multi_lora_auto import bwd_choice, fwd_choice
 
-        return k.multi_lora_linear_fwd, k.multi_lora_linear_bwd
-    if backend == "cublas":
-        from .multi_lora_cublas import multi_lora_linear_bwd_cublas, multi_lora_linear_fwd_cublas
-
-        return multi_lora_linear_fwd_cublas, multi_lora_linear_bwd_cublas
-    return multi_lora_linear_fwd_torch, multi_lora_linear_bwd_torch
-
-
-def _grouping(backend: str, ids: torch.Tensor, n_adapters: int, need_tiles: bool, grouped: bool):
-    """Sort tokens by adapter when it pays (larger M) or the backward needs per-adapter segments."""
-    if backend not in ("triton", "cublas"):  # the cublas backend runs the same Triton shrink and backward kernels
-        return None
-    from ..kernels import multi_lora as k
-
-    if not need_tiles and (ids.numel() <= k.DECODE_M or grouped):
-        return None
-    return k.Grouping(ids, n_adapters, k.seg_block_m(), with_tiles=need_tiles)
+    if needs is None:
+        return fwd_choice(x2, weight, lora_a, lora_b, bias, table)
+    return bwd_choice(x2, weight, lora_a, lora_b, table, needs)
 
 
 def _launch_backward(backend, dy, x, weight, lora_a, lora_b, s, ids, table, grouping, grouped, needs):
@@ -114,6 +66,7 @@ def _launch_backward(backend, dy, x, weight, lora_a, lora_b, s, ids, table, grou
     m, n = x2.shape[0], weight.shape[0]
     if m == 0 or n == 0:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
         return tuple(t.new_zeros(t.shape) if need else None for t, need in zip((x, lora_a, lora_b), needs))
+    backend = concrete_backend(backend, x2, weight, lora_a, lora_b, None, table, needs)
     if grouping is None or grouping.tiles is None:  # a backward the forward did not prepare for
         grouping = _grouping(backend, ids, table.n_adapters, True, grouped)
     _, bwd = _impl(backend)
@@ -162,6 +115,7 @@ def _forward(x, weight, lora_a, lora_b, bias, ids, table, grouped, backend, need
     y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0 or x.is_meta:  # nothing to compute (with N = 0, S is never read: dY·B = 0)
         return y, x2.new_zeros((M, table.max_rank)), None
+    backend = concrete_backend(backend, x2, weight, lora_a, lora_b, bias, table)
     grouping = _grouping(backend, ids, table.n_adapters, need_tiles, grouped)
     s = _impl(backend)[0](x2, weight, lora_a, lora_b, bias, ids, table, grouping, y.view(M, N))
     return y, s, grouping

@@ -18,9 +18,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .._backend import MEASURED
 from .multi_lora import (
-    KERNEL_ID_DTYPES, _frozen_grads, _grouping, _impl, _launch_backward, check_id_values, first_order_only,
-    resolve_multi_lora_backend,
+    KERNEL_ID_DTYPES, _frozen_grads, _grouping, _impl, _launch_backward, check_id_values, concrete_backend,
+    first_order_only, resolve_multi_lora_backend,
 )
 from .shapes import as_rows, lead_rows
 
@@ -75,6 +76,9 @@ def multi_lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torc
     y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y, x2.new_zeros((m, max_rank))
+    if name == MEASURED:  # the concrete backend first: the table's host lists and the grouping depend on it
+        name = concrete_backend(name, x2, weight, lora_a, lora_b, bias, _op_table(name, ranks, offsets, scalings,
+                                                                                   max_rank))
     table = _op_table(name, ranks, offsets, scalings, max_rank)
     grouping = _grouping(name, ids, table.n_adapters, need_tiles, grouped)
     fwd, _ = _impl(name)
@@ -96,6 +100,9 @@ def multi_lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """(dx, dA, dB) in x's and the pool's shapes and dtypes; a gradient not needed comes back as an empty [0]
     tensor (a custom op's outputs may not alias each other)."""
     name = resolve_multi_lora_backend(backend or None, x.device, max_rank)
+    if name == MEASURED and x.numel() and weight.shape[0]:  # as the forward op
+        name = concrete_backend(name, as_rows(x), weight, lora_a, lora_b, None,
+                                _op_table(name, ranks, offsets, scalings, max_rank), (need_dx, need_da, need_db))
     table = _op_table(name, ranks, offsets, scalings, max_rank)
     dx, da, db = _launch_backward(name, dy, x, weight, lora_a, lora_b, s, ids, table, None, grouped,
                                  (need_dx, need_da, need_db))
