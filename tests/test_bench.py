@@ -410,10 +410,11 @@ def test_report_handles_a_case_where_everything_skipped():
 def test_auto_is_its_own_impl_only_where_the_op_measures(monkeypatch):
     from fastpeft.bench import get_op, opspec
 
-    lora, ia3 = get_op("lora"), get_op("ia3")
+    lora, ia3, adapter = get_op("lora"), get_op("ia3"), get_op("adapter")
     case = lb.Case(3, 8, 8, 2, "fp32")
     assert "fastpeft[auto]" in lora.impl_names(case) and "fastpeft[cuda]" in lora.impl_names(case)
-    assert not any(n == "fastpeft[auto]" for n in ia3.impl_names(ia3.headline("quick")))
+    assert "fastpeft[auto]" in ia3.impl_names(ia3.headline("quick"))
+    assert not any(n == "fastpeft[auto]" for n in adapter.impl_names(adapter.headline("quick")))
     assert opspec.expand(("fastpeft",), ("auto",)) == []
     # on the CPU auto is the torch backend: skipped with that reason, and the headline impl stays fastpeft[torch]
     with pytest.raises(common.Unavailable, match="torch backend on the CPU"):

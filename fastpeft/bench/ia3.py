@@ -23,6 +23,7 @@ from .common import BuildOptions
 NAME = "ia3"
 FLOOR = "floor"
 HAS_CUBLAS = True
+HAS_AUTO = True  # backend="auto" measures the backends per shape bucket on CUDA
 IMPLS = ("floor", "eager", common.COMPILED, "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen F.linear alone (the floor)",
@@ -31,6 +32,7 @@ DESCRIPTIONS = {
     "fastpeft[torch]": "fastpeft.ia3_linear, PyTorch backend",
     "fastpeft[triton]": "fastpeft.ia3_linear, scale fused into the Triton GEMM",
     "fastpeft[cublas]": "fastpeft.ia3_linear, cuBLAS GEMMs, the scale in one Triton pass on W or the activations",
+    "fastpeft[auto]": "fastpeft.ia3_linear, backend='auto': each pass on the backend it measured fastest here",
 }
 
 
@@ -147,12 +149,12 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif common.is_fastpeft(name):
         import fastpeft
 
-        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS)
+        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS, has_auto=HAS_AUTO)
 
         def fwd(x):
             return fastpeft.ia3_linear(x, inp.weight, inp.bias, inp.scale, inp.case.mode, backend=backend)
     else:
-        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS)
+        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS, has_auto=HAS_AUTO)
     return common.layer_impl(name, "ia3", fwd, inp.x, inp.dy, {"dx": inp.x, "dl": inp.scale},
                              inputs=[inp.weight, inp.bias])
 

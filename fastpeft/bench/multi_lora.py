@@ -27,6 +27,7 @@ from .common import BuildOptions, Unavailable
 NAME = "multi-lora"
 FLOOR = "floor"
 HAS_CUBLAS = True
+HAS_AUTO = True  # backend="auto" measures the backends per shape bucket on CUDA
 IMPLS = ("floor", "single", "loop", "eager", common.COMPILED, "peft", "fastpeft")
 DESCRIPTIONS = {
     "floor": "frozen F.linear alone (the floor)",
@@ -38,6 +39,7 @@ DESCRIPTIONS = {
     "fastpeft[torch]": "fastpeft.multi_lora_linear, PyTorch backend",
     "fastpeft[triton]": "fastpeft.multi_lora_linear, Triton kernels",
     "fastpeft[cublas]": "fastpeft.multi_lora_linear, cuBLAS addmm with the per-token low-rank term as C (Triton kernels)",
+    "fastpeft[auto]": "fastpeft.multi_lora_linear, backend='auto': each pass on the backend it measured fastest here",
 }
 
 
@@ -281,14 +283,14 @@ def build(name: str, inp: Inputs, opts: BuildOptions) -> common.Impl:
     elif common.is_fastpeft(name):
         from fastpeft import multi_lora_linear
 
-        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS)
+        backend = common.fastpeft_backend(name, inp.device, has_cublas=HAS_CUBLAS, has_auto=HAS_AUTO)
         c, ids = inp.case, inp.ids
 
         def fwd(x):  # ids are valid by construction: serving skips the check's device sync
             return multi_lora_linear(x, inp.weight, inp.lora_a, inp.lora_b, ids, c.scalings(), list(c.ranks),
                                      check_ids=False, backend=backend)
     else:
-        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS)
+        raise common.unknown_impl(name, IMPLS, has_cublas=HAS_CUBLAS, has_auto=HAS_AUTO)
     return common.layer_impl(name, "multi", fwd, inp.x, inp.dy, {"dx": inp.x, "da": inp.lora_a, "db": inp.lora_b},
                              inputs=[inp.weight])
 
