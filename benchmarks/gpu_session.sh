@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine without network: the test suite on the GPU (real compiled kernels, fp16 and
 # bf16), then every op's quick benchmark preset (python -m fastpeft.bench all --preset quick), the whole-model
-# benchmark (python -m fastpeft.bench model --preset gpu --no-compile), then the LoRA pytest-benchmark suite if
+# benchmark (python -m fastpeft.bench model --preset gpu --no-compile), then the dropout-cost benchmark and the LoRA pytest-benchmark suite if
 # time is left, all within SESSION_BUDGET seconds (default 470: the call must stay
 # under 8 minutes). Installs nothing: the source tree goes on PYTHONPATH. Writes
 # benchmarks/results/<date>_<device>_<op>.json and .png per op, the pytest-benchmark JSON, and the logs
@@ -80,7 +80,10 @@ stage bench 170 100 "$PY" -m fastpeft.bench all --preset quick --backend $GPU_BA
 #    not fit this call's budget (run them alone: python -m fastpeft.bench model --preset gpu, < 4 min); the JSON
 #    is rewritten after each variant, so a timeout keeps the variants measured so far
 stage model 90 0 "$PY" -m fastpeft.bench model --preset gpu --no-compile --out "$RES"
-# 4. the LoRA pytest-benchmark suite (headline and decode cases), saved for --benchmark-compare, only when
+# 4. what dropout costs (issue 13, item 5): the step at p = 0, p = 0.1 regenerated and packed, and the mask alone
+#    (benchmarks/bench_dropout.py --preset quick, ~20 s), only when time is left
+stage dropout 40 0 "$PY" benchmarks/bench_dropout.py --preset quick --json "$RES/${STAMP}_dropout.json"
+# 5. the LoRA pytest-benchmark suite (headline and decode cases), saved for --benchmark-compare, only when
 #    time is left; the other ops' suites (benchmarks/bench_*.py) and torch.compile (timed in stage 2) are
 #    left out to keep the call's budget
 stage pytest-benchmark 60 0 "$PY" -m pytest benchmarks/bench_lora_linear.py --benchmark-only -q -p no:cacheprovider \
@@ -88,9 +91,9 @@ stage pytest-benchmark 60 0 "$PY" -m pytest benchmarks/bench_lora_linear.py --be
 
 echo "== summary (${SECONDS}s of ${BUDGET}s)"
 status=0
-for s in tests-lora tests bench model pytest-benchmark; do
+for s in tests-lora tests bench model dropout pytest-benchmark; do
   echo "  $s: exit ${RC[$s]:-?} in ${DUR[$s]:-0}s"
-  [[ $s == pytest-benchmark && ${RC[$s]:-} == skipped ]] && continue  # optional: only when time is left
+  [[ ($s == pytest-benchmark || $s == dropout) && ${RC[$s]:-} == skipped ]] && continue  # optional: when time is left
   [[ ${RC[$s]:-1} == 0 ]] || status=1
 done
 NEW=$(find "$RES" "$LOGS" -maxdepth 1 -type f -newer "$MARK" \( -name '*.json' -o -name '*.png' -o -name '*.log' -o -name '*.txt' \) | sort)

@@ -95,3 +95,17 @@ def compile_in_subprocesses(worker, jobs, max_workers: int | None = None) -> lis
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+def static_failures(reports, has_dot=lambda name: True) -> list[str]:
+    """The failures among (name, report, error) triples: a compile error, any stack (register spills), and, for
+    the kernels with a dot (has_dot(name)), a missing tensor-core instruction (tensor_core_failure)."""
+    failures = []
+    for name, rep, err in reports:
+        if err is not None:
+            failures.append(f"{name}: compile error {err}")
+        elif rep["stack"] != 0:
+            failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
+        elif has_dot(name) and tensor_core_failure(name, rep):
+            failures.append(tensor_core_failure(name, rep))
+    return failures

@@ -187,7 +187,7 @@ def test_bad_inputs_raise_before_any_launch():
 # static compile of the pass (no GPU needed): every variant the launcher can run, bf16 (standing for 16-bit)
 # and fp32, runtime strides, sm_80 and sm_90: no spills. It has no tl.dot, so no tensor cores to expect.
 
-from static_compile import compile_in_subprocesses, compile_report  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 
 ARCHS = (80, 90)
 VARIANTS = {"scale": (True, False), "reduce": (False, True), "scale_reduce": (True, True)}
@@ -230,12 +230,7 @@ def test_launcher_config_is_the_compiled_one(monkeypatch):
 
 
 def test_scale_reduce_compiles_without_spills():
-    failures = []
-    for name, rep, err in compile_in_subprocesses(_compile, _static_cases()):
-        if err is not None:
-            failures.append(f"{name}: {err}")
-        elif rep["stack"]:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (spills), {rep['regs']} registers")
+    failures = static_failures(compile_in_subprocesses(_compile, _static_cases()), has_dot=lambda name: False)
     assert not failures, "\n".join(failures)
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from conftest import DEVICE  # noqa: E402
 from reference_lora import lora_reference, reference_with_grads  # noqa: E402
-from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 import fastpeft  # noqa: E402
@@ -226,14 +226,7 @@ def test_launcher_picks_an_enumerated_config(monkeypatch):
 
 
 def test_compiles_without_spills_and_with_tensor_cores():
-    failures = []
-    for name, rep, err in compile_in_subprocesses(_compile, _cases()):
-        if err is not None:
-            failures.append(f"{name}: compile error {err}")
-        elif rep["stack"]:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif tensor_core_failure(name, rep):
-            failures.append(tensor_core_failure(name, rep))
+    failures = static_failures(compile_in_subprocesses(_compile, _cases()))
     assert not failures, "\n".join(failures)
 
 

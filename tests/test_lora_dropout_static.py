@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 import test_lora_kernels_static as kst  # noqa: E402
 import test_lora_skinny_static as sst  # noqa: E402
-from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 
 _SEEDLESS = ("seed", "thr", "HAS_DROPOUT", "SEED_PTR")  # what a kernel reading the bits does not take
 
@@ -103,14 +103,7 @@ def test_every_packed_variant_is_enumerated():
 
 
 def test_packed_kernels_compile_without_spills_and_with_tensor_cores(reports):
-    failures = []
-    for name, rep, err in reports:
-        if err is not None:
-            failures.append(f"{name}: compile error {err}")
-        elif rep["stack"] != 0:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif not name.startswith("count-") and tensor_core_failure(name, rep):
-            failures.append(tensor_core_failure(name, rep))
+    failures = static_failures(reports, has_dot=lambda name: not name.startswith("count-"))  # count: no dot
     assert not failures, "\n".join(failures)
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 
 PTR_ARCHS = (80, 90)
 TMA_ARCHS = (90,)
@@ -235,14 +235,7 @@ def test_every_config_is_enumerated():
 
 
 def test_compiles_without_spills_and_with_tensor_cores(reports):
-    failures = []
-    for name, rep, err in reports:
-        if err is not None:
-            failures.append(f"{name}: compile error {err}")
-        elif rep["stack"] != 0:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif tensor_core_failure(name, rep):
-            failures.append(tensor_core_failure(name, rep))
+    failures = static_failures(reports)
     assert not failures, "\n".join(failures)
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 
 ARCHS = (80, 90)
 
@@ -93,16 +93,7 @@ def test_launcher_picks_an_enumerated_config(monkeypatch):
 
 
 def test_compiles_without_spills_and_with_tensor_cores(reports):
-    failures = []
-    for name, rep, err in reports:
-        if err is not None:
-            failures.append(f"{name}: {err}")
-            continue
-        if rep["stack"]:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (spills), {rep['regs']} registers")
-        tc = tensor_core_failure(name, rep)
-        if tc:
-            failures.append(tc)
+    failures = static_failures(reports)
     assert not failures, "\n".join(failures)
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from static_compile import compile_in_subprocesses, compile_report, tensor_core_failure  # noqa: E402
+from static_compile import compile_in_subprocesses, compile_report, static_failures  # noqa: E402
 
 def _i32(*names):
     return {n: "i32" for n in names}
@@ -170,14 +170,7 @@ def test_every_config_is_enumerated():
 
 
 def test_compiles_without_spills_and_with_tensor_cores(reports):
-    failures = []
-    for name, rep, err in reports:
-        if err is not None:
-            failures.append(f"{name}: compile error {err}")
-        elif rep["stack"] != 0:
-            failures.append(f"{name}: {rep['stack']} bytes of stack (register spills), {rep['regs']} registers")
-        elif not name.startswith("fixup") and tensor_core_failure(name, rep):  # fixup has no dot
-            failures.append(tensor_core_failure(name, rep))
+    failures = static_failures(reports, has_dot=lambda name: not name.startswith("fixup"))  # fixup: no dot
     assert not failures, "\n".join(failures)
 
 
