@@ -420,3 +420,10 @@ def test_patched_peft_repr_keeps_peft_names():
     assert after == before, f"patch_peft changed the model's repr: {changed[:2]}"
     fastpeft.unpatch_peft(pm)
     assert repr(pm) == before
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+@pytest.mark.parametrize("case", ["ia3_linear_output", "ia3_linear_input", "multi_lora_linear", "galore_linear"])
+def test_cublas_output_modified_in_place_in_training(case, inplace):
+    """The ops' cuBLAS paths (cuBLAS GEMMs + Triton kernels; torch and the interpreter on the CPU), as above."""
+    test_output_modified_in_place_in_training(case, "cublas", inplace)

@@ -1,13 +1,12 @@
 """Every tensor argument of every public op, at every layout, against a float64 reference (hypothesis).
 
-For each op (lora_linear with every backend, dora_linear, qlora_linear, bottleneck_adapter, ia3_linear,
-multi_lora_linear, the gradient-free GaLore linear)
-a strategy draws small odd shapes (M = 1 included), a dtype, which arguments require grad, and a layout for
-every tensor argument and for dY: contiguous, sliced with steps (a strided view into a larger tensor),
+For each op (lora_linear, dora_linear, qlora_linear, bottleneck_adapter, ia3_linear, multi_lora_linear, the
+gradient-free GaLore linear; those with a cuBLAS path through it too) a strategy draws small odd shapes (M = 1
+included), a dtype, which arguments require grad, and a layout for every tensor argument and for dY: contiguous, sliced with steps (a strided view into a larger tensor),
 narrowed (row stride > width), offset into a larger storage, transposed storage, expanded (stride 0) along
 rows or columns. The op's output and the gradient it returns for every argument (read through
 retain_grad on the view it was given) are compared with a float64 computation from the same values; the
-storage behind every argument must be unchanged afterwards. Both backends: "triton" runs under
+storage behind every argument must be unchanged afterwards. Every backend: "triton" and "cublas" run under
 TRITON_INTERPRET=1 on the CPU (tests/conftest.py). The @example cases pin the bugs of issue 11, so CI
 always runs them; derandomize keeps the drawn cases the same on every run.
 """
@@ -32,7 +31,7 @@ from conftest import DEVICE
 
 ON_CUDA = DEVICE == "cuda"
 BACKENDS = ["torch", "triton"]
-LORA_BACKENDS = BACKENDS + ["cublas"]  # cuBLAS addmm + Triton skinny kernels (the interpreter and torch on the CPU)
+CUBLAS_BACKENDS = BACKENDS + ["cublas"]  # cuBLAS GEMMs + Triton kernels (the interpreter and torch on the CPU)
 # bf16 only where Triton compiles: the interpreter computes bf16 dots wrongly
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 ID_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
@@ -253,7 +252,7 @@ def run_lora(backend, spec):
     t.check(y, lora_ref64(t, spec, seed, t.ref("weight")), (*spec["lead"], spec["out_f"]), _backward)
 
 
-@pytest.mark.parametrize("backend", LORA_BACKENDS)
+@pytest.mark.parametrize("backend", CUBLAS_BACKENDS)
 @settings(max_examples=40, **SETTINGS)
 @given(spec=lora_specs())
 # issue 11: a sliced or expanded bias was read as contiguous by the Triton kernels
@@ -471,7 +470,7 @@ def run_ia3(backend, spec):
     t.check(y, y64, (*lead, n), _backward)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CUBLAS_BACKENDS)
 @settings(max_examples=35, **SETTINGS)
 @given(spec=ia3_specs())
 # issue 11: sliced or expanded bias and scale vectors of IA3 were read as contiguous
@@ -569,7 +568,7 @@ def run_multi(backend, spec):
     t.check(y, y64.reshape(*lead, n), (*lead, n), _backward)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CUBLAS_BACKENDS)
 @settings(max_examples=45, **SETTINGS)
 @given(spec=multi_specs())
 # issue 11: one sequence with a per-sequence id (x [1, S, in], ids [1]): the ordinary single-request call
@@ -642,7 +641,7 @@ def run_galore(backend, spec):
     assert_close(st_.R, exp, dt, "R (the projected weight gradient)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CUBLAS_BACKENDS)
 @settings(max_examples=20, **SETTINGS)
 @given(spec=galore_specs())
 def test_galore_linear_every_layout(backend, spec):
