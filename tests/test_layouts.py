@@ -2,9 +2,9 @@
 
 For each op (lora_linear, dora_linear, qlora_linear, bottleneck_adapter, ia3_linear, multi_lora_linear, the
 gradient-free GaLore linear; those with a cuBLAS path through it too) a strategy draws small odd shapes (M = 1
-included), a dtype, which arguments require grad, and a layout for every tensor argument and for dY: contiguous, sliced with steps (a strided view into a larger tensor),
-narrowed (row stride > width), offset into a larger storage, transposed storage, expanded (stride 0) along
-rows or columns. The op's output and the gradient it returns for every argument (read through
+included), a dtype, which arguments require grad, and a layout for every tensor argument and for dY:
+contiguous, sliced with steps (a strided view into a larger tensor), narrowed (row stride > width), offset into
+a larger storage, transposed storage, expanded (stride 0) along rows or columns. The op's output and the gradient it returns for every argument (read through
 retain_grad on the view it was given) are compared with a float64 computation from the same values; the
 storage behind every argument must be unchanged afterwards. Every backend: "triton" and "cublas" run under
 TRITON_INTERPRET=1 on the CPU (tests/conftest.py). The @example cases pin the bugs of issue 11, so CI
