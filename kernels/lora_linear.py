@@ -45,6 +45,7 @@ from .common import (  # noqa: F401 (path_for, rank_block, tiles_for: re-exporte
 )
 from . import common as _common  # PARTIAL_BUDGET, read at each launch (tests lower it)
 from .gemm_loop import gemm_k_loop
+from .lowrank_tile import lowrank_tile
 from .launch import _launch, seed_arg  # noqa: F401 (seed_arg re-exported: fastpeft.kernels.lora_linear.seed_arg)
 from .lora_decode import lora_decode
 from .lora_gemm_tuning import persistent_programs, tuned_gemm_config
@@ -162,24 +163,14 @@ def _lora_gemm_tile(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
     # the low-rank term first, while the accumulator is free: c·keep⊙(L·Rm), L·Rm in R-chunks
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = offs_r < R - r0
-        lo = tl.load(L + rows[:, None] * stride_lm + (r0 + offs_r[None, :]) * stride_lr, mask=r_mask[None, :], other=0.0)
-        rm = tl.load(RM + (r0 + offs_r[:, None]) * stride_rr + cols[None, :] * stride_rn, mask=r_mask[:, None], other=0.0)
-        acc = tl.dot(lo.to(P.dtype.element_ty), rm.to(P.dtype.element_ty), acc, input_precision=DOT_PRECISION)
-    acc = acc * lora_scale
-    if HAS_DROPOUT:
-        if PACKED:
-            keep = load_keep_bits(MASK, stride_mask, rows, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
-        else:
-            keep = dropout_keep(dropout_seed(seed, SEED_PTR), offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0)
+    acc = lowrank_tile(L, RM, P, rows, cols, offs_m, pid_n * BLOCK_N, N, R, stride_lm, stride_lr, stride_rr,
+                       stride_rn, lora_scale, seed, thr, MASK, stride_mask, HAS_DROPOUT=HAS_DROPOUT,
+                       SEED_PTR=SEED_PTR, PACKED=PACKED, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                       BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
 
     # Q_KN: Q is stored [K, N] with unit stride along N (backward's W0); else [N, K] (forward's W0)
     acc = gemm_k_loop(acc, P, Q, COL, rows, cols, M, N, K, pid_m * BLOCK_M, pid_n * BLOCK_N,

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .common import dot_precision, fma_dots, interpreting, launch_opts, rank_block, tile_args
 from .launch import _launch, seed_arg  # the launch helper that also loads the tensor-seed variant (CUDA graphs)
-from .philox import dropout_keep, dropout_seed, load_keep_bits
+from .lowrank_tile import lowrank_tile
 
 # Tiles by dtype class. The pass streams OUT; the rank chunk bounds the [BLOCK_M, BLOCK_R] and [BLOCK_R, BLOCK_N]
 # operand tiles beside the fp32 accumulator. Dropout adds the Philox state of a [BLOCK_M, BLOCK_N / 4] counter
@@ -72,22 +72,13 @@ def _lora_expand_body(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     # wrapped rows/columns keep the loads in bounds without masks; the store drops them
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = offs_r < R - r0
-        lo = tl.load(L + rows[:, None] * stride_lm + (r0 + offs_r[None, :]) * stride_lr, mask=r_mask[None, :], other=0.0)
-        rm = tl.load(RM + (r0 + offs_r[:, None]) * stride_rr + cols[None, :] * stride_rn, mask=r_mask[:, None], other=0.0)
-        acc = tl.dot(lo.to(OUT.dtype.element_ty), rm.to(OUT.dtype.element_ty), acc, input_precision=DOT_PRECISION)
-    acc = acc * scale
-    if HAS_DROPOUT and PACKED:
-        acc = tl.where(load_keep_bits(MASK, stride_mask, rows, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N), acc, 0.0)
-    elif HAS_DROPOUT:
-        key = dropout_seed(seed, SEED_PTR)
-        acc = tl.where(dropout_keep(key, offs_m, pid_n * BLOCK_N, thr, BLOCK_M, BLOCK_N), acc, 0.0)
+    acc = lowrank_tile(L, RM, OUT, rows, cols, offs_m, pid_n * BLOCK_N, N, R, stride_lm, stride_lr, stride_rr,
+                       stride_rn, scale, seed, thr, MASK, stride_mask, HAS_DROPOUT=HAS_DROPOUT, SEED_PTR=SEED_PTR,
+                       PACKED=PACKED, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                       BLOCK_R=BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
